@@ -1,0 +1,170 @@
+"""RMSNorm (Llama) forward and backward: a Pallas kernel, its XLA twin, and the f32 reference.
+
+Dims: T tokens (all leading dims of x flattened), D hidden.
+  y[t] = w * (x[t] * rsqrt(mean(x[t]^2) + eps)).astype(x.dtype)     (HF LlamaRMSNorm cast order)
+Math is f32; y has x's dtype. The backward saves x and the per-row inverse RMS r [T] f32 only:
+  xhat = x * r,  g = dy * w,  dx = r * (g - xhat * mean(g * xhat)),  dw = sum_t dy * xhat
+(the rounding of xhat to x.dtype is treated as identity in the gradient, as PyTorch autograd does
+for HF's `.to(dtype)`). dw is computed only with `weight_grad=True`: Llama's norms are frozen in QLoRA.
+
+Both passes read and write every element once; one program handles `block_rows` whole rows
+(D padded to a power of two and masked for the Triton lowering).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common
+
+__all__ = ["rmsnorm", "rmsnorm_reference"]
+
+
+def _block_rows(d_pad: int) -> int:
+  # ~8K elements per program keeps registers busy without spilling (D=4096 -> 2 rows, 8192 -> 1).
+  return max(1, 8192 // d_pad)
+
+
+def _num_warps(d_pad: int, block_rows: int) -> int:
+  return 8 if d_pad * block_rows >= 4096 else 4
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+def _fwd_kernel(x_ref, w_ref, y_ref, r_ref, *, eps, n_rows, d, block_rows, d_pad):
+  i = pl.program_id(0)
+  rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 1)
+  mask = (rows < n_rows) & (cols < d)
+  x = _common.load(x_ref.at[pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad)],
+                   mask=mask, other=0).astype(jnp.float32)
+  w = _common.load(w_ref.at[pl.ds(0, d_pad)], mask=jax.lax.broadcasted_iota(jnp.int32, (d_pad,), 0) < d,
+                   other=0).astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / d + eps)
+  xhat = (x * r[:, None]).astype(y_ref.dtype).astype(jnp.float32)
+  y = (w[None, :] * xhat).astype(y_ref.dtype)
+  _common.store(y_ref.at[pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad)], y, mask=mask)
+  r_rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+  _common.store(r_ref.at[pl.ds(i * block_rows, block_rows)], r, mask=r_rows < n_rows)
+
+
+def _bwd_kernel(x_ref, w_ref, r_ref, dy_ref, dx_ref, *, n_rows, d, block_rows, d_pad):
+  i = pl.program_id(0)
+  rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 1)
+  mask = (rows < n_rows) & (cols < d)
+  blk = (pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad))
+  x = _common.load(x_ref.at[blk], mask=mask, other=0).astype(jnp.float32)
+  dy = _common.load(dy_ref.at[blk], mask=mask, other=0).astype(jnp.float32)
+  w = _common.load(w_ref.at[pl.ds(0, d_pad)], mask=jax.lax.broadcasted_iota(jnp.int32, (d_pad,), 0) < d,
+                   other=0).astype(jnp.float32)
+  r_rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+  r = _common.load(r_ref.at[pl.ds(i * block_rows, block_rows)], mask=r_rows < n_rows, other=0)
+  xhat = x * r[:, None]
+  g = dy * w[None, :]
+  c = jnp.sum(g * xhat, axis=1) / d
+  dx = r[:, None] * (g - xhat * c[:, None])
+  _common.store(dx_ref.at[blk], dx.astype(dx_ref.dtype), mask=mask)
+
+
+def _fwd_pallas(x2, weight, eps):
+  n_rows, d = x2.shape
+  d_pad = _common.next_pow2(d)
+  br = _block_rows(d_pad)
+  kernel = functools.partial(_fwd_kernel, eps=eps, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad)
+  return _common.pallas_call(
+      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br), name="rmsnorm_fwd",
+      out_shape=(jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+                 jax.ShapeDtypeStruct((n_rows,), jnp.float32)))(x2, weight)
+
+
+def _bwd_pallas(x2, weight, r, dy2):
+  n_rows, d = x2.shape
+  d_pad = _common.next_pow2(d)
+  br = _block_rows(d_pad)
+  kernel = functools.partial(_bwd_kernel, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad)
+  return _common.pallas_call(
+      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br), name="rmsnorm_bwd",
+      out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype))(x2, weight, r, dy2)
+
+
+# ----------------------------------------------------------------------------------- XLA twin
+
+def _fwd_xla(x2, weight, eps):
+  h = x2.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(h * h, axis=-1) + eps)
+  xhat = (h * r[:, None]).astype(x2.dtype).astype(jnp.float32)
+  return (weight.astype(jnp.float32) * xhat).astype(x2.dtype), r
+
+
+def _bwd_xla(x2, weight, r, dy2):
+  xhat = x2.astype(jnp.float32) * r[:, None]
+  g = dy2.astype(jnp.float32) * weight.astype(jnp.float32)
+  c = jnp.mean(g * xhat, axis=-1, keepdims=True)
+  return (r[:, None] * (g - xhat * c)).astype(x2.dtype)
+
+
+def _weight_grad(x2, r, dy2, weight):
+  xhat = (x2.astype(jnp.float32) * r[:, None]).astype(x2.dtype).astype(jnp.float32)
+  return jnp.sum(dy2.astype(jnp.float32) * xhat, axis=0).astype(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------- custom_vjp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _rmsnorm(x2, weight, eps, impl, weight_grad, backward):
+  fwd = _fwd_pallas if impl == "pallas" else _fwd_xla
+  return fwd(x2, weight, eps)[0]
+
+
+def _rmsnorm_fwd(x2, weight, eps, impl, weight_grad, backward):
+  fwd = _fwd_pallas if impl == "pallas" else _fwd_xla
+  y, r = fwd(x2, weight, eps)
+  return y, (x2, weight, r)
+
+
+def _rmsnorm_bwd(eps, impl, weight_grad, backward, res, dy2):
+  x2, weight, r = res
+  if backward == "reference":
+    _, vjp = jax.vjp(lambda a, b: rmsnorm_reference(a, b, eps), x2, weight)
+    dx, dw = vjp(dy2.astype(jnp.float32))
+    dw = dw if weight_grad else jnp.zeros_like(dw)
+    return dx.astype(x2.dtype), dw.astype(weight.dtype)
+  bwd = _bwd_pallas if impl == "pallas" else _bwd_xla
+  dx = bwd(x2, weight, r, dy2)
+  dw = _weight_grad(x2, r, dy2, weight) if weight_grad else jnp.zeros_like(weight)
+  return dx, dw
+
+
+_rmsnorm.defvjp(_rmsnorm_fwd, _rmsnorm_bwd)
+
+
+# Measured on H100 (bench/RESULTS.md): the Pallas kernel is the GPU default.
+_DEFAULT_ON_GPU = "pallas"
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "implementation", "weight_grad", "backward"))
+def rmsnorm(x, weight, eps=1e-5, *, implementation=None, weight_grad=False, backward="kernel"):
+  """Llama RMSNorm of x [..., D] with weight [D]; returns x's shape and dtype.
+
+  implementation: None (Pallas on GPU, XLA elsewhere) | "xla" | "pallas" (interpreted on CPU).
+  weight_grad: compute d weight in the backward (zeros otherwise: frozen norms).
+  backward: "kernel" | "reference" (the gradient of `rmsnorm_reference` through jax.vjp, for debugging).
+  """
+  if x.shape[-1] != weight.shape[-1] or weight.ndim != 1:
+    raise ValueError(f"rmsnorm: weight must be [D={x.shape[-1]}], got {weight.shape}")
+  _common.check_backward(backward, "rmsnorm")
+  impl = _common.resolve(implementation, "rmsnorm", _DEFAULT_ON_GPU)
+  x2 = x.reshape(-1, x.shape[-1])
+  return _rmsnorm(x2, weight, float(eps), impl, bool(weight_grad), backward).reshape(x.shape)
+
+
+def rmsnorm_reference(x, weight, eps=1e-5):
+  """f32 oracle: weight * x * rsqrt(mean(x^2) + eps), all in f32 (no intermediate rounding)."""
+  h = x.astype(jnp.float32)
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+  return weight.astype(jnp.float32) * h
