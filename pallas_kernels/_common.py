@@ -9,6 +9,7 @@ Triton-lowered on NVIDIA GPUs (compute capability >= 8.0) and interpreted on CPU
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 from jax.experimental import pallas as pl
@@ -23,7 +24,14 @@ def on_gpu() -> bool:
 
 
 def interpret() -> bool:
-  """Pallas kernels run through the HLO interpreter everywhere but on a GPU."""
+  """Pallas kernels run through the HLO interpreter everywhere but on a GPU.
+
+  JAXSLOTH_PALLAS_INTERPRET=0 forces the Triton lowering, e.g. to lower for "cuda" on a CPU
+  machine (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`) and catch lowering errors.
+  """
+  forced = os.environ.get("JAXSLOTH_PALLAS_INTERPRET")
+  if forced is not None:
+    return forced not in ("0", "false", "False")
   return not on_gpu()
 
 
