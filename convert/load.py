@@ -1,0 +1,297 @@
+"""Hugging Face Llama directory -> (config, JAX params, tokenizer), streamed tensor by tensor.
+
+Reads config.json, single or sharded ``*.safetensors`` (with ``model.safetensors.index.json``),
+and the tokenizer files. Each tensor is read from its memory-mapped file, validated against the
+shape the config implies, cast, placed on the device and (with ``load_in_4bit``) quantized to NF4
+before the next one is read, so host RAM never holds the model twice. Stacked per-layer arrays
+are filled in place (donated updates), not concatenated at the end.
+
+Pre-quantized bitsandbytes 4-bit checkpoints (``quantization_config.quant_method ==
+"bitsandbytes"``) are read as NF4 directly, never dequantized to disk or to 16 bits.
+
+Only safetensors are read: pickle-based ``.bin``/``.pt`` files are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxsloth.config import CheckpointError, LlamaConfig
+from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
+from jaxsloth.quant import NF4, quantize_nf4, stack_nf4
+
+# Buffers some exporters leave in the file; they hold nothing we load.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_NORMS = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm"}
+
+
+def _dtype(name) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
+    if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    return dt
+
+
+def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, as the config implies (16-bit checkpoint)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, d)
+    shapes = cfg.linear_shapes()
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for short, hf in HF_PROJECTION_NAMES.items():
+            out[f"{p}{hf}.weight"] = shapes[short]
+    return out
+
+
+def find_weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it. Refuses pickle-only checkpoints."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        files = {}
+        for name, fname in weight_map.items():
+            path = model_dir / fname
+            if not path.is_file():
+                raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname}, which does not exist")
+            files[name] = path
+        return files
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in model_dir.iterdir()
+                         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        if pickles:
+            raise CheckpointError(
+                f"{model_dir}: only pickle-based weights found ({', '.join(pickles)}); jaxsloth reads "
+                "safetensors only and never unpickles files. Convert once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight files found")
+    files = {}
+    for shard in shards:
+        for name in _open(shard).keys():
+            files[name] = shard
+    return files
+
+
+def _open(path: Path):
+    _check_complete(path)
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+
+
+def _read(handle, path: Path, name: str) -> np.ndarray:
+    try:
+        return handle.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); is the file truncated?") from None
+
+
+def _check_complete(path: Path):
+    """A truncated shard can still have an intact header: compare the data size it promises."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is truncated (shorter than a safetensors header)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes, header promises {8 + n + end})")
+
+
+def _set_layer(stack, i, value):
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), i, 0)
+
+
+_set_layer = jax.jit(_set_layer, donate_argnums=0)
+
+
+def _bnb_quant_config(raw: dict, source: Path) -> dict | None:
+    qc = raw.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise CheckpointError(
+            f"{source}: quantization_config {qc.get('quant_method')!r} is not supported "
+            "(jaxsloth reads 16-bit checkpoints and bitsandbytes 4-bit NF4 checkpoints)")
+    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise CheckpointError(f"{source}: bnb_4bit_quant_type must be 'nf4', found {qc.get('bnb_4bit_quant_type')!r}")
+    skipped = set(qc.get("llm_int8_skip_modules") or [])
+    return {"skip": skipped}
+
+
+def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, blocksize: int = 64,
+                    double_quant: bool = True, progress: bool = False):
+    """Load a HF Llama directory. Returns ``(config, params, meta)``.
+
+    ``meta`` records where the weights came from: {"source": dir, "quantized": None | "nf4-on-load"
+    | "bnb-4bit", "dtype": name}.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face model directory)")
+    cfg_path = model_dir / "config.json"
+    cfg = LlamaConfig.from_file(cfg_path)
+    raw_cfg = json.loads(cfg_path.read_text())
+    bnb = _bnb_quant_config(raw_cfg, cfg_path)
+    dt = _dtype(dtype)
+    files = find_weight_files(model_dir)
+
+    expected = expected_tensors(cfg)
+    linear_names = {f"model.layers.{i}.{hf}.weight": (i, short)
+                    for i in range(cfg.num_hidden_layers) for short, hf in HF_PROJECTION_NAMES.items()}
+
+    if bnb is not None:
+        from convert.bnb import bnb_keys
+        present = set(files)
+        bnb_linears = {n for n in linear_names if set(bnb_keys(n[: -len(".weight")])) <= present}
+    else:
+        bnb_linears = set()
+    consumed_extra = set()
+    if bnb_linears:
+        from convert.bnb import bnb_keys
+        for n in bnb_linears:
+            consumed_extra.update(k for k in bnb_keys(n[: -len(".weight")]) if k != n)
+
+    missing = sorted(set(expected) - set(files))
+    extra = sorted(n for n in set(files) - set(expected) - consumed_extra if not IGNORED_TENSORS.match(n))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_preview(missing)}")
+        if extra:
+            parts.append(f"unexpected tensors: {_preview(extra)}")
+        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json "
+                              f"({cfg.num_hidden_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings}); "
+                              + "; ".join(parts))
+
+    L = cfg.num_hidden_layers
+    quantize = load_in_4bit or bool(bnb_linears)
+    params = {"embed": None, "final_norm": None,
+              "layers": {"attn_norm": jnp.zeros((L, cfg.hidden_size), dt),
+                         "mlp_norm": jnp.zeros((L, cfg.hidden_size), dt)}}
+    dense_stacks, nf4_layers = {}, {short: [None] * L for short in PROJECTIONS}
+    if not quantize:
+        for short, shape in cfg.linear_shapes().items():
+            dense_stacks[short] = jnp.zeros((L, *shape), dt)
+
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=len(expected), desc="loading", unit="tensor")
+    pending_bnb: dict[str, dict[str, np.ndarray]] = {}
+    for path, names in by_file.items():
+        handle = _open(path)
+        for name in names:
+            if IGNORED_TENSORS.match(name):
+                continue
+            base_linear = _owner_linear(name, bnb_linears)
+            if base_linear is not None:
+                from convert.bnb import bnb_keys, nf4_from_bnb_tensors
+                prefix = base_linear[: -len(".weight")]
+                bucket = pending_bnb.setdefault(prefix, {})
+                bucket[name] = _read(handle, path, name)
+                if set(bucket) == set(bnb_keys(prefix)):
+                    i, short = linear_names[base_linear]
+                    nf4_layers[short][i] = nf4_from_bnb_tensors(
+                        prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path))
+                    if pbar:
+                        pbar.update()
+                continue
+            shape = expected[name]
+            meta_shape = tuple(handle.get_slice(name).get_shape())
+            if meta_shape != shape:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(meta_shape)}, but config.json "
+                                      f"implies {list(shape)}")
+            host = _read(handle, path, name)
+            if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {host.dtype}, expected a float type "
+                                      "(a 4-bit tensor needs a bitsandbytes quantization_config)")
+            _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize,
+                   blocksize, double_quant)
+            del host
+            if pbar:
+                pbar.update()
+    if pbar:
+        pbar.close()
+    if pending_bnb:
+        prefix = next(iter(pending_bnb))
+        raise CheckpointError(f"{model_dir}: incomplete bitsandbytes quant state for {prefix!r}")
+
+    if quantize:
+        params["layers"].update({short: stack_nf4(nf4_layers[short]) for short in PROJECTIONS})
+    else:
+        params["layers"].update(dense_stacks)
+    source = "bnb-4bit" if bnb_linears else ("nf4-on-load" if load_in_4bit else None)
+    return cfg, params, {"source": str(model_dir), "quantized": source, "dtype": jnp.dtype(dt).name}
+
+
+def _owner_linear(name: str, bnb_linears: set[str]) -> str | None:
+    if not bnb_linears:
+        return None
+    base = name.split(".weight")[0] + ".weight"
+    return base if base in bnb_linears else None
+
+
+def _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize, blocksize, double_quant):
+    if name == "model.embed_tokens.weight":
+        params["embed"] = jnp.asarray(host, dt)
+    elif name == "lm_head.weight":
+        params["lm_head"] = jnp.asarray(host, dt)
+    elif name == "model.norm.weight":
+        params["final_norm"] = jnp.asarray(host, dt)
+    elif name in linear_names:
+        i, short = linear_names[name]
+        if quantize:
+            nf4_layers[short][i] = quantize_nf4(jnp.asarray(host), blocksize=blocksize,
+                                                double_quant=double_quant)
+        else:
+            dense_stacks[short] = _set_layer(dense_stacks[short], i, jnp.asarray(host))
+    else:
+        m = _LAYER_KEY.match(name)
+        i, rest = int(m.group(1)), m.group(2)
+        key = _NORMS[rest]
+        params["layers"][key] = _set_layer(params["layers"][key], i, jnp.asarray(host))
+
+
+def _preview(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_tokenizer(model_dir):
+    """The checkpoint's tokenizer via transformers (local files only, never remote code)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise CheckpointError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) found")
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)

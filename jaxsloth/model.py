@@ -1,0 +1,170 @@
+"""The Llama-3 forward pass, top to bottom, as pure functions over a params pytree.
+
+Dimension letters: B batch, S sequence, D hidden, N query heads, M key/value heads,
+H head dim, I intermediate, V vocab, L decoder layers, R LoRA rank.
+
+Params (HF layout for every projection, W [out, in], so NF4 blocks match bitsandbytes):
+    embed       [V, D]
+    layers      {attn_norm [L, D], mlp_norm [L, D],
+                 q [L, N*H, D], k [L, M*H, D], v [L, M*H, D], o [L, D, N*H],
+                 gate [L, I, D], up [L, I, D], down [L, D, I]}   (arrays or stacked NF4)
+    final_norm  [D]
+    lm_head     [V, D]   (absent when tie_word_embeddings: the embedding is reused)
+LoRA (trainable, f32, separate pytree so ``jax.grad`` never sees the base):
+    {"q": {"a": [L, R, in], "b": [L, out, R]}, ...} for the targeted projections only.
+
+Decoder layers run under ``jax.lax.scan`` so compile time does not grow with depth; the scan
+body is wrapped in ``jax.checkpoint`` with a name-based policy chosen by ``remat``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxsloth.config import LlamaConfig
+from jaxsloth.quant import NF4
+from pallas_kernels.nf4_matmul import nf4_matmul
+from pallas_kernels.rmsnorm import rmsnorm
+from pallas_kernels.rope import apply_rope, rope_tables
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# HF module path of each projection inside a decoder layer (used by convert/ and export).
+HF_PROJECTION_NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+# Remat presets: which named activations a decoder layer keeps for the backward pass.
+#   "none":    no jax.checkpoint at all (fastest when memory is plentiful);
+#   "full":    save only each layer's input, recompute the rest (Unsloth-style recompute);
+#   "offload": like "full" but the saved layer inputs live in pinned host memory (long context).
+REMAT_PRESETS = ("none", "full", "offload")
+
+
+def _precision(dtype) -> jax.lax.Precision | None:
+    # f32 runs are the parity reference: ask for true f32 matmuls (no TF32 on GPU).
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def linear(x, w, lora_ab=None, lora_scaling: float = 1.0, *, impl: str | None = None):
+    """y = x @ W.T (+ scaling * (x @ A.T) @ B.T). W is a dense array or NF4; A, B are f32 adapters."""
+    if isinstance(w, NF4):
+        y = nf4_matmul(x, w, implementation=impl)
+    else:
+        y = jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), precision=_precision(x.dtype))
+    if lora_ab is not None:
+        a = lora_ab["a"].astype(x.dtype)
+        b = lora_ab["b"].astype(x.dtype)
+        xa = jnp.einsum("...k,rk->...r", x, a, precision=_precision(x.dtype))
+        y = y + (lora_scaling * jnp.einsum("...r,nr->...n", xa, b, precision=_precision(x.dtype))).astype(y.dtype)
+    return y
+
+
+def attention_mask_bias(attention_mask, segment_ids, seq_len: int):
+    """Boolean [B, 1, S, S] mask: causal, keys that are real tokens, and same packed segment."""
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
+    mask = causal
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+def attention(q, k, v, mask, *, attn_impl: str = "xla"):
+    """Causal GQA attention. q [B,S,N,H], k/v [B,S,M,H] -> [B,S,N,H]. Softmax in f32."""
+    b, s, n, h = q.shape
+    m = k.shape[2]
+    if attn_impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn")
+    qg = q.reshape(b, s, m, n // m, h)
+    scores = jnp.einsum("bsmgh,btmh->bmgst", qg, k, precision=_precision(q.dtype),
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bmgst,btmh->bsmgh", probs, v, precision=_precision(q.dtype))
+    return out.reshape(b, s, n, h)
+
+
+def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, *, lora_scaling, impl, attn_impl):
+    """One pre-norm decoder block. x [B, S, D] in the compute dtype."""
+    b, s, _ = x.shape
+    lora = lora or {}
+
+    def proj(name, inp):
+        return linear(inp, layer[name], lora.get(name), lora_scaling, impl=impl)
+
+    h = rmsnorm(x, layer["attn_norm"], cfg.rms_norm_eps, implementation=impl)
+    q = proj("q", h).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+    k = proj("k", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    v = proj("v", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    q, k = apply_rope(q, k, cos, sin, implementation=impl)
+    attn = attention(q, k, v, mask, attn_impl=attn_impl).reshape(b, s, cfg.q_dim)
+    x = x + proj("o", attn)
+
+    h = rmsnorm(x, layer["mlp_norm"], cfg.rms_norm_eps, implementation=impl)
+    mlp = jax.nn.silu(proj("gate", h)) * proj("up", h)
+    return x + proj("down", mlp)
+
+
+def _remat_policy(remat: str):
+    names = ("layer_input",)
+    if remat == "full":
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    if remat == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=names,
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"remat must be one of {REMAT_PRESETS}, got {remat!r}")
+
+
+def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, position_ids=None,
+                  segment_ids=None, lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16,
+                  impl: str | None = None, attn_impl: str = "xla", remat: str = "none"):
+    """Final-normed hidden states [B, S, D] (the input of lm_head)."""
+    bsz, seq = input_ids.shape
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
+    cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+    if attn_impl == "cudnn" and attention_mask is None and segment_ids is None:
+        mask = None  # cuDNN applies the causal mask itself
+    else:
+        mask = attention_mask_bias(attention_mask, segment_ids, seq)
+
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+    layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl)
+
+    def body(carry, xs):
+        layer, layer_lora = xs
+        carry = checkpoint_name(carry, "layer_input")
+        return layer_fn(carry, layer, layer_lora, cos, sin, mask), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(remat), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora))
+    return rmsnorm(x, params["final_norm"], cfg.rms_norm_eps, implementation=impl)
+
+
+def lm_head_weight(cfg: LlamaConfig, params):
+    return params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits(cfg: LlamaConfig, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+           lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16, impl: str | None = None,
+           attn_impl: str = "xla") -> Any:
+    """Logits [B, S, V] in f32 (computed with f32 accumulation from compute-dtype inputs)."""
+    h = hidden_states(cfg, params, input_ids, attention_mask, position_ids, segment_ids, lora,
+                      lora_scaling=lora_scaling, dtype=dtype, impl=impl, attn_impl=attn_impl)
+    w = lm_head_weight(cfg, params).astype(dtype)
+    return jnp.einsum("bsd,vd->bsv", h, w, precision=_precision(dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,116 @@
+"""Bad checkpoints get a clear error naming the file, tensor or field."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jaxsloth
+from jaxsloth import CheckpointError
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama3"), dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(path, fn):
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json not found"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        jaxsloth.load_model(tmp_path / "nope")
+
+
+def test_non_llama_architecture(ckpt):
+    _edit_config(ckpt, model_type="mistral", architectures=["MistralForCausalLM"])
+    with pytest.raises(CheckpointError, match=r"config\.json.*model_type='mistral'"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_remote_code_is_refused(ckpt):
+    _edit_config(ckpt, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
+    with pytest.raises(CheckpointError, match="trust_remote_code"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_missing_field(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'hidden_size' is missing"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    _edit_tensors(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_extra_tensor(ckpt):
+    _edit_tensors(ckpt, lambda t: t.update({"model.layers.7.foo.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.7\.foo\.weight"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_shape_disagrees_with_config(ckpt):
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+    _edit_tensors(ckpt, shrink)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+                                               r"has shape \[31, 64\], but config\.json implies \[32, 64\]"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_truncated_file(ckpt):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: file is truncated"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_truncated_header(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: (file is truncated|corrupt)"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    # a file that would execute code if unpickled: the loader must never open it
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
+    with pytest.raises(CheckpointError, match=r"pickle-based weights found \(pytorch_model\.bin\).*safetensors only"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_bad_dtype(ckpt):
+    with pytest.raises(ValueError, match="dtype must be"):
+        jaxsloth.load_model(ckpt, dtype="int8")
+
+
+def test_unsupported_rope_type(ckpt):
+    _edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="rope_scaling type 'yarn'"):
+        jaxsloth.load_model(ckpt)
