@@ -1,30 +1,308 @@
-"""y = x @ dequant(W).T for a frozen NF4 weight W [N, K] (jaxsloth.quant.NF4): kernels + dispatch.
+"""y = x @ dequant(W).T for a frozen NF4 weight W [N, K] (`jaxsloth.quant.NF4`): kernels + dispatch.
 
-Dims: M tokens (all leading dims of x flattened), K in features, N out features.
-Backward gives dx = dy @ dequant(W) only: W is frozen, its NF4 leaves get zero cotangents.
-(First cut: XLA "dequantize then dot" only; Pallas kernels follow.)
+Dims: M rows of x (all leading dims flattened), K in features, N out features, B = K / blocksize
+quantization blocks per row, P = blocksize / 2 code bytes per block. Codes are [N, K/2] uint8, two
+per byte with the even k in the high nibble; absmax [N, B] (f32 after undoing double quant).
+
+The backward gives dx = dy @ dequant(W) only: W is frozen, its NF4 leaves get zero (float0 for the
+integer leaves) cotangents. Dequantized weights are never saved for the backward.
+
+Implementations (`implementation=`):
+  "xla"     dequantize in XLA through a 256-entry byte -> (hi, lo) table, then a cuBLAS dot.
+            The reference path and the default off-GPU.
+  "pallas"  portable Pallas kernels (Triton lowering on GPU, interpreter on CPU):
+            - fused (small M): reads 4-bit codes, decodes in registers, never writes W:
+              fwd grid (N / bn, split-K), each program loops over its K range one quantization
+              block at a time: x's even/odd columns (strided loads) @ the high/low nibble tiles.
+              bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
+            - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
+              cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
+  None      the measured-fastest per device and M (see `_auto_plan`); "xla" off-GPU.
+Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
+Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
-from jaxsloth.quant import NF4, dequantize_nf4
+from jaxsloth.quant import NF4, NF4_CODE, dequantize_absmax, dequantize_nf4
+from pallas_kernels import _common
 
-__all__ = ["nf4_matmul", "nf4_matmul_reference"]
+__all__ = ["nf4_matmul", "nf4_matmul_reference", "nf4_dequantize_pallas", "Plan"]
 
 IMPLEMENTATIONS = ("xla", "pallas")
+_F32_DOT = jax.lax.Precision.HIGHEST
 
+
+# ----------------------------------------------------------------------------- plans / dispatch
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How one call runs, for fwd and bwd: "xla" | "dequant" (Pallas dequant + dot) | "fused".
+
+  The tuning knobs are for the benchmark; `_auto_plan` picks them for real calls.
+  """
+  fwd: str = "xla"
+  bwd: str = "xla"
+  decode: str = "f32"        # "f32": two 16-entry f32 lookups per byte; "pair": one u32 lookup of
+                             # two bf16-rounded values per byte; "select": a where-tree, no lookup
+  bn: int = 64               # fused fwd: rows of W per program
+  split: int = 0             # fused fwd split-K / bwd split-N (0: enough programs for 2 per SM)
+  unroll: int = 2            # quantization blocks per loop step
+  bwd_bn: int = 64           # fused bwd: rows of W per loop step
+  dq_bn: int = 32            # dequant kernel: rows per program
+  dq_blocks: int = 8         # dequant kernel: quantization blocks per program
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
+
+
+def _auto_plan(m: int, impl: str | None) -> Plan:
+  if impl == "xla" or (impl is None and not (_common.on_gpu() and _common.pallas_supported())):
+    return Plan("xla", "xla")
+  if m <= 16:
+    return Plan("fused", "fused")
+  return Plan("dequant", "dequant")
+
+
+# ----------------------------------------------------------------------------- reference
 
 def nf4_matmul_reference(x: jax.Array, w: NF4) -> jax.Array:
   """f32 oracle: x [..., K] @ dequant(W).T -> [..., N] in f32."""
   wf = dequantize_nf4(w, jnp.float32)
-  return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), wf,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), wf, precision=_F32_DOT)
+
+
+# ----------------------------------------------------------------------------- decode helpers
+
+def _tables(decode: str):
+  """The lookup table a kernel takes as input (kernels may not capture array constants)."""
+  if decode == "f32":
+    return jnp.asarray(NF4_CODE)                                   # [16] f32
+  if decode == "pair":
+    b16 = np.asarray(jnp.asarray(NF4_CODE, jnp.bfloat16).view(jnp.uint16)).astype(np.uint32)
+    b = np.arange(256)
+    return jnp.asarray((b16[b >> 4] << 16) | b16[b & 15], jnp.uint32)   # [256] u32
+  if decode == "select":
+    return jnp.zeros((16,), jnp.float32)                           # unused placeholder
+  raise ValueError(f"unknown decode {decode!r}")
+
+
+def _select_tree(n):
+  """NF4 value of nibbles n (int32) with a 4-level where-tree on the bits."""
+  vals = [float(v) for v in NF4_CODE]
+  bits = [(n & (1 << i)) != 0 for i in range(4)]
+  level = vals
+  for bit in bits:
+    level = [jnp.where(bit, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
+  return level[0]
+
+
+def _decode(c, lut_ref, decode: str):
+  """uint8 codes [r, P] -> (high-nibble values, low-nibble values), each f32 [r, P]."""
+  ci = c.astype(jnp.int32)
+  if decode == "f32":
+    return lut_ref[ci >> 4], lut_ref[ci & 15]
+  if decode == "pair":
+    v = lut_ref[ci]
+    hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
+    lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
+    return hi, lo
+  return _select_tree(ci >> 4), _select_tree(ci & 15)
+
+
+def _call(kernel, out_shape, grid, plan: Plan, name: str):
+  if _common.interpret():
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=True, name=name)
+  from jax.experimental.pallas import triton as pltriton
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, name=name,
+      compiler_params=pltriton.CompilerParams(num_warps=plan.num_warps,
+                                              num_stages=plan.num_stages))
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+  cap = max(1, min(n, cap))
+  return max(d for d in range(1, cap + 1) if n % d == 0)
+
+
+def _pad_rows(a, rows: int):
+  return a if a.shape[0] == rows else jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+
+
+def _check_kernel_blocksize(w: NF4):
+  bs = w.blocksize
+  if bs < 32 or bs & (bs - 1):
+    raise ValueError(f"nf4_matmul: the Pallas kernels need a power-of-two blocksize >= 32, "
+                     f"got {bs}; use implementation='xla'")
+
+
+def _prepared(w: NF4, rows: int):
+  """(codes [rows, K/2] u8, absmax [rows, B] f32) with N padded to `rows` (zeros decode to 0)."""
+  return _pad_rows(w.codes, rows), _pad_rows(dequantize_absmax(w), rows)
+
+
+def _n_programs_target():
+  return 264  # 2 per SM on an H100 (132 SMs)
+
+
+# ----------------------------------------------------------------------------- dequant kernel
+
+def _dequant_kernel(codes_ref, absmax_ref, lut_ref, o_ref, *, bn, nblk, p, decode, dtype):
+  rows = pl.ds(pl.program_id(0) * bn, bn)
+  for u in range(nblk):
+    b = pl.program_id(1) * nblk + u
+    c = codes_ref[rows, pl.ds(b * p, p)]
+    a = absmax_ref[rows, pl.ds(b, 1)]
+    hi, lo = _decode(c, lut_ref, decode)
+    o_ref[rows, pl.ds(b * p, p), :] = jnp.stack([(hi * a).astype(dtype), (lo * a).astype(dtype)],
+                                                axis=-1)
+
+
+def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> jax.Array:
+  """W [N, K] in dtype via the Pallas dequant kernel (bit-identical to dequantize_nf4 with
+  decode="f32" or "select")."""
+  _check_kernel_blocksize(w)
+  n, k = w.shape
+  p = w.blocksize // 2
+  nb = k // w.blocksize
+  bn = min(plan.dq_bn, _common.next_pow2(n))
+  nblk = _largest_divisor(nb, plan.dq_blocks)
+  n_pad = -(-n // bn) * bn
+  codes, absmax = _prepared(w, n_pad)
+  kernel = functools.partial(_dequant_kernel, bn=bn, nblk=nblk, p=p, decode=plan.decode,
+                             dtype=jnp.dtype(dtype))
+  out = _call(kernel, jax.ShapeDtypeStruct((n_pad, k // 2, 2), dtype), (n_pad // bn, nb // nblk),
+              plan, "nf4_dequant")(codes, absmax, _tables(plan.decode))
+  return out.reshape(n_pad, k)[:n]
+
+
+# ----------------------------------------------------------------------------- fused kernels
+
+def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p, blocks_per_prog,
+                      unroll, decode, cdtype):
+  rows = pl.ds(pl.program_id(0) * bn, bn)
+  s = pl.program_id(1)
+  dims = (((1,), (1,)), ((), ()))
+
+  def step(t, acc):
+    for u in range(unroll):
+      b = s * blocks_per_prog + t * unroll + u
+      c = codes_ref[rows, pl.ds(b * p, p)]
+      a = absmax_ref[rows, pl.ds(b, 1)]
+      hi, lo = _decode(c, lut_ref, decode)
+      xe = x_ref[:, pl.ds(b * 2 * p, p, stride=2)]
+      xo = x_ref[:, pl.ds(b * 2 * p + 1, p, stride=2)]
+      acc += jax.lax.dot_general(xe, (hi * a).astype(cdtype), dims,
+                                 preferred_element_type=jnp.float32)
+      acc += jax.lax.dot_general(xo, (lo * a).astype(cdtype), dims,
+                                 preferred_element_type=jnp.float32)
+    return acc
+
+  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step,
+                          jnp.zeros((x_ref.shape[0], bn), jnp.float32))
+  o_ref[s, :, rows] = acc
+
+
+def _fused_fwd(x2, w: NF4, plan: Plan):
+  _check_kernel_blocksize(w)
+  m, k = x2.shape
+  n = w.shape[0]
+  p = w.blocksize // 2
+  nb = k // w.blocksize
+  mp = max(16, _common.next_pow2(m))
+  bn = min(plan.bn, max(16, _common.next_pow2(n)))
+  n_pad = -(-n // bn) * bn
+  split = plan.split or max(1, _n_programs_target() // (n_pad // bn))
+  split = _largest_divisor(nb, split)
+  blocks_per_prog = nb // split
+  unroll = _largest_divisor(blocks_per_prog, plan.unroll)
+  codes, absmax = _prepared(w, n_pad)
+  xp = _pad_rows(x2, mp)
+  kernel = functools.partial(_fused_fwd_kernel, bn=bn, p=p, blocks_per_prog=blocks_per_prog,
+                             unroll=unroll, decode=plan.decode, cdtype=x2.dtype)
+  part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), jnp.float32),
+               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(xp, codes, absmax,
+                                                                    _tables(plan.decode))
+  return part.sum(0)[:m, :n].astype(x2.dtype)
+
+
+def _fused_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *, bn, p,
+                      rows_per_prog, decode, cdtype):
+  b = pl.program_id(0)
+  s = pl.program_id(1)
+  cols = pl.ds(b * p, p)
+  mp = dy_ref.shape[0]
+
+  def step(t, carry):
+    acc_e, acc_o = carry
+    r0 = s * rows_per_prog + t * bn
+    c = codes_ref[pl.ds(r0, bn), cols]
+    a = absmax_ref[pl.ds(r0, bn), pl.ds(b, 1)]
+    hi, lo = _decode(c, lut_ref, decode)
+    g = dy_ref[:, pl.ds(r0, bn)]
+    acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
+    acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
+    return acc_e, acc_o
+
+  zeros = jnp.zeros((mp, p), jnp.float32)
+  acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
+  oe_ref[s, :, cols] = acc_e
+  oo_ref[s, :, cols] = acc_o
+
+
+def _fused_bwd(dy2, w: NF4, plan: Plan):
+  _check_kernel_blocksize(w)
+  m, n = dy2.shape
+  k = w.shape[1]
+  p = w.blocksize // 2
+  nb = k // w.blocksize
+  mp = max(16, _common.next_pow2(m))
+  bn = min(plan.bwd_bn, max(16, _common.next_pow2(n)))
+  n_pad = -(-n // bn) * bn
+  chunks = n_pad // bn
+  split = plan.split or max(1, _n_programs_target() // nb)
+  split = _largest_divisor(chunks, split)
+  codes, absmax = _prepared(w, n_pad)
+  g = jnp.pad(dy2, ((0, mp - m), (0, n_pad - n)))
+  kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
+                             decode=plan.decode, cdtype=dy2.dtype)
+  shape = jax.ShapeDtypeStruct((split, mp, k // 2), jnp.float32)
+  oe, oo = _call(kernel, (shape, shape), (nb, split), plan, "nf4_matmul_fused_bwd")(
+      g, codes, absmax, _tables(plan.decode))
+  dx = jnp.stack([oe.sum(0), oo.sum(0)], axis=-1).reshape(mp, k)
+  return dx[:m].astype(dy2.dtype)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+def _dense(w: NF4, dtype, how: str, plan: Plan):
+  if how == "xla":
+    return dequantize_nf4(w, dtype)
+  return nf4_dequantize_pallas(w, dtype, plan)
+
+
+def _forward(x2, w: NF4, plan: Plan):
+  if plan.fwd == "fused":
+    return _fused_fwd(x2, w, plan)
+  wd = _dense(w, x2.dtype, plan.fwd, plan)
+  return jnp.dot(x2, wd.T, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def _backward(dy2, w: NF4, plan: Plan):
+  if plan.bwd == "fused":
+    return _fused_bwd(dy2, w, plan)
+  wd = _dense(w, dy2.dtype, plan.bwd, plan)
+  return jnp.dot(dy2, wd, preferred_element_type=jnp.float32).astype(dy2.dtype)
 
 
 def _zero_cotangent(leaf):
@@ -33,43 +311,55 @@ def _zero_cotangent(leaf):
   return np.zeros(leaf.shape, jax.dtypes.float0)
 
 
-def _xla_fwd(x2, w):
-  wd = dequantize_nf4(w, x2.dtype)
-  return jnp.dot(x2, wd.T, preferred_element_type=jnp.float32).astype(x2.dtype)
-
-
-def _xla_bwd(dy2, w):
-  wd = dequantize_nf4(w, dy2.dtype)
-  return jnp.dot(dy2, wd, preferred_element_type=jnp.float32).astype(dy2.dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul2d(x2, w, impl):
-  return _xla_fwd(x2, w)
+def _matmul2d(x2, w, plan):
+  return _forward(x2, w, plan)
 
 
-def _matmul2d_fwd(x2, w, impl):
-  return _xla_fwd(x2, w), w
+def _matmul2d_fwd(x2, w, plan):
+  return _forward(x2, w, plan), w
 
 
-def _matmul2d_bwd(impl, w, dy2):
-  dx = _xla_bwd(dy2, w)
-  return dx, jax.tree_util.tree_map(_zero_cotangent, w)
+def _matmul2d_bwd(plan, w, dy2):
+  return _backward(dy2, w, plan), jax.tree_util.tree_map(_zero_cotangent, w)
 
 
 _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
 
 
-def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None) -> jax.Array:
-  """x [..., K] (bf16/f32) @ dequant(w).T -> [..., N] in x.dtype; differentiable in x only."""
+# ----------------------------------------------------------------------------- public entry
+
+def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
+               plan: Plan | None = None) -> jax.Array:
+  """x [..., K] (bf16/f16/f32) @ dequant(w).T -> [..., N] in x.dtype; differentiable in x only.
+
+  w must be one layer's NF4 (inside `jax.lax.scan` over a stacked weight, scan hands each layer
+  an unstacked one). `plan` overrides the dispatch (benchmarks, tests).
+  """
   if not isinstance(w, NF4):
     raise ValueError(f"nf4_matmul: w must be an NF4 weight, got {type(w).__name__}")
+  if w.stacked_dims:
+    raise ValueError(f"nf4_matmul: w is stacked over leading dims {w.stacked_dims}; pass one "
+                     "layer's weight (e.g. from inside jax.lax.scan)")
+  w.validate("nf4_matmul: w")
   n, k = w.shape
-  if x.shape[-1] != k:
-    raise ValueError(f"nf4_matmul: x's last dim must be K={k} (W is {w.shape}), got x {x.shape}")
+  if x.ndim < 1 or x.shape[-1] != k:
+    raise ValueError(f"nf4_matmul: x's last dim must be K={k} (W is [N, K] = {w.shape}), "
+                     f"got x of shape {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize < 2:
+    raise ValueError(f"nf4_matmul: x must be bfloat16, float16 or float32, got {x.dtype}")
   if implementation not in (None,) + IMPLEMENTATIONS:
     raise ValueError(f"nf4_matmul: implementation must be one of {IMPLEMENTATIONS} or None, "
                      f"got {implementation!r}")
   lead = x.shape[:-1]
-  y = _matmul2d(x.reshape(-1, k), w, implementation or "xla")
+  m = int(np.prod(lead)) if lead else 1
+  if plan is None:
+    if implementation == "pallas":
+      plan = Plan("fused", "fused") if m <= 16 else Plan("dequant", "dequant")
+    else:
+      plan = _auto_plan(m, implementation)
+  if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
+    plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
+                               bwd=plan.bwd.replace("fused", "dequant"))
+  y = _matmul2d(x.reshape(m, k), w, plan)
   return y.reshape(lead + (n,))
