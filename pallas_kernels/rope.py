@@ -177,6 +177,8 @@ def apply_rope(q, k, cos, sin, *, implementation=None, backward="kernel"):
     raise ValueError(f"apply_rope: head dim must be even, got {h}")
   _common.check_backward(backward, "apply_rope")
   impl = _common.resolve(implementation, "apply_rope", _DEFAULT_ON_GPU)
+  if impl == "pallas" and (h // 2) != _common.next_pow2(h // 2):
+    impl = "xla"  # the kernel slices each half as one power-of-two block (H = 64, 128, 256)
   t = b * s
   q2, k2 = _rope(q.reshape(t, n_q, h), k.reshape(t, k.shape[2], h),
                  cos.reshape(t, h).astype(jnp.float32), sin.reshape(t, h).astype(jnp.float32),
