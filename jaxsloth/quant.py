@@ -250,10 +250,12 @@ def dequantize_absmax(q: NF4) -> jax.Array:
   flat = q.absmax.reshape(lead + (-1,))
   nb_flat = flat.shape[-1]
   nested_idx = np.arange(nb_flat) // NESTED_BLOCKSIZE
-  scaled = jnp.asarray(DYNAMIC_MAP)[flat] * q.nested_absmax[..., nested_idx]
-  # bnb rounds the product to f32 in one kernel and adds the offset in another: the barrier stops
-  # XLA from contracting the two into an FMA (which would round once, differently).
-  scaled = jax.lax.optimization_barrier(scaled)
+  code = jnp.asarray(DYNAMIC_MAP)[flat]
+  scaled = code * q.nested_absmax[..., nested_idx]
+  # bnb rounds the product to f32 in one kernel and adds the offset in another. LLVM (XLA CPU and
+  # GPU) would contract a multiply feeding an add into one FMA, which rounds once and differs by an
+  # ulp; a per-element select the compiler cannot fold (map values are >= -1) keeps them apart.
+  scaled = jnp.where(code >= -2, scaled, jnp.float32(0))
   absmax = scaled + q.absmax_offset[..., None]
   return absmax.reshape(q.absmax.shape)
 

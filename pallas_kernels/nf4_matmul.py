@@ -89,7 +89,7 @@ def _tables(decode: str):
   if decode == "f32":
     return jnp.asarray(NF4_CODE)                                   # [16] f32
   if decode == "pair":
-    b16 = np.asarray(jnp.asarray(NF4_CODE, jnp.bfloat16).view(jnp.uint16)).astype(np.uint32)
+    b16 = NF4_CODE.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
     b = np.arange(256)
     return jnp.asarray((b16[b >> 4] << 16) | b16[b & 15], jnp.uint32)   # [256] u32
   if decode == "select":

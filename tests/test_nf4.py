@@ -1,0 +1,363 @@
+"""NF4 weights (jaxsloth.quant), the bnb tensor reader (convert.bnb) and nf4_matmul's kernels.
+
+CPU tests run the Pallas kernels in interpret mode; `gpu`-marked tests need an NVIDIA GPU.
+Tolerances: kernels round the dequantized weight to x.dtype before the dot (as the XLA path does),
+so against the f32 reference the error is bf16 rounding of W and of y: we allow
+2**-7 relative to the largest |y| (bf16 has 8 significant bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert.bnb import BnbFormatError, bnb_keys, nf4_from_bnb_tensors
+from jaxsloth.quant import (DYNAMIC_MAP, NF4, NF4_CODE, dequantize_absmax, dequantize_nf4,
+                            nf4_nbytes, quantize_nf4, stack_nf4, unstack_nf4)
+from pallas_kernels.nf4_matmul import (Plan, nf4_dequantize_pallas, nf4_matmul,
+                                       nf4_matmul_reference)
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+
+
+def _weight(n, k, seed=0, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(seed), (n, k), jnp.float32).astype(dtype)
+
+
+# ------------------------------------------------------------------ numpy oracles of bnb's rules
+
+def _np_nf4_codes(w: np.ndarray, bs: int):
+  """Nearest NF4 code of w / absmax per block (ties impossible on random data), packed hi-first."""
+  n, k = w.shape
+  blocks = w.astype(np.float32).reshape(-1, bs)
+  absmax = np.abs(blocks).max(1)
+  scaled = blocks * (np.float32(1) / absmax)[:, None]
+  idx = np.abs(scaled[..., None] - NF4_CODE).argmin(-1).astype(np.uint8).reshape(n, k)
+  return (idx[:, 0::2] << 4) | idx[:, 1::2], absmax.reshape(n, k // bs)
+
+
+def _np_dquantize(x: float) -> int:
+  """bitsandbytes' dQuantize<0> binary search, scalar python, for the 8-bit dynamic map."""
+  code = DYNAMIC_MAP
+  pivot, upper_pivot, lower_pivot, lower, upper = 127, 255, 0, -1.0, 1.0
+  val = code[pivot]
+  i = 64
+  while i > 0:
+    if x > val:
+      lower_pivot, lower, pivot = pivot, val, pivot + i
+    else:
+      upper_pivot, upper, pivot = pivot, val, pivot - i
+    val = code[pivot]
+    i >>= 1
+  if upper_pivot == 255:
+    upper = code[255]
+  if lower_pivot == 0:
+    lower = code[0]
+  if x > val:
+    return upper_pivot if x > np.float32((upper + val) * np.float32(0.5)) else pivot
+  return lower_pivot if x < np.float32((lower + val) * np.float32(0.5)) else pivot
+
+
+# ------------------------------------------------------------------ tables and quantization
+
+def test_tables_are_bnb_shaped():
+  assert NF4_CODE.shape == (16,) and NF4_CODE[0] == -1 and NF4_CODE[7] == 0 and NF4_CODE[15] == 1
+  assert DYNAMIC_MAP.shape == (256,) and np.all(np.diff(DYNAMIC_MAP) >= 0)
+  assert DYNAMIC_MAP[127] == 0 and DYNAMIC_MAP[255] == 1 and DYNAMIC_MAP[0] > -1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_codes_and_absmax_follow_bnb_layout(dtype):
+  w = _weight(24, 192, dtype=dtype)
+  q = quantize_nf4(w, double_quant=False)
+  codes, absmax = _np_nf4_codes(np.asarray(w, np.float32), 64)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  np.testing.assert_array_equal(np.asarray(q.absmax), absmax)
+  assert q.dtype == jnp.dtype(dtype).name and q.shape == (24, 192)
+
+
+def test_double_quant_keeps_codes_and_uses_bnb_binary_search():
+  w = _weight(64, 1024, seed=3)
+  plain, dq = quantize_nf4(w, double_quant=False), quantize_nf4(w)
+  np.testing.assert_array_equal(np.asarray(plain.codes), np.asarray(dq.codes))
+  assert dq.absmax.dtype == jnp.uint8 and dq.nested_absmax.shape == (4,)
+  centred = np.asarray(plain.absmax).reshape(-1) - np.float32(dq.absmax_offset)
+  np.testing.assert_allclose(float(dq.absmax_offset), np.asarray(plain.absmax).mean(), rtol=1e-6)
+  nested = np.abs(centred.reshape(-1, 256)).max(1)
+  np.testing.assert_array_equal(np.asarray(dq.nested_absmax), nested)
+  scaled = (centred.reshape(-1, 256) * (np.float32(1) / nested)[:, None]).reshape(-1)
+  expect = [_np_dquantize(np.float32(v)) for v in scaled]
+  np.testing.assert_array_equal(np.asarray(dq.absmax).reshape(-1), expect)
+
+
+def test_dynamic_quantize_midpoint_rules():
+  # values exactly on and around code points and midpoints exercise every branch of the search
+  from jaxsloth.quant import _dynamic_quantize
+  mids = (DYNAMIC_MAP[1:] + DYNAMIC_MAP[:-1]) * np.float32(0.5)
+  xs = np.concatenate([DYNAMIC_MAP, mids, np.nextafter(mids, 2), np.nextafter(mids, -2),
+                       [-1.0, 1.0, 0.0]]).astype(np.float32)
+  got = np.asarray(_dynamic_quantize(jnp.asarray(xs)))
+  np.testing.assert_array_equal(got, [_np_dquantize(x) for x in xs])
+
+
+def test_dequantize_error_is_within_half_a_code_gap():
+  w = _weight(32, 256, seed=1)
+  q = quantize_nf4(w, double_quant=False)
+  err = np.abs(np.asarray(dequantize_nf4(q, jnp.float32)) - np.asarray(w))
+  half_gap = np.diff(NF4_CODE).max() / 2
+  bound = np.repeat(np.asarray(q.absmax), 64, axis=1) * half_gap * (1 + 1e-6)
+  assert np.all(err <= bound)
+
+
+def test_double_quant_absmax_close_to_exact():
+  w = _weight(32, 512, seed=2)
+  exact = np.asarray(quantize_nf4(w, double_quant=False).absmax)
+  approx = np.asarray(dequantize_absmax(quantize_nf4(w)))
+  assert np.abs(approx - exact).max() <= 0.02 * np.abs(exact - exact.mean()).max()
+
+
+def test_zero_blocks_dequantize_to_zero():
+  # (with double quant a zero block's absmax comes back as ~offset, as in bitsandbytes)
+  w = jnp.zeros((4, 128)).at[0, :64].set(1.5)
+  d = np.asarray(dequantize_nf4(quantize_nf4(w, double_quant=False), jnp.float32))
+  np.testing.assert_array_equal(d[1:], 0)
+  np.testing.assert_allclose(d[0, :64], 1.5, rtol=2e-2)
+
+
+def test_quantize_and_dequantize_jit_and_pytree():
+  q = quantize_nf4(_weight(16, 128))
+  leaves, treedef = jax.tree_util.tree_flatten(q)
+  assert len(leaves) == 4
+  q2 = jax.tree_util.tree_unflatten(treedef, leaves)
+  np.testing.assert_array_equal(jax.jit(dequantize_nf4)(q2), dequantize_nf4(q))
+  assert nf4_nbytes(q) == 16 * 64 + 16 * 2 + 4 + 4
+
+
+def test_stacked_weights_run_under_scan():
+  ws = [quantize_nf4(_weight(128, 128, seed=i)) for i in range(3)]
+  s = stack_nf4(ws)
+  assert s.codes.shape == (3, 128, 64) and s.shape == (128, 128)
+  assert dequantize_nf4(s).shape == (3, 128, 128)
+  x = jax.random.normal(jax.random.key(9), (2, 128), jnp.float32)
+  y, _ = jax.lax.scan(lambda c, w: (nf4_matmul(c, w), None), x, s)
+  ref = x
+  for w in unstack_nf4(s):
+    ref = nf4_matmul(ref, w)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_quantize_rejects_bad_input():
+  with pytest.raises(ValueError, match="multiple of blocksize"):
+    quantize_nf4(jnp.ones((4, 100)))
+  with pytest.raises(ValueError, match="2-D"):
+    quantize_nf4(jnp.ones((4, 4, 64)))
+  with pytest.raises(ValueError, match="dtype"):
+    quantize_nf4(jnp.ones((4, 64), jnp.int32))
+  with pytest.raises(ValueError, match="power of two"):
+    quantize_nf4(jnp.ones((4, 96)), blocksize=48)
+
+
+def test_stack_rejects_mismatched_layers():
+  with pytest.raises(ValueError, match="item 1"):
+    stack_nf4([quantize_nf4(_weight(8, 64)), quantize_nf4(_weight(8, 128))])
+
+
+def test_matmul_rejects_bad_input():
+  q = quantize_nf4(_weight(8, 64))
+  with pytest.raises(ValueError, match="K=64"):
+    nf4_matmul(jnp.ones((2, 32)), q)
+  with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+    nf4_matmul(jnp.ones((2, 64), jnp.int32), q)
+  with pytest.raises(ValueError, match="stacked"):
+    nf4_matmul(jnp.ones((2, 64)), stack_nf4([q, q]))
+  with pytest.raises(ValueError, match="implementation"):
+    nf4_matmul(jnp.ones((2, 64)), q, implementation="cuda")
+  bad = dataclasses.replace(q, absmax=q.absmax.astype(jnp.float32))
+  with pytest.raises(ValueError, match="`absmax` must be uint8"):
+    nf4_matmul(jnp.ones((2, 64)), bad)
+
+
+# ------------------------------------------------------------------ kernels vs reference
+
+PLANS = {
+    "xla": Plan("xla", "xla"),
+    "fused-f32": Plan("fused", "fused", decode="f32", bn=16, bwd_bn=16, unroll=2),
+    "fused-pair": Plan("fused", "fused", decode="pair", bn=32, bwd_bn=16, split=2),
+    "fused-select": Plan("fused", "fused", decode="select", bn=16, bwd_bn=32),
+    "dequant-f32": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=2),
+}
+# (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
+SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
+
+
+def _check_close(got, ref):
+  got = np.asarray(got, np.float32)
+  ref = np.asarray(ref, np.float32)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2**-7 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("mnk", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matmul_and_grad_match_reference(plan, mnk):
+  m, n, k = mnk
+  q = quantize_nf4(_weight(n, k, seed=m))
+  x = jax.random.normal(jax.random.key(m + 1), (m, k), jnp.bfloat16)
+  f = jax.jit(lambda x: nf4_matmul(x, q, plan=PLANS[plan]))
+  y = f(x)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  _check_close(y, nf4_matmul_reference(x, q))
+  dy = jax.random.normal(jax.random.key(7), (m, n), jnp.bfloat16)
+  dx = jax.vjp(f, x)[1](dy)[0]
+  dx_ref = jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0]
+  assert dx.dtype == jnp.bfloat16
+  _check_close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("plan", ["fused-f32", "dequant-f32"])
+def test_f32_inputs_and_leading_dims(plan):
+  q = quantize_nf4(_weight(48, 128, seed=5))
+  x = jax.random.normal(jax.random.key(6), (2, 3, 128), jnp.float32)
+  y = nf4_matmul(x, q, plan=PLANS[plan])
+  assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
+  _check_close(y, nf4_matmul_reference(x, q))
+
+
+def test_pallas_dequant_is_bit_identical_to_xla():
+  q = quantize_nf4(_weight(40, 256, seed=4))
+  for decode in ("f32", "select"):
+    d = nf4_dequantize_pallas(q, jnp.bfloat16, Plan(decode=decode, dq_bn=16, dq_blocks=2))
+    np.testing.assert_array_equal(np.asarray(d, np.float32),
+                                  np.asarray(dequantize_nf4(q, jnp.bfloat16), np.float32))
+
+
+def test_grad_flows_to_other_params_and_weight_gets_zero_cotangent():
+  q = quantize_nf4(_weight(32, 64))
+  x = jax.random.normal(jax.random.key(1), (4, 64), jnp.float32)
+  a = jnp.ones((64,), jnp.float32)
+
+  def loss(a, w):
+    return jnp.sum(nf4_matmul(x * a, w) ** 2)
+
+  ga = jax.grad(loss)(a, q)
+  ga_ref = jax.grad(lambda a: jnp.sum(nf4_matmul_reference(x * a, q) ** 2))(a)
+  np.testing.assert_allclose(ga, ga_ref, rtol=1e-4, atol=1e-3 * np.abs(ga_ref).max())
+  _, vjp = jax.vjp(loss, a, q)
+  _, gw = vjp(jnp.float32(1))
+  assert gw.codes.dtype == jax.dtypes.float0 and gw.absmax.dtype == jax.dtypes.float0
+  assert float(jnp.abs(gw.absmax_offset)) == 0 and gw.nested_absmax.shape == q.nested_absmax.shape
+
+
+def test_default_implementation_on_cpu_is_xla():
+  q = quantize_nf4(_weight(16, 64))
+  x = jnp.ones((3, 64), jnp.bfloat16)
+  np.testing.assert_array_equal(nf4_matmul(x, q), nf4_matmul(x, q, implementation="xla"))
+  _check_close(nf4_matmul(x, q, implementation="pallas"), nf4_matmul_reference(x, q))
+
+
+# ------------------------------------------------------------------ convert.bnb
+
+def _bnb_tensors(q: NF4, prefix="model.layers.0.mlp.down_proj"):
+  """Tensors as transformers + bitsandbytes serialize them (see convert/bnb.py)."""
+  n, k = q.shape
+  state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": q.dtype, "shape": [n, k]}
+  t = {f"{prefix}.weight": np.asarray(q.codes).reshape(-1, 1),
+       f"{prefix}.weight.absmax": np.asarray(q.absmax).reshape(-1),
+       f"{prefix}.weight.quant_map": NF4_CODE.copy()}
+  if q.double_quant:
+    state.update(nested_blocksize=256, nested_dtype="float32",
+                 nested_offset=float(q.absmax_offset))
+    t[f"{prefix}.weight.nested_absmax"] = np.asarray(q.nested_absmax)
+    t[f"{prefix}.weight.nested_quant_map"] = DYNAMIC_MAP.copy()
+  t[f"{prefix}.weight.quant_state.bitsandbytes__nf4"] = np.frombuffer(
+      json.dumps(state).encode(), np.uint8).copy()
+  return t
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bnb_tensors_round_trip(double_quant):
+  q = quantize_nf4(_weight(64, 256, dtype=jnp.bfloat16), double_quant=double_quant)
+  t = _bnb_tensors(q, "p")
+  assert sorted(t) == sorted(bnb_keys("p", double_quant=double_quant))
+  r = nf4_from_bnb_tensors("p", t, (64, 256), source="mem.safetensors")
+  for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(r)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (r.shape, r.blocksize, r.double_quant, r.dtype) == (q.shape, 64, double_quant, "bfloat16")
+
+
+def _corrupt(key, value):
+  t = _bnb_tensors(quantize_nf4(_weight(64, 256)), "p")
+  if value is None:
+    del t[f"p.{key}"]
+  else:
+    t[f"p.{key}"] = value(t[f"p.{key}"])
+  return t
+
+
+def _state_with(**kw):
+  def edit(raw):
+    s = json.loads(raw.tobytes())
+    s.update(kw)
+    return np.frombuffer(json.dumps(s).encode(), np.uint8).copy()
+  return edit
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("weight.absmax", None, "missing tensor 'p.weight.absmax'"),
+    ("weight", lambda v: v[:-1], "'p.weight'.*bytes"),
+    ("weight", lambda v: v.astype(np.int8), "'p.weight'.*uint8"),
+    ("weight.absmax", lambda v: v.astype(np.float32), "'p.weight.absmax'.*uint8"),
+    ("weight.quant_map", lambda v: v * 2, "'p.weight.quant_map'.*NF4"),
+    ("weight.nested_quant_map", lambda v: v[::-1].copy(), "'p.weight.nested_quant_map'"),
+    ("weight.nested_absmax", lambda v: -v, "'p.weight.nested_absmax'.*negative"),
+    ("weight.quant_state.bitsandbytes__nf4", lambda v: v[:-3], "not valid packed JSON"),
+    ("weight.quant_state.bitsandbytes__nf4", _state_with(quant_type="fp4"), "nf4"),
+    ("weight.quant_state.bitsandbytes__nf4", _state_with(shape=[256, 64]), "config.json"),
+    ("weight.quant_state.bitsandbytes__nf4", _state_with(blocksize=48), "blocksize"),
+    ("weight.quant_state.bitsandbytes__nf4", _state_with(nested_offset="x"), "nested_offset"),
+])
+def test_bnb_reader_names_the_bad_tensor(key, value, match):
+  with pytest.raises(BnbFormatError, match=match):
+    nf4_from_bnb_tensors("p", _corrupt(key, value), (64, 256), source="ckpt.safetensors")
+
+
+def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
+  t = _bnb_tensors(quantize_nf4(_weight(64, 256)), "p")
+  t["p.weight.quant_state.bitsandbytes__nf4"] = _state_with(shape=[512, 32])(
+      t["p.weight.quant_state.bitsandbytes__nf4"])
+  with pytest.raises(BnbFormatError, match="multiple of blocksize"):
+    nf4_from_bnb_tensors("p", t, (512, 32), source="ckpt.safetensors")
+
+
+# ------------------------------------------------------------------ GPU
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["fused-f32", "fused-pair", "dequant-f32"])
+@pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096), (300, 1024, 14336)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_kernels_match_reference(plan, mnk):
+  m, n, k = mnk
+  p = dataclasses.replace(PLANS[plan], bn=64, bwd_bn=64, dq_bn=32, dq_blocks=8, split=0)
+  q = quantize_nf4(_weight(n, k, seed=1, dtype=jnp.bfloat16))
+  x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+  f = jax.jit(lambda x: nf4_matmul(x, q, plan=p))
+  _check_close(f(x), nf4_matmul_reference(x, q))
+  dy = jax.random.normal(jax.random.key(3), (m, n), jnp.bfloat16)
+  dx = jax.vjp(f, x)[1](dy)[0]
+  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_pallas_dequant_bit_identical():
+  q = quantize_nf4(_weight(1024, 4096, dtype=jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(nf4_dequantize_pallas(q), np.float32),
+                                np.asarray(dequantize_nf4(q, jnp.bfloat16), np.float32))
