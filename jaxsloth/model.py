@@ -56,8 +56,12 @@ def _precision(dtype) -> jax.lax.Precision | None:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def linear(x, w, lora_ab=None, lora_scaling: float = 1.0, *, impl: str | None = None):
-    """y = x @ W.T (+ scaling * (x @ A.T) @ B.T). W is a dense array or NF4; A, B are f32 adapters."""
+def linear(x, w, lora_ab=None, lora_scaling: float = 1.0, *, impl: str | None = None,
+           dropout_rate: float = 0.0, dropout_key=None):
+    """y = x @ W.T (+ scaling * (drop(x) @ A.T) @ B.T). W is a dense array or NF4; A, B are f32 adapters.
+
+    LoRA dropout (as PEFT) applies to the adapter's input only, and only when a key is given.
+    """
     if isinstance(w, NF4):
         y = nf4_matmul(x, w, implementation=impl)
     else:
@@ -65,6 +69,9 @@ def linear(x, w, lora_ab=None, lora_scaling: float = 1.0, *, impl: str | None = 
     if lora_ab is not None:
         a = lora_ab["a"].astype(x.dtype)
         b = lora_ab["b"].astype(x.dtype)
+        if dropout_key is not None and dropout_rate > 0.0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
         xa = jnp.einsum("...k,rk->...r", x, a, precision=_precision(x.dtype))
         y = y + (lora_scaling * jnp.einsum("...r,nr->...n", xa, b, precision=_precision(x.dtype))).astype(y.dtype)
     return y
@@ -82,11 +89,17 @@ def attention_mask_bias(attention_mask, segment_ids, seq_len: int):
 
 
 def attention(q, k, v, mask, *, attn_impl: str = "xla"):
-    """Causal GQA attention. q [B,S,N,H], k/v [B,S,M,H] -> [B,S,N,H]. Softmax in f32."""
+    """Causal GQA attention. q [B,S,N,H], k/v [B,S,M,H] -> [B,S,N,H]. Softmax in f32.
+
+    ``mask`` None means plain causal attention (cuDNN flash attention applies it itself); an explicit
+    mask (padding in the middle, packed segments) always takes the XLA path, which honours it exactly.
+    """
     b, s, n, h = q.shape
     m = k.shape[2]
-    if attn_impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="cudnn")
+    if attn_impl == "cudnn" and mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if mask is None:
+        mask = attention_mask_bias(None, None, s)
     qg = q.reshape(b, s, m, n // m, h)
     scores = jnp.einsum("bsmgh,btmh->bmgst", qg, k, precision=_precision(q.dtype),
                         preferred_element_type=jnp.float32) * (h ** -0.5)
@@ -97,13 +110,16 @@ def attention(q, k, v, mask, *, attn_impl: str = "xla"):
     return out.reshape(b, s, n, h)
 
 
-def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, *, lora_scaling, impl, attn_impl):
+def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, dropout_key=None, *, lora_scaling, impl,
+                  attn_impl, lora_dropout=0.0):
     """One pre-norm decoder block. x [B, S, D] in the compute dtype."""
     b, s, _ = x.shape
     lora = lora or {}
 
     def proj(name, inp):
-        return linear(inp, layer[name], lora.get(name), lora_scaling, impl=impl)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, PROJECTIONS.index(name))
+        return linear(inp, layer[name], lora.get(name), lora_scaling, impl=impl, dropout_rate=lora_dropout,
+                      dropout_key=key)
 
     h = rmsnorm(x, layer["attn_norm"], cfg.rms_norm_eps, implementation=impl)
     q = proj("q", h).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
@@ -131,28 +147,35 @@ def _remat_policy(remat: str):
 
 def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, position_ids=None,
                   segment_ids=None, lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16,
-                  impl: str | None = None, attn_impl: str = "xla", remat: str = "none"):
-    """Final-normed hidden states [B, S, D] (the input of lm_head)."""
+                  impl: str | None = None, attn_impl: str = "xla", remat: str = "none",
+                  lora_dropout: float = 0.0, dropout_key=None):
+    """Final-normed hidden states [B, S, D] (the input of lm_head).
+
+    ``attention_mask`` [B, S] marks real tokens; with right padding only it may be left None,
+    since causal attention never lets a real token see the padding after it.
+    """
     bsz, seq = input_ids.shape
     if position_ids is None:
         position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
     cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-    if attn_impl == "cudnn" and attention_mask is None and segment_ids is None:
-        mask = None  # cuDNN applies the causal mask itself
+    if attention_mask is None and segment_ids is None:
+        mask = None  # plain causal: built by attention() (XLA) or applied by cuDNN itself
     else:
         mask = attention_mask_bias(attention_mask, segment_ids, seq)
 
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
-    layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl)
+    layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl,
+                                 lora_dropout=lora_dropout)
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_hidden_layers)
 
     def body(carry, xs):
-        layer, layer_lora = xs
+        layer, layer_lora, key = xs
         carry = checkpoint_name(carry, "layer_input")
-        return layer_fn(carry, layer, layer_lora, cos, sin, mask), None
+        return layer_fn(carry, layer, layer_lora, cos, sin, mask, key), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(remat), prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (params["layers"], lora))
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora, layer_keys))
     return rmsnorm(x, params["final_norm"], cfg.rms_norm_eps, implementation=impl)
 
 

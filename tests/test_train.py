@@ -1,0 +1,177 @@
+"""Training: gradient and loss-curve parity with PEFT + PyTorch, accumulation, packing, resume."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import LlamaForCausalLM, get_linear_schedule_with_warmup
+
+import jaxsloth
+from jaxsloth.data import BatchStream, prepare_data
+from jaxsloth.model import HF_PROJECTION_NAMES
+from jaxsloth.train import TrainingArguments, Trainer, TrainingError, accumulated_loss_and_grads
+
+R, ALPHA = 4, 8
+
+
+def _records(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.integers(0, 60, 2)
+        out.append({"instruction": "Add.", "input": f"{a} + {b}", "output": str(a + b)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint):
+    import datasets
+
+    path = tiny_checkpoint("llama3")
+    model, tok = jaxsloth.load_model(path, dtype="float32")
+    model = jaxsloth.add_lora(model, r=R, lora_alpha=ALPHA, seed=1)
+    # non-zero B so that every adapter gets a gradient and a wrong one shows
+    keys = jax.random.split(jax.random.PRNGKey(7), len(model.lora))
+    lora = {name: {"a": ab["a"], "b": 0.05 * jax.random.normal(k, ab["b"].shape)}
+            for k, (name, ab) in zip(keys, model.lora.items())}
+    model = model.replace(lora=lora)
+    rows = prepare_data(datasets.Dataset.from_list(_records()), tok, 256, train_on_responses_only=True)
+    return path, model, rows
+
+
+def _peft_model(path, model):
+    ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    cfg = PeftLoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=model.lora_config.hf_target_modules)
+    peft = get_peft_model(ref, cfg)
+    layers = peft.base_model.model.model.layers
+    for name, ab in model.lora.items():
+        a, b = np.asarray(ab["a"]), np.asarray(ab["b"])
+        for i, layer in enumerate(layers):
+            mod = layer.get_submodule(HF_PROJECTION_NAMES[name])
+            mod.lora_A["default"].weight.data = torch.tensor(a[i])
+            mod.lora_B["default"].weight.data = torch.tensor(b[i])
+    return peft
+
+
+def _torch_loss(peft, batch):
+    """Mean CE over labels of a [B, S] batch, labels already shifted (as ours)."""
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    labels = torch.tensor(batch["labels"], dtype=torch.long)
+    logits = peft(input_ids=ids).logits  # right padding only: causal attention is exact
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum") / (labels != -100).sum()
+
+
+def _torch_grads(peft, model):
+    layers = peft.base_model.model.model.layers
+    out = {}
+    for name in model.lora:
+        mods = [layer.get_submodule(HF_PROJECTION_NAMES[name]) for layer in layers]
+        out[name] = {"a": np.stack([m.lora_A["default"].weight.grad.numpy() for m in mods]),
+                     "b": np.stack([m.lora_B["default"].weight.grad.numpy() for m in mods])}
+    return out
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_lora_gradients_match_peft(setup):
+    path, model, rows = setup
+    stream = BatchStream(rows, batch_size=4, accum_steps=1, seed=0)
+    batch = stream.batch(0)
+    loss, _, grads = accumulated_loss_and_grads(model.replace(lora=None), model.lora, batch, jax.random.PRNGKey(0))
+    peft = _peft_model(path, model)
+    ref_loss = _torch_loss(peft, {k: v[0] for k, v in batch.items()})
+    ref_loss.backward()
+    ref = _torch_grads(peft, model)
+    assert abs(float(loss) - ref_loss.item()) / ref_loss.item() <= 1e-5
+    for name in model.lora:
+        for part in ("a", "b"):
+            assert _rel(grads[name][part], ref[name][part]) <= 1e-4, (name, part)
+
+
+def test_accumulation_equals_one_big_batch(setup):
+    _, model, rows = setup
+    base = model.replace(lora=None)
+    big = BatchStream(rows, batch_size=8, accum_steps=1, seed=0, shuffle=False).batch(0)
+    split = BatchStream(rows, batch_size=2, accum_steps=4, seed=0, shuffle=False).batch(0)
+    l1, c1, g1 = accumulated_loss_and_grads(base, model.lora, big, jax.random.PRNGKey(0))
+    l4, c4, g4 = accumulated_loss_and_grads(base, model.lora, split, jax.random.PRNGKey(0))
+    assert int(c1) == int(c4)
+    np.testing.assert_allclose(float(l4), float(l1), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g4), jax.tree_util.tree_leaves(g1)):
+        assert _rel(a, b) <= 1e-5
+
+
+def test_20_step_loss_curve_matches_peft_and_torch_adamw(setup, tmp_path):
+    path, model, rows = setup
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=3e-3, max_steps=20, warmup_steps=3, lr_scheduler_type="linear",
+                             weight_decay=0.01, max_grad_norm=1.0, seed=5, progress=False, remat="none")
+    trainer = Trainer(model, rows, args, log=lambda *_: None)
+    trainer.train()
+    ours = [h["loss"] for h in trainer.history]
+
+    peft = _peft_model(path, model)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    sched = get_linear_schedule_with_warmup(opt, args.warmup_steps, args.max_steps)
+    ref = []
+    for step in range(args.max_steps):
+        batch = trainer.stream.batch(step)
+        labels = batch["labels"]
+        total = (labels != -100).sum()
+        opt.zero_grad()
+        step_loss = 0.0
+        for a in range(labels.shape[0]):  # accumulate sums, divide once, as HF does with num_items_in_batch
+            micro = {k: v[a] for k, v in batch.items()}
+            loss = _torch_loss(peft, micro) * (labels[a] != -100).sum() / total
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ref.append(step_loss)
+    rel = np.abs(np.array(ours) - np.array(ref)) / np.array(ref)
+    assert rel.max() <= 1e-3, rel
+    assert ours[-1] < ours[0], "the loss should fall over 20 steps"
+
+
+def test_resume_reproduces_uninterrupted_curve(setup, tmp_path):
+    _, model, rows = setup
+    kw = dict(per_device_train_batch_size=2, learning_rate=3e-3, max_steps=6, save_steps=3, seed=3,
+              progress=False, remat="full")
+    full = Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path / "a"), **kw), log=lambda *_: None)
+    full.train()
+    # an interrupted run: the same directory as it was after step 3
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+    resumed = Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path / "b"), **kw), log=lambda *_: None)
+    resumed.train(resume=True)
+    a = [h["loss"] for h in full.history]
+    b = [h["loss"] for h in resumed.history]
+    assert len(b) == 6
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_with_message(setup, tmp_path):
+    _, model, rows = setup
+    bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), model.lora)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, progress=False)
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        Trainer(model.replace(lora=bad), rows, args, log=lambda *_: None).train()
+
+
+def test_training_without_lora_is_refused(setup, tmp_path):
+    _, model, rows = setup
+    with pytest.raises(ValueError, match="add_lora"):
+        Trainer(model.replace(lora=None), rows, TrainingArguments(output_dir=str(tmp_path)))
