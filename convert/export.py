@@ -52,6 +52,7 @@ from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
 from jaxsloth.quant import NF4, dequantize_nf4
 
 __all__ = ["export_adapter", "export_merged", "load_adapter", "register_export_command", "ExportError",
+           "write_safetensors_streamed",
            "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "DEFAULT_MAX_SHARD_BYTES"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -160,9 +161,13 @@ def write_tensor_bytes(f, array: np.ndarray):
     f.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
 
 
-def _write_shard(path: Path, entries, produce):
-    """Write a safetensors file whose tensors are produced one by one, in ``entries`` order."""
-    with open(path, "wb") as f:
+def write_safetensors_streamed(path, entries, produce):
+    """Write a safetensors file whose tensors are produced one by one, in ``entries`` order.
+
+    ``entries``: (name, safetensors dtype "BF16"|"F16"|"F32", shape, nbytes); ``produce(name)`` returns
+    that tensor as a host array. Only one tensor is in host RAM at a time.
+    """
+    with open(Path(path), "wb") as f:
         f.write(_safetensors_header(entries))
         for name, _, shape, nbytes in entries:
             array = produce(name)
@@ -313,7 +318,7 @@ def export_adapter(model, out_dir, *, overwrite: bool = False) -> Path:
     entries = [(k, "F32", v.shape, v.nbytes) for k, v in tensors.items()]
     with _atomic_dir(out_dir, overwrite) as tmp:
         _check_free_space(tmp, sum(e[3] for e in entries), out_dir)
-        _write_shard(tmp / ADAPTER_WEIGHTS, entries, tensors.__getitem__)
+        write_safetensors_streamed(tmp / ADAPTER_WEIGHTS, entries, tensors.__getitem__)
         _write_json(tmp / ADAPTER_CONFIG, config)
         (tmp / "README.md").write_text(_adapter_readme(model, config))
     return Path(out_dir).absolute()
@@ -700,7 +705,7 @@ def export_merged(model, out_dir, dtype: str = "bfloat16", *, overwrite: bool = 
         st = _OUT_DTYPES[dtype]
         weight_map = {}
         for fname, shard in zip(names, shards):
-            _write_shard(tmp / fname, [(n, st, s, b) for n, s, b in shard], produce_counted)
+            write_safetensors_streamed(tmp / fname, [(n, st, s, b) for n, s, b in shard], produce_counted)
             weight_map.update({n: fname for n, _, _ in shard})
         if len(shards) > 1:
             _write_json(tmp / "model.safetensors.index.json",
