@@ -42,7 +42,10 @@ def default_chunk_size(n_tokens: int, vocab: int, logits_bytes: int) -> int:
 
 # -------------------------------------------------------------------- softmax pass: Pallas kernel
 
-_BLOCK_V = 4096
+# Vocab tile and warps of the softmax pass; tuned on H100 by bench/kernels.py (--sweep).
+BLOCK_V = 4096
+NUM_WARPS = 8
+NUM_STAGES = 2
 
 
 def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_v):
@@ -86,12 +89,13 @@ def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_
 
 def _softmax_pass_pallas(logits, labels, grad_dtype):
   c, v = logits.shape
-  block_v = min(_BLOCK_V, _common.next_pow2(v))
+  block_v = min(BLOCK_V, _common.next_pow2(v))
   out_shape = [jax.ShapeDtypeStruct((c,), jnp.float32)] * 2
   if grad_dtype is not None:
     out_shape.append(jax.ShapeDtypeStruct((c, v), grad_dtype))
   kernel = functools.partial(_ce_kernel, vocab=v, block_v=block_v)
-  outs = _common.pallas_call(kernel, grid=(c,), num_warps=8, name="cross_entropy_softmax",
+  outs = _common.pallas_call(kernel, grid=(c,), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                             name="cross_entropy_softmax",
                              out_shape=tuple(out_shape))(logits, labels)
   lse, ll = outs[0], outs[1]
   return lse, ll, (outs[2] if grad_dtype is not None else None)

@@ -24,13 +24,17 @@ from pallas_kernels import _common
 __all__ = ["rmsnorm", "rmsnorm_reference"]
 
 
+# Elements per program and warps; tuned on H100 by bench/kernels.py (--sweep).
+BLOCK_ELEMS = 8192
+NUM_WARPS = 8
+
+
 def _block_rows(d_pad: int) -> int:
-  # ~8K elements per program keeps registers busy without spilling (D=4096 -> 2 rows, 8192 -> 1).
-  return max(1, 8192 // d_pad)
+  return max(1, BLOCK_ELEMS // d_pad)
 
 
 def _num_warps(d_pad: int, block_rows: int) -> int:
-  return 8 if d_pad * block_rows >= 4096 else 4
+  return NUM_WARPS if d_pad * block_rows >= 4096 else 4
 
 
 # ------------------------------------------------------------------------------------- kernels

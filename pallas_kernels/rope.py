@@ -63,8 +63,13 @@ def rope_tables(position_ids, head_dim: int, theta: float, rope_scaling: dict | 
 
 # -------------------------------------------------------------------------------------- kernel
 
+# q elements per program and warps; tuned on H100 by bench/kernels.py (--sweep).
+BLOCK_ELEMS = 8192
+NUM_WARPS = 8
+
+
 def _block_tokens(heads_pad: int, h_pad: int) -> int:
-  return max(1, 8192 // (heads_pad * h_pad))
+  return max(1, BLOCK_ELEMS // (heads_pad * h_pad))
 
 
 def _rotate_block(x_ref, o_ref, t0, bt, n_tokens, heads, half, c1, c2, s1, s2):
@@ -107,7 +112,7 @@ def _apply_pallas(q3, k3, cos2, sin2):
   bt = _block_tokens(_common.next_pow2(n_q), 2 * _common.next_pow2(half))
   kernel = functools.partial(_rope_kernel, n_tokens=n_tokens, n_q=n_q, n_k=n_k, half=half, bt=bt)
   return _common.pallas_call(
-      kernel, grid=(pl.cdiv(n_tokens, bt),), num_warps=8 if bt * n_q * h >= 4096 else 4,
+      kernel, grid=(pl.cdiv(n_tokens, bt),), num_warps=NUM_WARPS if bt * n_q * h >= 4096 else 4,
       name="rope",
       out_shape=(jax.ShapeDtypeStruct(q3.shape, q3.dtype),
                  jax.ShapeDtypeStruct(k3.shape, k3.dtype)))(q3, k3, cos2, sin2)

@@ -1,0 +1,513 @@
+"""GPU benchmark of the RMSNorm, RoPE and fused cross-entropy kernels against XLA and the PyTorch path.
+
+Run on the GPU machine, in three processes so JAX and PyTorch never share the card's memory:
+  python bench/kernels.py jax   --out DIR [--sweep]   # ours (Pallas) vs XLA, copy bandwidth, CE memory
+  python bench/kernels.py torch --out DIR             # HF eager, torch.compile, Unsloth (when importable)
+  python bench/kernels.py report --out DIR            # merges DIR/*.json into DIR/kernels.md
+Shapes: Llama-3 8B (D=4096, 32/8 heads, H=128) and 70B (D=8192, 64/8 heads), V=128256, bf16,
+tokens 2K..64K. Times (ms) are the best of two
+runs of `reps` calls queued back to back, divided by reps. Bandwidth counts the bytes an
+ideal kernel must move (each input read once, each output written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+MODELS = {"8B": dict(d=4096, n=32, m=8, h=128), "70B": dict(d=8192, n=64, m=8, h=128)}
+VOCAB = 128256
+TOKENS = [2048, 8192, 16384, 65536]
+CE_TOKENS = [2048, 16384, 65536]
+T0 = time.time()
+
+
+def log(*a):
+  print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+def save(out, name, rows):
+  with open(os.path.join(out, name), "w") as f:
+    json.dump(rows, f, indent=1)
+
+
+# ============================================================================================ JAX
+
+def run_jax(out, sweep, budget_s):
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels import cross_entropy as CE
+  from pallas_kernels import rmsnorm as RN
+  from pallas_kernels import rope as RP
+
+  dev = jax.devices()[0]
+  env = dict(device=dev.device_kind, jax=jax.__version__, backend=jax.default_backend(),
+             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+  log("env", env)
+  rows = []
+
+  def timeit(f, *args, reps=10, warmup=2):
+    """ms per call: `reps` calls queued back to back (async dispatch hides the launch cost)."""
+    for _ in range(warmup):
+      jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(2):
+      t = time.perf_counter()
+      for _ in range(reps):
+        out = f(*args)  # one stream: the last result ready means all are
+      jax.block_until_ready(out)
+      best = min(best, (time.perf_counter() - t) * 1e3 / reps)
+      del out
+    return best
+
+  def reps_for(nbytes):
+    return 20 if nbytes < 2**30 else 8
+
+  def record(**kw):
+    rows.append(kw)
+    log(kw)
+    save(out, "jax.json", dict(env=env, rows=rows))
+
+  def safe(fn, **kw):
+    try:
+      fn()
+    except Exception as e:  # keep going: one failing shape must not lose the rest of the run
+      record(error=f"{type(e).__name__}: {str(e)[:300]}", **kw)
+
+  key = jax.random.PRNGKey(0)
+
+  # ---- copy bandwidth
+  x = jnp.ones((2**30 if jax.default_backend() == "gpu" else 2**20,), jnp.bfloat16)
+  t = timeit(jax.jit(lambda a: a + 1), x, reps=20)
+  copy_gbs = 2 * x.nbytes / t / 1e6
+  record(op="copy", impl="xla", what="x+1 (2 GiB moved)", ms=t, gbs=copy_gbs)
+  del x
+
+  # ---- RMSNorm
+  for model, cfg in MODELS.items():
+    d = cfg["d"]
+    for t_ in TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      x = jax.random.normal(key, (t_, d), jnp.bfloat16)
+      w = (1 + 0.1 * jax.random.normal(key, (d,), jnp.float32)).astype(jnp.bfloat16)
+      dy = jax.random.normal(jax.random.PRNGKey(1), (t_, d), jnp.bfloat16)
+      nb = x.nbytes
+      for impl in ("pallas", "xla"):
+        def one():
+          fwd = jax.jit(lambda a, b: RN.rmsnorm(a, b, implementation=impl))
+          fb = jax.jit(lambda a, b, g: jax.vjp(lambda u: RN.rmsnorm(u, b, implementation=impl), a)[1](g))
+          _, r = RN._fwd_xla(x, w, 1e-5)
+          bwd = jax.jit(RN._bwd_pallas if impl == "pallas" else RN._bwd_xla)
+          tf = timeit(fwd, x, w, reps=reps_for(nb))
+          tb = timeit(bwd, x, w, r, dy, reps=reps_for(nb))
+          tfb = timeit(fb, x, w, dy, reps=reps_for(nb))
+          record(op="rmsnorm", model=model, tokens=t_, impl=impl, fwd_ms=tf, bwd_ms=tb, fwdbwd_ms=tfb,
+                 fwd_gbs=2 * nb / tf / 1e6, bwd_gbs=3 * nb / tb / 1e6,
+                 fwdbwd_gbs=5 * nb / tfb / 1e6)
+        safe(one, op="rmsnorm", model=model, tokens=t_, impl=impl)
+      del x, dy
+
+  # ---- RoPE
+  for model, cfg in MODELS.items():
+    n, m, h = cfg["n"], cfg["m"], cfg["h"]
+    for t_ in TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      q = jax.random.normal(key, (1, t_, n, h), jnp.bfloat16)
+      k = jax.random.normal(key, (1, t_, m, h), jnp.bfloat16)
+      pos = jnp.arange(t_, dtype=jnp.int32)[None]
+      cos, sin = RP.rope_tables(pos, h, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})
+      nb = 2 * (q.nbytes + k.nbytes) + cos.nbytes + sin.nbytes
+      for impl in ("pallas", "xla"):
+        def one():
+          fwd = jax.jit(lambda a, b, c, s: RP.apply_rope(a, b, c, s, implementation=impl))
+          fb = jax.jit(lambda a, b, c, s: jax.vjp(
+              lambda u, v: RP.apply_rope(u, v, c, s, implementation=impl), a, b)[1]((a, b)))
+          tf = timeit(fwd, q, k, cos, sin, reps=reps_for(nb))
+          tfb = timeit(fb, q, k, cos, sin, reps=reps_for(nb))
+          # the backward is the forward kernel with -sin: bwd time ~ fwd time
+          record(op="rope", model=model, tokens=t_, impl=impl, fwd_ms=tf, fwdbwd_ms=tfb,
+                 fwd_gbs=nb / tf / 1e6, fwdbwd_gbs=2 * nb / tfb / 1e6)
+        safe(one, op="rope", model=model, tokens=t_, impl=impl)
+      del q, k
+
+  # ---- fused cross-entropy
+  for model, cfg in MODELS.items():
+    d = cfg["d"]
+    w = (jax.random.normal(key, (VOCAB, d), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    for t_ in CE_TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      hsd = jax.random.normal(jax.random.PRNGKey(2), (t_, d), jnp.bfloat16)
+      lab = jax.random.randint(key, (t_,), 0, VOCAB).at[::7].set(-100)
+      reps = 5 if t_ * d <= 16384 * 4096 else 3
+
+      def mem_of(f, *args):
+        ma = jax.jit(f).lower(*args).compile().memory_analysis()
+        return dict(temp_gib=ma.temp_size_in_bytes / 2**30, out_gib=ma.output_size_in_bytes / 2**30)
+
+      def matmul_only():
+        f1 = jax.jit(lambda a, b: a @ b.T)
+        f2 = jax.jit(lambda a, b: (lambda lg: lg @ b)(a @ b.T))
+        tf = timeit(f1, hsd, w, reps=reps)
+        tfb = timeit(f2, hsd, w, reps=reps)
+        flops = 2 * t_ * d * VOCAB
+        record(op="ce", model=model, tokens=t_, impl="lm_head matmul only", fwd_ms=tf, fwdbwd_ms=tfb,
+               tflops_fwd=flops / tf / 1e9, **mem_of(lambda a, b: (lambda lg: lg @ b)(a @ b.T), hsd, w))
+      safe(matmul_only, op="ce", model=model, tokens=t_, impl="lm_head matmul only")
+
+      for impl in ("pallas", "xla"):
+        def one():
+          fwd = jax.jit(lambda a, b, c: CE.fused_cross_entropy(a, b, c, implementation=impl)[0])
+          fb_fn = lambda a, b, c: jax.value_and_grad(
+              lambda u: CE.fused_cross_entropy(u, b, c, implementation=impl)[0])(a)
+          tf = timeit(fwd, hsd, w, lab, reps=reps)
+          tfb = timeit(jax.jit(fb_fn), hsd, w, lab, reps=reps)
+          record(op="ce", model=model, tokens=t_, impl=f"ours ({impl} pass)", fwd_ms=tf, fwdbwd_ms=tfb,
+                 **mem_of(fb_fn, hsd, w, lab))
+        safe(one, op="ce", model=model, tokens=t_, impl=f"ours ({impl} pass)")
+
+      def naive():
+        fb_fn = lambda a, b, c: jax.value_and_grad(
+            lambda u: CE.fused_cross_entropy_reference(u, b, c)[0])(a)
+        mem = mem_of(fb_fn, hsd, w, lab)
+        if mem["temp_gib"] > 60:
+          record(op="ce", model=model, tokens=t_, impl="XLA naive (f32 logits)", note="not run: memory",
+                 **mem)
+          return
+        tfb = timeit(jax.jit(fb_fn), hsd, w, lab, reps=reps)
+        record(op="ce", model=model, tokens=t_, impl="XLA naive (f32 logits)", fwdbwd_ms=tfb, **mem)
+      safe(naive, op="ce", model=model, tokens=t_, impl="XLA naive (f32 logits)")
+      del hsd
+    del w
+  def sweeps():
+    t_, d = (16384, 4096) if VOCAB == 128256 else (64, 256)
+    xs = jax.random.normal(key, (t_, d), jnp.bfloat16)
+    w = jnp.ones((d,), jnp.bfloat16)
+    r = jnp.ones((t_,), jnp.float32)
+    for elems in (2048, 4096, 8192, 16384):
+      for warps in (4, 8, 16):
+        RN.BLOCK_ELEMS, RN.NUM_WARPS = elems, warps
+        def one():
+          tf = timeit(jax.jit(lambda a, b: RN._fwd_pallas(a, b, 1e-5)), xs, w)
+          tb = timeit(jax.jit(lambda a, b, c: RN._bwd_pallas(a, b, c, a)), xs, w, r)
+          record(op="sweep_rmsnorm", elems=elems, warps=warps, fwd_ms=tf, bwd_ms=tb,
+                 fwd_gbs=2 * xs.nbytes / tf / 1e6, bwd_gbs=3 * xs.nbytes / tb / 1e6)
+        safe(one, op="sweep_rmsnorm", elems=elems, warps=warps)
+    RN.BLOCK_ELEMS, RN.NUM_WARPS = 8192, 8
+    q = jax.random.normal(key, (t_, max(1, d // 128), 128), jnp.bfloat16)
+    k = jax.random.normal(key, (t_, max(1, d // 512), 128), jnp.bfloat16)
+    c = jnp.ones((t_, 128), jnp.float32)
+    nb = 2 * (q.nbytes + k.nbytes) + 2 * c.nbytes
+    for elems in (4096, 8192, 16384, 32768):
+      for warps in (4, 8, 16):
+        RP.BLOCK_ELEMS, RP.NUM_WARPS = elems, warps
+        def one():
+          tf = timeit(jax.jit(RP._apply_pallas), q, k, c, c)
+          record(op="sweep_rope", elems=elems, warps=warps, fwd_ms=tf, fwd_gbs=nb / tf / 1e6)
+        safe(one, op="sweep_rope", elems=elems, warps=warps)
+    RP.BLOCK_ELEMS, RP.NUM_WARPS = 8192, 8
+    del xs, q, k
+    lg = jax.random.normal(key, (min(1024, t_), VOCAB), jnp.bfloat16)
+    lb = jax.random.randint(key, (min(1024, t_),), 0, VOCAB)
+    for bv, warps, stages in [(b, w, 2) for b in (2048, 4096, 8192) for w in (4, 8, 16)] + [
+        (4096, 8, 1), (4096, 8, 3)]:
+      CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES = bv, warps, stages
+      def one():
+        tf = timeit(jax.jit(lambda a, b: CE._softmax_pass_pallas(a, b, jnp.bfloat16)), lg, lb)
+        record(op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages, ms=tf,
+               gbs=2 * lg.nbytes / tf / 1e6)
+      safe(one, op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages)
+    CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES = 4096, 8, 2
+    tx = timeit(jax.jit(lambda a, b: CE._softmax_pass_xla(a, b, jnp.bfloat16)), lg, lb)
+    record(op="sweep_ce_pass", block_v="xla", ms=tx, gbs=2 * lg.nbytes / tx / 1e6)
+    del lg
+
+  if sweep and time.time() - T0 < budget_s + 60:
+    sweeps()
+  log("jax part done")
+
+
+# ========================================================================================== torch
+
+def run_torch(out, budget_s, compile_too=True):
+  os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  unsloth_err = None
+  try:
+    import unsloth  # noqa: F401  (must come before transformers)
+    from unsloth.kernels import fast_rms_layernorm, fast_rope_embedding
+  except Exception as e:  # noqa: BLE001
+    unsloth_err = f"{type(e).__name__}: {str(e)[:200]}"
+    fast_rms_layernorm = fast_rope_embedding = None
+  try:
+    from unsloth_zoo.fused_losses.cross_entropy_loss import unsloth_fused_ce_loss
+  except Exception as e:  # noqa: BLE001
+    unsloth_fused_ce_loss = None
+    unsloth_err = unsloth_err or f"{type(e).__name__}: {str(e)[:200]}"
+  import torch
+  import torch.nn.functional as F
+  from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+  env = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+             unsloth=None if unsloth_err else getattr(sys.modules.get("unsloth"), "__version__", "?"),
+             unsloth_error=unsloth_err, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+  log("env", env)
+  rows = []
+  dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --small smoke test only
+
+  def timeit(f, reps=10, warmup=3):
+    for _ in range(warmup):
+      f()
+    if dev == "cpu":
+      ts = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append((time.perf_counter() - t) * 1e3)
+      return statistics.median(ts)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(2):
+      a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      a.record()
+      for _ in range(reps):
+        f()
+      b.record()
+      torch.cuda.synchronize()
+      best = min(best, a.elapsed_time(b) / reps)
+    return best
+
+  def peak(f):
+    if dev == "cpu":
+      f()
+      return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    f()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+  def record(**kw):
+    rows.append(kw)
+    log(kw)
+    save(out, "torch.json", dict(env=env, rows=rows))
+
+  def safe(fn, **kw):
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001
+      record(error=f"{type(e).__name__}: {str(e)[:300]}", **kw)
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+
+  x = torch.ones(2**30 if dev == "cuda" else 2**20, dtype=torch.bfloat16, device=dev)
+  y = torch.empty_like(x)
+  t = timeit(lambda: y.copy_(x), reps=20)
+  record(op="copy", impl="torch copy_", ms=t, gbs=2 * x.numel() * 2 / t / 1e6)
+  del x, y
+
+  def rms_eager(norm, x):
+    return norm(x)
+
+  rms_compiled = torch.compile(rms_eager, dynamic=True)
+  rope_compiled = torch.compile(apply_rotary_pos_emb, dynamic=True)
+
+  def ce_eager(h, w, lab):
+    logits = h @ w.T
+    return F.cross_entropy(logits.float(), lab, ignore_index=-100, reduction="sum")
+
+  ce_compiled = torch.compile(ce_eager, dynamic=True)
+
+  variants_rms = [("torch eager (HF)", rms_eager)]
+  variants_rope = [("torch eager (HF)", apply_rotary_pos_emb)]
+  variants_ce = [("torch eager (HF)", ce_eager)]
+  if compile_too:
+    variants_rms.append(("torch.compile", rms_compiled))
+    variants_rope.append(("torch.compile", rope_compiled))
+    variants_ce.append(("torch.compile", ce_compiled))
+  if fast_rms_layernorm is not None:
+    variants_rms.append(("unsloth triton", lambda norm, x: fast_rms_layernorm(norm, x)))
+
+  for model, cfg in MODELS.items():
+    d = cfg["d"]
+    for t_ in TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      norm = LlamaRMSNorm(d, eps=1e-5).to(dev, torch.bfloat16)
+      norm.weight.requires_grad_(False)
+      x = torch.randn(t_, d, device=dev, dtype=torch.bfloat16)
+      dy = torch.randn_like(x)
+      nb = x.numel() * 2
+      for name, fn in variants_rms:
+        def one():
+          tf = timeit(lambda: fn(norm, x))
+          xg = x.clone().requires_grad_(True)
+          tfb = timeit(lambda: torch.autograd.backward(fn(norm, xg), dy))
+          record(op="rmsnorm", model=model, tokens=t_, impl=name, fwd_ms=tf, fwdbwd_ms=tfb,
+                 fwd_gbs=2 * nb / tf / 1e6, fwdbwd_gbs=5 * nb / tfb / 1e6)
+        safe(one, op="rmsnorm", model=model, tokens=t_, impl=name)
+      del x, dy
+
+  for model, cfg in MODELS.items():
+    n, m, h = cfg["n"], cfg["m"], cfg["h"]
+    for t_ in TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      q = torch.randn(1, n, t_, h, device=dev, dtype=torch.bfloat16)  # HF layout [B, heads, S, H]
+      k = torch.randn(1, m, t_, h, device=dev, dtype=torch.bfloat16)
+      ang = torch.arange(t_, device=dev, dtype=torch.float32)[:, None] * torch.rand(h // 2, device=dev)
+      emb = torch.cat([ang, ang], -1)[None]
+      cos, sin = emb.cos(), emb.sin()
+      nb = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 4
+      variants = list(variants_rope)
+      if fast_rope_embedding is not None:
+        variants.append(("unsloth triton", lambda a, b, c, s: fast_rope_embedding(a, b, c[0], s[0])))
+      for name, fn in variants:
+        def one():
+          tf = timeit(lambda: fn(q, k, cos, sin))
+          qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+          def fb():
+            a, b = fn(qg, kg, cos, sin)
+            torch.autograd.backward([a, b], [q, k])
+          tfb = timeit(fb)
+          record(op="rope", model=model, tokens=t_, impl=name, fwd_ms=tf, fwdbwd_ms=tfb,
+                 fwd_gbs=nb / tf / 1e6, fwdbwd_gbs=2 * nb / tfb / 1e6)
+        safe(one, op="rope", model=model, tokens=t_, impl=name)
+      del q, k
+
+  for model, cfg in MODELS.items():
+    d = cfg["d"]
+    w = (torch.randn(VOCAB, d, device=dev) / d ** 0.5).to(torch.bfloat16)
+    for t_ in CE_TOKENS:
+      if time.time() - T0 > budget_s:
+        break
+      hs = torch.randn(t_, d, device=dev, dtype=torch.bfloat16)
+      lab = torch.randint(0, VOCAB, (t_,), device=dev)
+      lab[::7] = -100
+      reps = 5 if t_ * d <= 16384 * 4096 else 3
+      variants = list(variants_ce)
+      if unsloth_fused_ce_loss is not None:
+        variants.append(("unsloth fused CE", lambda h_, w_, l_: unsloth_fused_ce_loss(
+            None, h_[None], w_, None, l_[None], n_items=torch.tensor(1.0, device=dev),
+            shift_labels=False)))
+      for name, fn in variants:
+        def one():
+          if t_ * VOCAB * 14 > 70 * 2**30 and name != "unsloth fused CE":
+            record(op="ce", model=model, tokens=t_, impl=name, note="not run: memory (>70 GiB logits)")
+            return
+          tf = timeit(lambda: fn(hs, w, lab), reps=reps)
+          hg = hs.clone().requires_grad_(True)
+          tfb = timeit(lambda: fn(hg, w, lab).backward(), reps=reps)
+          mem = peak(lambda: fn(hg, w, lab).backward())
+          record(op="ce", model=model, tokens=t_, impl=name, fwd_ms=tf, fwdbwd_ms=tfb,
+                 peak_extra_gib=mem)
+        safe(one, op="ce", model=model, tokens=t_, impl=name)
+      del hs
+    del w
+  log("torch part done")
+
+
+# ========================================================================================= report
+
+def report(out):
+  parts = {}
+  for name in ("jax", "torch"):
+    p = os.path.join(out, f"{name}.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        parts[name] = json.load(f)
+  lines = []
+  for name, part in parts.items():
+    lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in part["env"].items()))
+  copy = [r for p in parts.values() for r in p["rows"] if r.get("op") == "copy"]
+  copy_gbs = max((r["gbs"] for r in copy), default=float("nan"))
+  lines.append(f"- copy bandwidth: " + ", ".join(f"{r['impl']} {r['gbs']:.0f} GB/s" for r in copy))
+
+  def fmt(v, spec=".3f"):
+    return "-" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+
+  rows = [r for p in parts.values() for r in p["rows"]]
+  for op in ("rmsnorm", "rope"):
+    lines += ["", f"### {op} (bf16; GB/s and % of copy bandwidth {copy_gbs:.0f} GB/s)", "",
+              "| model | tokens | impl | fwd ms | fwd GB/s (%) | bwd ms | fwd+bwd ms | fwd+bwd GB/s (%) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sel = sorted((r for r in rows if r.get("op") == op),
+                 key=lambda r: (r["model"], r["tokens"], r["impl"]))
+    for r in sel:
+      if "error" in r:
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | error: {r['error'][:80]} |||||")
+        continue
+      pct = lambda g: f"{g:.0f} ({100 * g / copy_gbs:.0f}%)" if g else "-"
+      lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | "
+                   f"{pct(r.get('fwd_gbs'))} | {fmt(r.get('bwd_ms'))} | {fmt(r.get('fwdbwd_ms'))} | "
+                   f"{pct(r.get('fwdbwd_gbs'))} |")
+  lines += ["", "### fused lm_head + cross-entropy (bf16, V=128256, grad wrt hidden only)", "",
+            "| model | tokens | impl | fwd ms | fwd+bwd ms | vs matmul fwd+bwd | extra memory GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+  sel = sorted((r for r in rows if r.get("op") == "ce"), key=lambda r: (r["model"], r["tokens"], r["impl"]))
+  for r in sel:
+    base = next((b.get("fwdbwd_ms") for b in sel if b["model"] == r["model"] and
+                 b["tokens"] == r["tokens"] and b["impl"] == "lm_head matmul only" and "error" not in b), None)
+    if "error" in r or "note" in r:
+      extra = r.get("error", r.get("note"))[:90]
+      mem = f"temp {r['temp_gib']:.2f}" if "temp_gib" in r else ""
+      lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {extra} | | | {mem} |")
+      continue
+    ratio = f"{r['fwdbwd_ms'] / base:.2f}x" if base and r.get("fwdbwd_ms") else "-"
+    if "temp_gib" in r:
+      mem = f"{r['temp_gib']:.2f} temp + {r['out_gib']:.2f} out (XLA)"
+    elif "peak_extra_gib" in r:
+      mem = f"{r['peak_extra_gib']:.2f} peak (torch)"
+    else:
+      mem = "-"
+    lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | "
+                 f"{fmt(r.get('fwdbwd_ms'))} | {ratio} | {mem} |")
+  sweeps = [r for r in rows if str(r.get("op", "")).startswith("sweep")]
+  if sweeps:
+    lines += ["", "### block-size sweeps (8B, 16K tokens; CE pass on a 1024 x 128256 bf16 chunk)", ""]
+    for r in sweeps:
+      lines.append("- " + ", ".join(f"{k}={fmt(v, '.3f') if isinstance(v, float) else v}"
+                                    for k, v in r.items()))
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "kernels.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("part", choices=["jax", "torch", "report"])
+  ap.add_argument("--out", default="bench_out")
+  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--no-compile", action="store_true")
+  ap.add_argument("--small", action="store_true", help="tiny shapes: CPU smoke test of this script")
+  ap.add_argument("--budget", type=float, default=200.0, help="seconds after which sizes are skipped")
+  a = ap.parse_args()
+  os.makedirs(a.out, exist_ok=True)
+  if a.small:
+    global VOCAB, TOKENS, CE_TOKENS
+    MODELS.clear()
+    MODELS.update({"tiny": dict(d=256, n=4, m=2, h=128)})
+    VOCAB, TOKENS, CE_TOKENS = 1000, [64], [64]
+  if a.part == "jax":
+    run_jax(a.out, a.sweep, a.budget)
+  elif a.part == "torch":
+    run_torch(a.out, a.budget, compile_too=not a.no_compile)
+  else:
+    report(a.out)
+
+
+if __name__ == "__main__":
+  main()
