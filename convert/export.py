@@ -51,7 +51,8 @@ from jaxsloth.lora import LoraConfig, normalize_targets
 from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
 from jaxsloth.quant import NF4, dequantize_nf4
 
-__all__ = ["export_adapter", "export_merged", "load_adapter", "register_export_command", "ExportError",
+__all__ = ["export_adapter", "export_merged", "load_adapter", "load_model_with_adapter", "register_export_command",
+           "ExportError",
            "write_safetensors_streamed",
            "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -440,6 +441,25 @@ def load_adapter(model, adapter_dir):
     return model.replace(params=params, lora=lora, lora_config=lcfg, fixed_token_ids=fixed)
 
 
+def load_model_with_adapter(adapter_dir, base=None, **load_kwargs):
+    """``(model, tokenizer)``: the adapter's base checkpoint loaded with ``jaxsloth.load_model`` and the
+    adapter attached (:func:`load_adapter`), ready to continue training.
+
+    ``base`` overrides the adapter's ``base_model_name_or_path`` (a local directory; nothing is
+    downloaded). ``load_kwargs`` go to ``load_model`` (dtype, load_in_4bit, max_seq_length...).
+    """
+    from jaxsloth.causal_lm import load_model
+
+    adapter_dir = Path(adapter_dir)
+    raw = _read_adapter_config(adapter_dir / ADAPTER_CONFIG)
+    base = base or raw.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a local "
+                              "directory; pass base=<the base checkpoint directory>")
+    model, tokenizer = load_model(base, **load_kwargs)
+    return load_adapter(model, adapter_dir), tokenizer
+
+
 def _apply_token_rows(model, tti, rows, cfg_path, weights):
     cfg = model.config
     if tti is None:
@@ -734,12 +754,17 @@ def _parse_size(text: str) -> int:
 
 
 def _run_export(args):
-    import jaxsloth
+    from jaxsloth.causal_lm import load_model
 
-    model, _ = jaxsloth.load_model(args.model, dtype=args.load_dtype, load_in_4bit=args.load_in_4bit,
-                                   progress=True)
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
+    if args.model is None:
+        if not args.adapter:
+            raise SystemExit("jaxsloth export: give --model (the base checkpoint), --adapter, or both")
+        model, _ = load_model_with_adapter(args.adapter, dtype=args.load_dtype, load_in_4bit=args.load_in_4bit,
+                                           progress=True)
+    else:
+        model, _ = load_model(args.model, dtype=args.load_dtype, load_in_4bit=args.load_in_4bit, progress=True)
+        if args.adapter:
+            model = load_adapter(model, args.adapter)
     if args.mode == "adapter":
         out = export_adapter(model, args.out, overwrite=args.overwrite)
     else:
@@ -755,7 +780,8 @@ def register_export_command(subparsers):
         "export", help="write a PEFT adapter or a merged Hugging Face checkpoint",
         description="Load a base checkpoint (and an adapter), then write a merged HF checkpoint (default) or the "
                     "adapter alone in PEFT's format.")
-    p.add_argument("--model", required=True, help="base Hugging Face checkpoint directory")
+    p.add_argument("--model", help="base Hugging Face checkpoint directory (default: the adapter's "
+                   "base_model_name_or_path)")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base to NF4 on load (merged output "
                    "then uses the dequantized NF4 base unless --base source)")
     p.add_argument("--load-dtype", default="bfloat16", choices=list(_OUT_DTYPES), help="dtype to load the base in")

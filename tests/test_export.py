@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import jaxsloth
 from convert import export as export_mod
-from convert.export import ExportError, export_adapter, export_merged, load_adapter, register_export_command
+from convert.export import (ExportError, export_adapter, export_merged, load_adapter, load_model_with_adapter,
+                            register_export_command)
 from jaxsloth.config import CheckpointError
 from jaxsloth.embedding_fix import apply_untrained_token_fix
 
@@ -251,6 +252,9 @@ def test_load_adapter_round_trip_restores_lora_config_and_fixed_rows(tiny_checkp
     np.testing.assert_array_equal(np.asarray(back(ids, mask)), np.asarray(model(ids, mask)))
     with pytest.raises(ValueError, match="already has LoRA"):
         load_adapter(back, out)
+    again, tok = load_model_with_adapter(out, dtype="float32")  # base found through base_model_name_or_path
+    assert tok is not None and again.fixed_token_ids == model.fixed_token_ids
+    np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(model(ids, mask)))
 
 
 def test_load_adapter_reads_peft_saved_adapters(tiny_checkpoint, tmp_path):
@@ -392,10 +396,12 @@ def test_cli_export_merges_an_adapter_onto_its_base(tiny_checkpoint, tmp_path):
     adapter = export_adapter(model, tmp_path / "adapter")
     parser = argparse.ArgumentParser()
     register_export_command(parser.add_subparsers(dest="command"))
-    for extra, check in ((["--adapter-only"], "adapter_config.json"), (["--dtype", "float32"], "config.json")):
+    runs = ((["--model", str(path), "--adapter-only"], "adapter_config.json"),
+            (["--dtype", "float32"], "config.json"))  # no --model: the adapter names its base
+    for extra, check in runs:
         out = tmp_path / f"out-{check}"
-        args = parser.parse_args(["export", "--model", str(path), "--adapter", str(adapter), "--out", str(out),
-                                  "--load-dtype", "float32", *extra])
+        args = parser.parse_args(["export", "--adapter", str(adapter), "--out", str(out), "--load-dtype", "float32",
+                                  *extra])
         assert args.func(args) == 0 and (out / check).is_file()
     merged, _ = jaxsloth.load_model(tmp_path / "out-config.json", dtype="float32")
     ids, mask = _batch(model)
