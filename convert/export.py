@@ -317,7 +317,7 @@ def export_adapter(model, out_dir, *, overwrite: bool = False) -> Path:
     config = adapter_config_dict(model)
     tensors = adapter_tensors(model)
     entries = [(k, "F32", v.shape, v.nbytes) for k, v in tensors.items()]
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with _atomic_dir(out_dir, overwrite, protect=(model.source,)) as tmp:
         _check_free_space(tmp, sum(e[3] for e in entries), out_dir)
         write_safetensors_streamed(tmp / ADAPTER_WEIGHTS, entries, tensors.__getitem__)
         _write_json(tmp / ADAPTER_CONFIG, config)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +330,9 @@ def test_existing_output_is_refused_unless_overwrite(tiny_checkpoint, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temp or backup dirs left
     with pytest.raises(ValueError, match="source checkpoint"):
         export_merged(model, model.source, overwrite=True)
+    with pytest.raises(ValueError, match="source checkpoint"):
+        export_adapter(model, model.source, overwrite=True)
+    assert (Path(model.source) / "config.json").is_file()
 
 
 def test_full_disk_leaves_nothing_behind(tiny_checkpoint, tmp_path, monkeypatch):
