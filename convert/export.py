@@ -221,16 +221,51 @@ def _alpha(value):
 # PEFT adapter
 
 
-def adapter_config_dict(model) -> dict:
+EMBEDDING_ROWS_MODES = ("auto", "trainable_tokens", "modules_to_save", "omit")
+EMBED_FULL_KEY = PEFT_PREFIX + "model.embed_tokens.weight"
+HEAD_FULL_KEY = PEFT_PREFIX + "lm_head.weight"
+
+
+def peft_supports_trainable_tokens() -> bool:
+    """True when the installed peft's LoraConfig has ``trainable_token_indices`` (or peft is absent)."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+    except ImportError:
+        return True  # nothing installed here to be compatible with: write the compact, current format
+    return "trainable_token_indices" in getattr(PeftLoraConfig, "__dataclass_fields__", {})
+
+
+def _embedding_rows_mode(model, embedding_rows: str) -> str | None:
+    if embedding_rows not in EMBEDDING_ROWS_MODES:
+        raise ValueError(f"export_adapter: embedding_rows must be one of {EMBEDDING_ROWS_MODES}, got {embedding_rows!r}")
+    if not model.fixed_token_ids:
+        return None
+    mode = embedding_rows
+    if mode == "auto":
+        mode = "trainable_tokens" if peft_supports_trainable_tokens() else "modules_to_save"
+    if mode == "modules_to_save" and model.config.tie_word_embeddings:
+        raise ValueError("export_adapter: embedding_rows='modules_to_save' cannot carry the fixed rows of a model "
+                         "with tied embeddings (PEFT would not update the tied lm_head); use 'trainable_tokens' "
+                         "(needs a peft with LoraConfig.trainable_token_indices) or export_merged")
+    if mode == "omit":
+        warnings.warn(f"export_adapter: the {len(model.fixed_token_ids)} embedding rows rewritten by the "
+                      "untrained-token fix are NOT in this adapter; on the original base model those tokens keep "
+                      "their untrained rows (see the adapter's README.md)")
+    return mode
+
+
+def adapter_config_dict(model, embedding_rows: str = "auto") -> dict:
     """adapter_config.json contents for ``model`` (PEFT LoraConfig fields)."""
     _, lcfg = _check_lora(model, required=True)
+    mode = _embedding_rows_mode(model, embedding_rows)
     ids = [int(t) for t in model.fixed_token_ids]
-    if not ids:
-        tti = None
-    elif model.config.tie_word_embeddings:
-        tti = ids  # a list targets the input embedding; PEFT ties the lm_head to it
-    else:
-        tti = {"embed_tokens": ids, "lm_head": ids}
+    tied = model.config.tie_word_embeddings
+    tti, modules_to_save = None, None
+    if mode == "trainable_tokens":
+        # a list targets the input embedding and PEFT ties the lm_head to it; untied: both, same rows
+        tti = ids if tied else {"embed_tokens": ids, "lm_head": ids}
+    elif mode == "modules_to_save":
+        modules_to_save = ["embed_tokens", "lm_head"]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -245,7 +280,7 @@ def adapter_config_dict(model) -> dict:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -255,9 +290,10 @@ def adapter_config_dict(model) -> dict:
     }
 
 
-def adapter_tensors(model) -> dict[str, np.ndarray]:
+def adapter_tensors(model, embedding_rows: str = "auto") -> dict[str, np.ndarray]:
     """PEFT key -> f32 array: LoRA A [R, in] / B [out, R] per layer, plus the fixed embedding rows."""
     lora, _ = _check_lora(model, required=True)
+    mode = _embedding_rows_mode(model, embedding_rows)
     out = {}
     for name in PROJECTIONS:
         if name not in lora:
@@ -268,12 +304,15 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
             prefix = f"{PEFT_PREFIX}model.layers.{i}.{HF_PROJECTION_NAMES[name]}"
             out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i])
             out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i])
-    ids = [int(t) for t in model.fixed_token_ids]
-    if ids:
-        idx = jnp.asarray(ids)
+    tied = model.config.tie_word_embeddings
+    if mode == "trainable_tokens":
+        idx = jnp.asarray([int(t) for t in model.fixed_token_ids])
         out[EMBED_ROWS_KEY] = np.asarray(jnp.take(model.params["embed"], idx, axis=0), np.float32)
-        if not model.config.tie_word_embeddings:
+        if not tied:
             out[HEAD_ROWS_KEY] = np.asarray(jnp.take(model.params["lm_head"], idx, axis=0), np.float32)
+    elif mode == "modules_to_save":  # whole matrices (V x D each): what peft without trainable tokens can load
+        out[EMBED_FULL_KEY] = np.asarray(model.params["embed"], np.float32)
+        out[HEAD_FULL_KEY] = np.asarray(model.params["lm_head"], np.float32)
     return out
 
 
@@ -293,29 +332,41 @@ def _adapter_readme(model, config: dict) -> str:
         f"base = AutoModelForCausalLM.from_pretrained({model.source!r})",
         "model = PeftModel.from_pretrained(base, '<this directory>')",
         "```", "",
-        "or with jaxsloth, to continue training: `jaxsloth.load_adapter(jaxsloth.load_model(base)[0], dir)`.", "",
-        "## Embedding rows",
+        "or with jaxsloth, to continue training: `jaxsloth.load_model_with_adapter('<this directory>')`.", "",
+        "## Embedding rows", "",
     ]
-    if ids:
-        where = "embed_tokens (lm_head is tied to it)" if model.config.tie_word_embeddings else "embed_tokens and lm_head"
-        lines += ["", f"The untrained-token fix rewrote {len(ids)} rows of {where} (token ids {ids}). They travel "
-                  "with this adapter as PEFT `trainable_token_indices`: only those rows are stored, and PEFT "
-                  "replaces the base model's rows by them on load. This needs a peft version whose LoraConfig "
-                  "knows `trainable_token_indices` (checked with peft 0.21)."]
+    where = "embed_tokens (lm_head is tied to it)" if model.config.tie_word_embeddings else "embed_tokens and lm_head"
+    fixed = f"The untrained-token fix rewrote {len(ids)} rows of {where} (token ids {ids}). "
+    if not ids:
+        lines.append("No embedding rows were changed: the adapter holds LoRA weights only.")
+    elif config["trainable_token_indices"] is not None:
+        lines.append(fixed + "They travel with this adapter as PEFT `trainable_token_indices`: only those rows are "
+                     "stored, and PEFT replaces the base model's rows by them on load. This needs a peft whose "
+                     "LoraConfig knows `trainable_token_indices` (checked with peft 0.21).")
+    elif config["modules_to_save"]:
+        lines.append(fixed + "They travel with this adapter as PEFT `modules_to_save`: the whole embed_tokens and "
+                     "lm_head matrices are stored (f32), replacing the base model's on load.")
     else:
-        lines += ["", "No embedding rows were changed: the adapter holds LoRA weights only."]
+        lines.append(fixed + "**They are NOT in this adapter** (exported with embedding_rows='omit'): on the "
+                     "original base those tokens keep their untrained rows. Use the merged export, or re-export "
+                     "with embedding_rows='trainable_tokens'.")
     return "\n".join(lines) + "\n"
 
 
-def export_adapter(model, out_dir, *, overwrite: bool = False) -> Path:
+def export_adapter(model, out_dir, *, overwrite: bool = False, embedding_rows: str = "auto") -> Path:
     """Write ``model``'s LoRA adapter (and fixed embedding rows) as a PEFT adapter directory.
 
-    Raises ValueError for a model without LoRA or with unknown target modules, FileExistsError
-    when ``out_dir`` exists and ``overwrite`` is False, ExportError (an OSError) when writing fails
-    (then nothing is left behind). Returns the output path.
+    ``embedding_rows`` says how the rows of ``model.fixed_token_ids`` travel: "trainable_tokens"
+    (PEFT ``trainable_token_indices``, only those rows), "modules_to_save" (whole embed_tokens and
+    lm_head; untied models only), "omit" (warns), or "auto": trainable_tokens unless the installed
+    peft predates it. Raises ValueError for a model without LoRA or with unknown target modules,
+    FileExistsError when ``out_dir`` exists and ``overwrite`` is False, ExportError (an OSError)
+    when writing fails (then nothing is left behind). Returns the output path.
     """
-    config = adapter_config_dict(model)
-    tensors = adapter_tensors(model)
+    config = adapter_config_dict(model, embedding_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # adapter_config_dict already warned about omitted rows
+        tensors = adapter_tensors(model, embedding_rows)
     entries = [(k, "F32", v.shape, v.nbytes) for k, v in tensors.items()]
     with _atomic_dir(out_dir, overwrite, protect=(model.source,)) as tmp:
         _check_free_space(tmp, sum(e[3] for e in entries), out_dir)
@@ -342,7 +393,7 @@ def _read_adapter_config(path: Path) -> dict:
         "use_dora": bool(raw.get("use_dora")), "bias": raw.get("bias", "none") != "none",
         "fan_in_fan_out": bool(raw.get("fan_in_fan_out")), "rank_pattern": bool(raw.get("rank_pattern")),
         "alpha_pattern": bool(raw.get("alpha_pattern")), "layers_to_transform": raw.get("layers_to_transform") is not None,
-        "modules_to_save": bool(raw.get("modules_to_save")),
+        "modules_to_save": bool(set(raw.get("modules_to_save") or ()) - {"embed_tokens", "lm_head"}),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -388,6 +439,7 @@ def load_adapter(model, adapter_dir):
     L, shapes = cfg.num_hidden_layers, cfg.linear_shapes()
     found: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     rows: dict[str, np.ndarray] = {}
+    full: dict[str, np.ndarray] = {}
     unexpected = []
     try:
         handle = safe_open(str(weights), framework="numpy")
@@ -402,6 +454,10 @@ def load_adapter(model, adapter_dir):
                 rows["embed"] = handle.get_tensor(key)
             elif key in (HEAD_ROWS_KEY, HEAD_ROWS_KEY + ".default"):
                 rows["lm_head"] = handle.get_tensor(key)
+            elif key == EMBED_FULL_KEY and "embed_tokens" in (raw.get("modules_to_save") or ()):
+                full["embed"] = handle.get_tensor(key)
+            elif key == HEAD_FULL_KEY and "lm_head" in (raw.get("modules_to_save") or ()):
+                full["lm_head"] = handle.get_tensor(key)
             else:
                 unexpected.append(key)
     if unexpected:
@@ -438,7 +494,29 @@ def load_adapter(model, adapter_dir):
     if tti is not None or rows:
         params, ids = _apply_token_rows(model, tti, rows, cfg_path, weights)
         fixed = tuple(sorted(set(fixed) | set(ids)))
+    if raw.get("modules_to_save"):
+        params, ids = _apply_full_matrices(model.config, params, raw["modules_to_save"], full, weights)
+        fixed = tuple(sorted(set(fixed) | set(ids)))
     return model.replace(params=params, lora=lora, lora_config=lcfg, fixed_token_ids=fixed)
+
+
+def _apply_full_matrices(cfg, params, modules, full, weights):
+    """modules_to_save embed_tokens / lm_head: replace the matrices; the changed rows count as fixed."""
+    params, changed = dict(params), set()
+    for module in modules:
+        key = "embed" if module == "embed_tokens" else "lm_head"
+        if key == "lm_head" and cfg.tie_word_embeddings:
+            raise CheckpointError(f"{weights}: modules_to_save lists lm_head, but this model ties it to embed_tokens")
+        if key not in full:
+            raise CheckpointError(f"{weights}: modules_to_save lists {module} but the file has no "
+                                  f"{EMBED_FULL_KEY if key == 'embed' else HEAD_FULL_KEY}")
+        value, target = full[key], params[key]
+        if value.shape != tuple(target.shape):
+            raise CheckpointError(f"{weights}: {module} has shape {list(value.shape)}, expected {list(target.shape)}")
+        new = jnp.asarray(value).astype(target.dtype)
+        changed |= set(np.flatnonzero(np.asarray(jnp.any(new != target, axis=1))).tolist())
+        params[key] = new
+    return params, sorted(int(t) for t in changed)
 
 
 def load_model_with_adapter(adapter_dir, base=None, **load_kwargs):

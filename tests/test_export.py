@@ -138,6 +138,34 @@ def test_adapter_files_follow_peft_layout(tiny_checkpoint, tmp_path):
     assert "trainable_token_indices" in (out / "README.md").read_text()
 
 
+def test_fixed_rows_as_modules_to_save_for_a_peft_without_trainable_tokens(tiny_checkpoint, tmp_path, monkeypatch):
+    path = tiny_checkpoint("llama3", untrained_tokens=True)
+    model = _trained(path, fix=True)
+    monkeypatch.setattr(export_mod, "peft_supports_trainable_tokens", lambda: False)  # an older peft
+    out = export_adapter(model, tmp_path / "adapter")  # "auto" falls back to modules_to_save
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["embed_tokens", "lm_head"] and cfg["trainable_token_indices"] is None
+    ids, mask = _batch(model)
+    base = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    ref = _torch_logits(PeftModel.from_pretrained(base, out).eval(), ids, mask)
+    assert _rel(np.asarray(model(ids, mask)), ref, mask) <= F32_REL
+    back = load_adapter(jaxsloth.load_model(path, dtype="float32")[0], out)
+    assert back.fixed_token_ids == model.fixed_token_ids
+    np.testing.assert_array_equal(np.asarray(back.params["lm_head"]), np.asarray(model.params["lm_head"]))
+    tied = _trained(tiny_checkpoint("llama3.2", untrained_tokens=True), fix=True)
+    with pytest.raises(ValueError, match="tied embeddings"):
+        export_adapter(tied, tmp_path / "tied", embedding_rows="modules_to_save")
+
+
+def test_omitting_fixed_rows_warns_and_says_so(tiny_checkpoint, tmp_path):
+    model = _trained(tiny_checkpoint("llama3", untrained_tokens=True), fix=True)
+    with pytest.warns(UserWarning, match="NOT in this adapter"):
+        out = export_adapter(model, tmp_path / "adapter", embedding_rows="omit")
+    with safe_open(str(out / "adapter_model.safetensors"), "numpy") as f:
+        assert all("lora_" in k for k in f.keys())
+    assert "NOT in this adapter" in (out / "README.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- merged
 
 
