@@ -1,0 +1,447 @@
+"""NF4 matmul benchmark on the GPU: our kernels, XLA dequant+dot, bf16 dot, bitsandbytes+torch.
+
+Shapes: Llama-3 8B and 70B projections as W [N, K] (out, in): q/o, k/v, gate/up, down, and
+M in {1, 16, 256, 2048, 4096, 16384} rows of x; forward (y = x @ W.T) and forward+backward
+(y and dx = dy @ W; W is frozen, no dW), all in bf16 with f32 accumulation.
+
+Timing: every jitted call runs R independent (x, W) pairs held in distinct buffers, so that small
+weights are read from HBM rather than the 50 MB L2 and Python dispatch is amortized; calls are
+queued asynchronously and the mean per op is reported. The torch baseline runs in its own process
+(so JAX's allocator does not starve it) with CUDA events and the same R.
+
+  python bench/nf4_matmul.py --all --out $OUT        # tests + sweep + table + torch, one log
+Sections (each in a subprocess, all under one deadline): pytest -m gpu, --sweep (kernel tuning),
+--table (the comparison), --torch (bitsandbytes dequantize_4bit + torch.matmul / matmul_4bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+SHAPES = {
+    "8B": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
+           "down": (4096, 14336)},
+    "70B": {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
+            "down": (8192, 28672)},
+}
+MS = (1, 16, 256, 2048, 4096, 16384)
+L2_FLUSH_BYTES = 160e6
+MEM_CAP_BYTES = 24e9
+
+
+def _copies(n, k, m):
+  nf4 = n * k / 2
+  r = min(48, max(2, math.ceil(L2_FLUSH_BYTES / nf4)))
+  per = 2 * (m * k + m * n + n * k + m * n)
+  return max(1, min(r, int(MEM_CAP_BYTES // per)))
+
+
+def _emit(fh, **rec):
+  fh.write(json.dumps(rec) + "\n")
+  fh.flush()
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+def _jax_env():
+  import jax
+  import jax.numpy as jnp
+  from jaxsloth.quant import dequantize_nf4, quantize_nf4
+  from pallas_kernels import nf4_matmul as mod
+  return jax, jnp, quantize_nf4, dequantize_nf4, mod
+
+
+def _time_calls(jax, f, args, ops, min_time=0.03):
+  out = f(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  out = f(*args)
+  jax.block_until_ready(out)
+  est = time.perf_counter() - t0
+  n = max(3, min(100, int(min_time / max(est, 1e-6))))
+  t0 = time.perf_counter()
+  for _ in range(n):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / (n * ops) * 1e3
+
+
+class JaxBench:
+  def __init__(self):
+    self.jax, self.jnp, self.quantize, self.dequantize, self.mod = _jax_env()
+    self.cache = {}
+
+  def operands(self, n, k, m):
+    jax, jnp = self.jax, self.jnp
+    r = _copies(n, k, m)
+    key = (n, k)
+    if key not in self.cache:
+      self.cache.clear()
+      w = jax.random.normal(jax.random.key(0), (n, k), jnp.bfloat16) * 0.02
+      q = self.quantize(w)
+      self.cache[key] = (q, self.dequantize(q))
+    q, wd = self.cache[key]
+    qs = [jax.tree_util.tree_map(jnp.copy, q) for _ in range(r)]
+    wds = [jnp.copy(wd) for _ in range(r)]
+    xs = [jax.random.normal(jax.random.key(i + 1), (m, k), jnp.bfloat16) for i in range(r)]
+    dys = [jax.random.normal(jax.random.key(i + 100), (m, n), jnp.bfloat16) for i in range(r)]
+    return r, qs, wds, xs, dys
+
+  def time_impl(self, impl, n, k, m, passes=("fwd", "fwd+bwd"), plan=None, ops=None):
+    jax, jnp, mod = self.jax, self.jnp, self.mod
+    r, qs, wds, xs, dys = ops if ops is not None else self.operands(n, k, m)
+    if impl == "bf16":
+      weights = wds
+      op = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+      weights = qs
+      if plan is not None:
+        op = lambda x, w: mod.nf4_matmul(x, w, plan=plan)
+      else:
+        op = lambda x, w: mod.nf4_matmul(x, w, implementation=None if impl == "ours" else impl)
+    res = {}
+    if "fwd" in passes:
+      f = jax.jit(lambda xs, ws: [op(x, w) for x, w in zip(xs, ws)])
+      res["fwd"] = _time_calls(jax, f, (xs, weights), r)
+    if "fwd+bwd" in passes:
+      def fb(xs, ws, dys):
+        outs = []
+        for x, w, dy in zip(xs, ws, dys):
+          y, vjp = jax.vjp(lambda x: op(x, w), x)
+          outs.append((y, vjp(dy)[0]))
+        return outs
+      res["fwd+bwd"] = _time_calls(jax, jax.jit(fb), (xs, weights, dys), r)
+    return res
+
+
+def _sweep_plans(mod):
+  P = mod.Plan
+  out = []
+  for decode in ("f32", "pair", "select"):
+    for bn in (32, 64, 128):
+      for unroll in (1, 4):
+        out.append(("fused-fwd", P("fused", "xla", decode=decode, bn=bn, unroll=unroll)))
+  for decode in ("f32", "pair"):
+    for bn in (32, 64, 128):
+      for split in (0, 1):
+        out.append(("fused-bwd", P("xla", "fused", decode=decode, bwd_bn=bn, split=split)))
+  for decode in ("f32", "pair", "select"):
+    for dq_bn in (16, 32, 64):
+      for dq_blocks in (4, 16):
+        out.append(("dequant", P("dequant", "dequant", decode=decode, dq_bn=dq_bn,
+                                 dq_blocks=dq_blocks)))
+  return out
+
+
+SWEEP_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+SWEEP_MS = (16, 4096)
+
+
+def run_sweep(fh, deadline):
+  b = JaxBench()
+  for n, k in SWEEP_SHAPES:
+    for m in SWEEP_MS:
+      ops = b.operands(n, k, m)
+      for kind, plan in _sweep_plans(b.mod):
+        if time.time() > deadline:
+          _emit(fh, section="sweep", note="deadline reached")
+          return
+        if kind.startswith("fused") and m > 16:
+          continue
+        if kind == "dequant" and m <= 16:
+          continue
+        passes = ("fwd+bwd",) if kind == "fused-bwd" else ("fwd",)
+        try:
+          t = b.time_impl("plan", n, k, m, passes=passes, plan=plan, ops=ops)
+          for p, ms in t.items():
+            _emit(fh, section="sweep", kind=kind, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+                  **{"pass": p, "ms": ms})
+        except Exception as e:  # a config that does not lower is a result too
+          _emit(fh, section="sweep", kind=kind, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+                error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def run_table(fh, deadline, impls, models, ms):
+  b = JaxBench()
+  for model in models:
+    for proj, (n, k) in SHAPES[model].items():
+      for m in ms:
+        ops = b.operands(n, k, m)
+        for impl in impls:
+          if time.time() > deadline:
+            _emit(fh, section="table", note="deadline reached")
+            return
+          if impl == "fused" and m > b.mod.FUSED_MAX_M:
+            continue
+          plan = None
+          if impl == "fused":
+            plan = b.mod.Plan("fused", "fused")
+          elif impl == "pallas-dequant":
+            plan = b.mod.Plan("dequant", "dequant")
+          try:
+            t = b.time_impl("plan" if plan else impl, n, k, m, plan=plan, ops=ops)
+            for p, ms_ in t.items():
+              _emit(fh, section="table", model=model, proj=proj, N=n, K=k, M=m, impl=impl,
+                    **{"pass": p, "ms": ms_})
+          except Exception as e:
+            _emit(fh, section="table", model=model, proj=proj, N=n, K=k, M=m, impl=impl,
+                  error=f"{type(e).__name__}: {str(e)[:300]}")
+        del ops
+
+
+def run_quantize_timing(fh):
+  b = JaxBench()
+  jax, jnp = b.jax, b.jnp
+  total = 0.0
+  for proj, (n, k) in SHAPES["8B"].items():
+    w = jax.random.normal(jax.random.key(0), (n, k), jnp.bfloat16)
+    t0 = time.perf_counter()
+    jax.block_until_ready(b.quantize(w))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(5):
+      q = b.quantize(w)
+    jax.block_until_ready(q)
+    per = (time.perf_counter() - t0) / 5
+    mult = 2 if proj in ("q/o", "k/v", "gate/up") else 1
+    total += per * mult * 32
+    _emit(fh, section="quantize", proj=proj, N=n, K=k, first_call_s=first, per_call_ms=per * 1e3)
+  _emit(fh, section="quantize", note="8B: 32 layers x 7 projections", total_s=total)
+
+
+# ----------------------------------------------------------------------------- torch side
+
+def run_torch(fh, deadline, models, ms):
+  import torch
+  import bitsandbytes as bnb
+  import bitsandbytes.functional as F
+
+  def timed(fn, r):
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = s.elapsed_time(e) / 1e3
+    n = max(3, min(100, int(0.03 / max(est, 1e-6))))
+    s.record()
+    for _ in range(n):
+      fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / (n * r)
+
+  for model in models:
+    for proj, (n, k) in SHAPES[model].items():
+      w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+      qw, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+      for m in ms:
+        if time.time() > deadline:
+          _emit(fh, section="torch", note="deadline reached")
+          return
+        r = _copies(n, k, m)
+        try:
+          qs = []
+          for _ in range(r):
+            q2, s2 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            qs.append((q2, s2))
+          xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(r)]
+          dys = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(r)]
+          wds = [w.clone() for _ in range(r)]
+
+          def fwd():
+            for (q2, s2), x in zip(qs, xs):
+              torch.matmul(x, F.dequantize_4bit(q2, s2).t())
+
+          def fwdbwd():
+            for (q2, s2), x, dy in zip(qs, xs, dys):
+              xx = x.detach().requires_grad_(True)
+              y = bnb.matmul_4bit(xx, q2.t(), quant_state=s2)
+              y.backward(dy)
+
+          def dense():
+            for wd, x in zip(wds, xs):
+              torch.matmul(x, wd.t())
+
+          for impl, p, fn in (("torch-bnb", "fwd", fwd), ("torch-bnb", "fwd+bwd", fwdbwd),
+                              ("torch-bf16", "fwd", dense)):
+            _emit(fh, section="torch", model=model, proj=proj, N=n, K=k, M=m, impl=impl,
+                  **{"pass": p, "ms": timed(fn, r)})
+          del qs, xs, dys, wds
+          torch.cuda.empty_cache()
+        except Exception as e:
+          _emit(fh, section="torch", model=model, proj=proj, N=n, K=k, M=m,
+                error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+# ----------------------------------------------------------------------------- report
+
+def _load(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    return [json.loads(line) for line in fh if line.strip()]
+
+
+def make_report(recs) -> str:
+  cols = ["bf16", "xla", "pallas-dequant", "fused", "ours", "torch-bnb"]
+  rows = {}
+  for r in recs:
+    if r.get("section") not in ("table", "torch") or "ms" not in r:
+      continue
+    rows.setdefault((r["pass"], r["model"], r["proj"], r["M"]), {})[r["impl"]] = r["ms"]
+  lines = []
+  for p in ("fwd", "fwd+bwd"):
+    lines.append(f"\n### {p} (ms per op; ratio = ours / bf16 dot)\n")
+    lines.append("| model | proj (N x K) | M | " + " | ".join(cols) + " | ours/bf16 | torch-bf16 |")
+    lines.append("|" + " --- |" * (len(cols) + 5))
+    for model in SHAPES:
+      for proj, (n, k) in SHAPES[model].items():
+        for m in MS:
+          d = rows.get((p, model, proj, m))
+          if not d:
+            continue
+          cells = [f"{d[c]:.4f}" if c in d else "" for c in cols]
+          ratio = f"{d['ours'] / d['bf16']:.2f}" if "ours" in d and "bf16" in d else ""
+          tb = rows.get(("fwd", model, proj, m), {}).get("torch-bf16")
+          lines.append(f"| {model} | {proj} ({n}x{k}) | {m} | " + " | ".join(cells) +
+                       f" | {ratio} | {'' if tb is None or p != 'fwd' else f'{tb:.4f}'} |")
+  return "\n".join(lines)
+
+
+def sweep_report(recs) -> str:
+  best = {}
+  lines = ["\n### sweep (best 3 per kind/shape/M)\n"]
+  for r in recs:
+    if r.get("section") != "sweep" or "ms" not in r:
+      continue
+    best.setdefault((r["kind"], r["N"], r["K"], r["M"]), []).append((r["ms"], r["plan"]))
+  for key, v in sorted(best.items()):
+    v.sort(key=lambda t: t[0])
+    for ms, plan in v[:3]:
+      short = {k: plan[k] for k in ("decode", "bn", "unroll", "bwd_bn", "split", "dq_bn", "dq_blocks")}
+      lines.append(f"{key}: {ms:.4f} ms {short}")
+  errs = [r for r in recs if "error" in r]
+  for r in errs[:20]:
+    lines.append(f"ERROR {r.get('section')} {r.get('kind', r.get('impl'))} N={r.get('N')} "
+                 f"K={r.get('K')} M={r.get('M')}: {r['error'][:200]}")
+  return "\n".join(lines)
+
+
+def env_report() -> str:
+  info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  try:
+    import jax
+    info["jax"] = jax.__version__
+    info["device"] = str(jax.devices()[0].device_kind)
+  except Exception as e:  # noqa: BLE001
+    info["jax"] = repr(e)
+  for name in ("torch", "bitsandbytes", "transformers"):
+    try:
+      info[name] = __import__(name).__version__
+    except Exception as e:  # noqa: BLE001
+      info[name] = repr(e)[:80]
+  return json.dumps(info)
+
+
+def _sub(args, log, timeout, env=None):
+  t0 = time.time()
+  with open(log, "a") as fh:
+    fh.write(f"\n$ {' '.join(args)}\n")
+    fh.flush()
+    try:
+      rc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, timeout=max(5, timeout),
+                          env=env, cwd=ROOT).returncode
+    except subprocess.TimeoutExpired:
+      rc = "timeout"
+  print(f"[{time.time() - t0:6.1f}s] {' '.join(args[1:4])} ... rc={rc}", flush=True)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--all", action="store_true")
+  ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/nf4bench"))
+  ap.add_argument("--budget", type=float, default=450.0, help="seconds for --all")
+  ap.add_argument("--sections", default="pytest,quantize,sweep,table,torch")
+  ap.add_argument("--section")
+  ap.add_argument("--deadline", type=float, default=0.0)
+  ap.add_argument("--models", default="8B,70B")
+  ap.add_argument("--ms", default=",".join(map(str, MS)))
+  ap.add_argument("--impls", default="bf16,xla,pallas-dequant,fused,ours")
+  ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
+  args = ap.parse_args()
+  if args.tiny:
+    global SHAPES, SWEEP_SHAPES, SWEEP_MS
+    SHAPES = {"8B": {"q/o": (128, 256)}}
+    SWEEP_SHAPES, SWEEP_MS = [(128, 256)], (16, 64)
+  os.makedirs(args.out, exist_ok=True)
+  models = args.models.split(",")
+  ms = [int(v) for v in args.ms.split(",")]
+  if args.section:
+    deadline = args.deadline or time.time() + 1e9
+    path = os.path.join(args.out, f"results_{args.section}.jsonl")
+    with open(path, "a") as fh:
+      if args.section == "sweep":
+        run_sweep(fh, deadline)
+      elif args.section == "table":
+        run_table(fh, deadline, args.impls.split(","), models, ms)
+      elif args.section == "torch":
+        run_torch(fh, deadline, models, ms)
+      elif args.section == "quantize":
+        run_quantize_timing(fh)
+    return
+  start = time.time()
+  end = start + args.budget
+  log = os.path.join(args.out, "log.txt")
+  secs = args.sections.split(",")
+  env = dict(os.environ)
+  print(env_report(), flush=True)
+  with open(log, "a") as fh:
+    fh.write(env_report() + "\n")
+  me = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--models", args.models,
+        "--ms", args.ms, "--impls", args.impls] + (["--tiny"] if args.tiny else [])
+  # shares of the remaining budget, in order; torch gets a fixed slot at the end
+  share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.3, "table": 1.0, "torch": 1.0}
+  torch_slot = 70.0 if "torch" in secs else 0.0
+  for sec in secs:
+    left = end - time.time() - (torch_slot if sec != "torch" else 0)
+    if left <= 5:
+      print(f"skip {sec}: out of budget", flush=True)
+      continue
+    budget = left * share[sec]
+    if sec == "pytest":
+      penv = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+      _sub([sys.executable, "-m", "pytest", "-q", "-rA", "-s", "-m", "gpu", "tests/test_nf4.py",
+            "tests/test_nf4_gpu_bnb.py", "-p", "no:cacheprovider"], log, budget, penv)
+    else:
+      _sub(me + ["--section", sec, "--deadline", str(time.time() + budget - 10)], log,
+           budget + 20, env)
+  recs = []
+  for sec in ("sweep", "table", "torch", "quantize"):
+    recs += _load(os.path.join(args.out, f"results_{sec}.jsonl"))
+  report = env_report() + "\n" + make_report(recs) + "\n" + sweep_report(recs)
+  for r in recs:
+    if r.get("section") == "quantize":
+      report += "\n" + json.dumps(r)
+  with open(os.path.join(args.out, "report.md"), "w") as fh:
+    fh.write(report)
+  print(report)
+  print(f"total {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
