@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -217,7 +216,8 @@ def main(argv=None):
         export_merged(model, out_dir, "bfloat16", max_shard_bytes=shard_bytes)
         result["export_s"] = round(time.perf_counter() - t, 2)
         result["export_peak_rss_gib"] = gib(vm_hwm_kib())
-        result["export_peak_above_before_gib"] = round(result["export_peak_rss_gib"] - result["rss_before_export_gib"], 3)
+        result["export_peak_above_before_gib"] = round(
+            result["export_peak_rss_gib"] - result["rss_before_export_gib"], 3)
         result["ru_maxrss_gib"] = gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         shards = sorted(p for p in out_dir.iterdir() if p.suffix == ".safetensors")
         result["export_shards"] = len(shards)

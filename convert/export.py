@@ -10,7 +10,9 @@ including a full disk, nothing is left behind):
   (``model.fixed_token_ids``) travel with it as PEFT ``trainable_token_indices``: only those rows
   are stored (``...embed_tokens.token_adapter.trainable_tokens_delta`` [n, D], and the same for
   ``lm_head`` when it is not tied). PEFT's TrainableTokens layer *replaces* the listed rows by the
-  stored values (it is named "delta" but holds the rows themselves).
+  stored values (it is named "delta" but holds the rows themselves). For a peft that predates
+  trainable tokens, ``embedding_rows="modules_to_save"`` stores the whole embed_tokens and lm_head
+  instead (untied models; "auto" picks it when the installed peft lacks trainable tokens).
 - ``export_merged(model, out_dir, dtype)``: a plain HF checkpoint with W + scaling * B @ A in every
   targeted projection (merged in f32, rounded once to ``dtype``), the fixed embedding rows, sharded
   safetensors + index, config.json (no quantization_config), tokenizer and generation config. The
@@ -195,8 +197,9 @@ def _check_lora(model, *, required: bool):
     lcfg = model.lora_config
     unknown = [k for k in model.lora if k not in PROJECTIONS]
     if unknown:
+        hf_names = [HF_PROJECTION_NAMES[p].split(".")[-1] for p in PROJECTIONS]
         raise ValueError(f"model.lora has unknown target modules {unknown}; jaxsloth exports LoRA on "
-                         f"{list(PROJECTIONS)} (HF names {[HF_PROJECTION_NAMES[p].split('.')[-1] for p in PROJECTIONS]})")
+                         f"{list(PROJECTIONS)} (HF names {hf_names})")
     targets = normalize_targets(list(lcfg.target_modules))  # raises on unknown names in the config
     if set(targets) != set(model.lora):
         raise ValueError(f"lora_config.target_modules {list(targets)} does not match the adapters in model.lora "
@@ -237,7 +240,8 @@ def peft_supports_trainable_tokens() -> bool:
 
 def _embedding_rows_mode(model, embedding_rows: str) -> str | None:
     if embedding_rows not in EMBEDDING_ROWS_MODES:
-        raise ValueError(f"export_adapter: embedding_rows must be one of {EMBEDDING_ROWS_MODES}, got {embedding_rows!r}")
+        raise ValueError(f"export_adapter: embedding_rows must be one of {EMBEDDING_ROWS_MODES}, "
+                         f"got {embedding_rows!r}")
     if not model.fixed_token_ids:
         return None
     mode = embedding_rows
@@ -392,7 +396,8 @@ def _read_adapter_config(path: Path) -> dict:
     unsupported = {
         "use_dora": bool(raw.get("use_dora")), "bias": raw.get("bias", "none") != "none",
         "fan_in_fan_out": bool(raw.get("fan_in_fan_out")), "rank_pattern": bool(raw.get("rank_pattern")),
-        "alpha_pattern": bool(raw.get("alpha_pattern")), "layers_to_transform": raw.get("layers_to_transform") is not None,
+        "alpha_pattern": bool(raw.get("alpha_pattern")),
+        "layers_to_transform": raw.get("layers_to_transform") is not None,
         "modules_to_save": bool(set(raw.get("modules_to_save") or ()) - {"embed_tokens", "lm_head"}),
     }
     bad = [k for k, v in unsupported.items() if v]
@@ -448,8 +453,9 @@ def load_adapter(model, adapter_dir):
     with handle:
         for key in handle.keys():
             m = _LORA_KEY.match(key)
-            if m and m.group(3) in _HF_SHORT and f"{m.group(2)}.{m.group(3)}" == HF_PROJECTION_NAMES[_HF_SHORT[m.group(3)]]:
-                found.setdefault((_HF_SHORT[m.group(3)], m.group(4)), {})[int(m.group(1))] = handle.get_tensor(key)
+            short = _HF_SHORT.get(m.group(3)) if m else None
+            if short is not None and f"{m.group(2)}.{m.group(3)}" == HF_PROJECTION_NAMES[short]:
+                found.setdefault((short, m.group(4)), {})[int(m.group(1))] = handle.get_tensor(key)
             elif key in (EMBED_ROWS_KEY, EMBED_ROWS_KEY + ".default"):
                 rows["embed"] = handle.get_tensor(key)
             elif key in (HEAD_ROWS_KEY, HEAD_ROWS_KEY + ".default"):
@@ -480,8 +486,9 @@ def load_adapter(model, adapter_dir):
             for i in range(L):
                 if tuple(layers[i].shape) != shape:
                     raise CheckpointError(
-                        f"{weights}: tensor {PEFT_PREFIX}model.layers.{i}.{HF_PROJECTION_NAMES[name]}.lora_{part}.weight "
-                        f"has shape {list(layers[i].shape)}, expected {list(shape)} (r={lcfg.r}, {name} {shapes[name]})")
+                        f"{weights}: tensor {PEFT_PREFIX}model.layers.{i}.{HF_PROJECTION_NAMES[name]}.lora_{part}"
+                        f".weight has shape {list(layers[i].shape)}, expected {list(shape)} "
+                        f"(r={lcfg.r}, {name} {shapes[name]})")
             stacks[part] = jnp.asarray(np.stack([layers[i] for i in range(L)]).astype(np.float32))
         lora[name] = {"a": stacks["A"], "b": stacks["B"]}
     if found:
@@ -541,7 +548,8 @@ def load_model_with_adapter(adapter_dir, base=None, **load_kwargs):
 def _apply_token_rows(model, tti, rows, cfg_path, weights):
     cfg = model.config
     if tti is None:
-        raise CheckpointError(f"{weights}: holds trainable-token rows but {cfg_path.name} has no trainable_token_indices")
+        raise CheckpointError(f"{weights}: holds trainable-token rows but {cfg_path.name} has no "
+                              "trainable_token_indices")
     per_module = {"embed_tokens": list(tti)} if isinstance(tti, list) else dict(tti)
     bad = [k for k in per_module if k not in ("embed_tokens", "lm_head")]
     if bad:
@@ -563,7 +571,8 @@ def _apply_token_rows(model, tti, rows, cfg_path, weights):
             raise CheckpointError(f"{weights}: {module} rows have shape {list(values.shape)}, expected "
                                   f"[{len(ids)}, {cfg.hidden_size}]")
         if ids and not 0 <= min(ids) <= max(ids) < cfg.vocab_size:
-            raise CheckpointError(f"{cfg_path}: trainable_token_indices for {module} leave the vocabulary [0, {cfg.vocab_size})")
+            raise CheckpointError(f"{cfg_path}: trainable_token_indices for {module} leave the vocabulary "
+                                  f"[0, {cfg.vocab_size})")
         target = params[key]
         params[key] = target.at[jnp.asarray(ids)].set(jnp.asarray(values).astype(target.dtype))
         all_ids |= set(int(t) for t in ids)
