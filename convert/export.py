@@ -869,20 +869,23 @@ def register_export_command(subparsers):
                     "adapter alone in PEFT's format.")
     p.add_argument("--model", help="base Hugging Face checkpoint directory (default: the adapter's "
                    "base_model_name_or_path)")
-    p.add_argument("--load-in-4bit", action="store_true", help="quantize the base to NF4 on load (merged output "
+    p.add_argument("--load-in-4bit", "--load_in_4bit", action="store_true",
+                   help="quantize the base to NF4 on load (merged output "
                    "then uses the dequantized NF4 base unless --base source)")
-    p.add_argument("--load-dtype", default="bfloat16", choices=list(_OUT_DTYPES), help="dtype to load the base in")
+    p.add_argument("--load-dtype", "--load_dtype", default="bfloat16", choices=list(_OUT_DTYPES),
+                   help="dtype to load the base in")
     p.add_argument("--adapter", help="adapter directory to load onto the base (jaxsloth or PEFT format)")
     p.add_argument("--out", required=True, help="output directory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--merged", dest="mode", action="store_const", const="merged",
                       help="merge the adapter into the weights (default)")
-    mode.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
+    mode.add_argument("--adapter-only", "--adapter_only", dest="mode", action="store_const", const="adapter",
                       help="write the adapter alone (PEFT format)")
     p.set_defaults(mode="merged", func=_run_export)
     p.add_argument("--dtype", default="bfloat16", choices=list(_OUT_DTYPES), help="merged weights dtype")
     p.add_argument("--base", default="auto", choices=["auto", "source"],
                    help="merge into the loaded weights (auto) or the 16-bit tensors of --model (source)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", "--max_shard_size", default="5GB",
+                   help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
