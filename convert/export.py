@@ -336,7 +336,8 @@ def _adapter_readme(model, config: dict) -> str:
         f"base = AutoModelForCausalLM.from_pretrained({model.source!r})",
         "model = PeftModel.from_pretrained(base, '<this directory>')",
         "```", "",
-        "or with jaxsloth, to continue training: `jaxsloth.load_model_with_adapter('<this directory>')`.", "",
+        "or with jaxsloth, to continue training: "
+        "`jaxsloth.load_adapter(jaxsloth.load_model(base_dir)[0], '<this directory>')`.", "",
         "## Embedding rows", "",
     ]
     where = "embed_tokens (lm_head is tied to it)" if model.config.tie_word_embeddings else "embed_tokens and lm_head"
