@@ -114,7 +114,8 @@ def _hf_tensors(cfg: dict, rng: np.random.Generator, dtype, untrained_ids: list[
         yield p + "mlp.down_proj.weight", normal(d, i)
     yield "model.norm.weight", norm_weight()
     if not cfg["tie_word_embeddings"]:
-        head = normal(v, d)
+        # rows of norm ~1 (std d^-1/2) so logits span a useful range, as in a trained model
+        head = normal(v, d, std=d ** -0.5)
         head[untrained_ids] = 0
         yield "lm_head.weight", head
 
