@@ -215,6 +215,27 @@ def test_merged_shards_respect_the_limit_and_index_every_tensor(tiny_checkpoint,
     assert "model.safetensors" in os.listdir(one) and "model.safetensors.index.json" not in os.listdir(one)
 
 
+def test_merged_export_holds_one_tensor_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    # host RAM stays near one tensor (not one shard, not the model): every array handed to the writer
+    # is gone by the time the next one arrives
+    import gc
+    import weakref
+
+    model = _trained(tiny_checkpoint("llama3"))
+    real, alive = export_mod.write_tensor_bytes, []
+
+    def tracking_write(f, array):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(array))
+        real(f, array)
+
+    refs = []
+    monkeypatch.setattr(export_mod, "write_tensor_bytes", tracking_write)
+    export_merged(model, tmp_path / "merged", "bfloat16", max_shard_bytes=10**9)
+    assert len(alive) == len(export_mod._merged_plan(model.config)) and max(alive) == 0
+
+
 def test_merged_from_4bit_equals_our_4bit_model(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llama3", untrained_tokens=True)
     model = _trained(path, load_in_4bit=True, fix=True)
