@@ -14,7 +14,8 @@ including a full disk, nothing is left behind):
   trainable tokens, ``embedding_rows="modules_to_save"`` stores the whole embed_tokens and lm_head
   instead (untied models; "auto" picks it when the installed peft lacks trainable tokens).
 - ``export_merged(model, out_dir, dtype)``: a plain HF checkpoint with W + scaling * B @ A in every
-  targeted projection (merged in f32, rounded once to ``dtype``), the fixed embedding rows, sharded
+  targeted projection (merged in f32, rounded once to ``dtype``), the embedding rows as the model
+  holds them (fixed when ``apply_untrained_token_fix`` ran; the export does not run it itself), sharded
   safetensors + index, config.json (no quantization_config), tokenizer and generation config. The
   base W is the model's own weights: the 16-bit arrays it holds, or its NF4 weights dequantized
   (exactly what the 4-bit model computed with); ``base="source"`` re-reads the 16-bit tensors from
@@ -54,9 +55,7 @@ from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
 from jaxsloth.quant import NF4, dequantize_nf4
 
 __all__ = ["export_adapter", "export_merged", "load_adapter", "load_model_with_adapter", "register_export_command",
-           "ExportError",
-           "write_safetensors_streamed",
-           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "DEFAULT_MAX_SHARD_BYTES"]
+           "ExportError", "write_safetensors_streamed", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "DEFAULT_MAX_SHARD_BYTES"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
