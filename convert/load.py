@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from jaxsloth.config import CheckpointError, LlamaConfig
 from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
-from jaxsloth.quant import NF4, quantize_nf4, stack_nf4
+from jaxsloth.quant import NF4, quantize_nf4
 
 # Buffers some exporters leave in the file; they hold nothing we load.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -194,7 +194,7 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
     params = {"embed": None, "final_norm": None,
               "layers": {"attn_norm": jnp.zeros((L, cfg.hidden_size), dt),
                          "mlp_norm": jnp.zeros((L, cfg.hidden_size), dt)}}
-    dense_stacks, nf4_layers = {}, {short: [None] * L for short in PROJECTIONS}
+    dense_stacks, nf4_layers = {}, _NF4Stacks(L)
     if not quantize:
         for short, shape in cfg.linear_shapes().items():
             dense_stacks[short] = jnp.zeros((L, *shape), dt)
@@ -221,8 +221,8 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
                 bucket[name] = _read(handle, path, name)
                 if set(bucket) == set(bnb_keys(prefix)):
                     i, short = linear_names[base_linear]
-                    nf4_layers[short][i] = nf4_from_bnb_tensors(
-                        prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path))
+                    nf4_layers.set(short, i, nf4_from_bnb_tensors(
+                        prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
                     if pbar:
                         pbar.update()
                 continue
@@ -247,11 +247,34 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
         raise CheckpointError(f"{model_dir}: incomplete bitsandbytes quant state for {prefix!r}")
 
     if quantize:
-        params["layers"].update({short: stack_nf4(nf4_layers[short]) for short in PROJECTIONS})
+        params["layers"].update(nf4_layers.finish(model_dir))
     else:
         params["layers"].update(dense_stacks)
     source = "bnb-4bit" if bnb_linears else ("nf4-on-load" if load_in_4bit else None)
     return cfg, params, {"source": str(model_dir), "quantized": source, "dtype": jnp.dtype(dt).name}
+
+
+class _NF4Stacks:
+    """Stacked NF4 weights [L, ...] filled layer by layer in place (no concatenation at the end,
+    which would hold the quantized model twice on the device)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers, self.stacks, self.filled = num_layers, {}, {}
+
+    def set(self, short: str, i: int, q: NF4):
+        if short not in self.stacks:
+            self.stacks[short] = jax.tree_util.tree_map(
+                lambda a: jnp.zeros((self.num_layers, *a.shape), a.dtype), q)
+            self.filled[short] = set()
+        self.stacks[short] = jax.tree_util.tree_map(lambda s, a: _set_layer(s, i, a), self.stacks[short], q)
+        self.filled[short].add(i)
+
+    def finish(self, source) -> dict[str, NF4]:
+        for short in PROJECTIONS:
+            missing = set(range(self.num_layers)) - self.filled.get(short, set())
+            if missing:
+                raise CheckpointError(f"{source}: no weight loaded for {short} of layers {sorted(missing)[:5]}")
+        return dict(self.stacks)
 
 
 def _owner_linear(name: str, bnb_linears: set[str]) -> str | None:
@@ -271,8 +294,8 @@ def _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quant
     elif name in linear_names:
         i, short = linear_names[name]
         if quantize:
-            nf4_layers[short][i] = quantize_nf4(jnp.asarray(host), blocksize=blocksize,
-                                                double_quant=double_quant)
+            nf4_layers.set(short, i, quantize_nf4(jnp.asarray(host), blocksize=blocksize,
+                                                  double_quant=double_quant))
         else:
             dense_stacks[short] = _set_layer(dense_stacks[short], i, jnp.asarray(host))
     else:
