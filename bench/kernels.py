@@ -5,8 +5,10 @@ Run on the GPU machine, in three processes so JAX and PyTorch never share the ca
   python bench/kernels.py torch --out DIR             # HF eager, torch.compile, Unsloth (when importable)
   python bench/kernels.py report --out DIR            # merges DIR/*.json into DIR/kernels.md
 Shapes: Llama-3 8B (D=4096, 32/8 heads, H=128) and 70B (D=8192, 64/8 heads), V=128256, bf16,
-tokens 2K..64K. Times (ms) are the best of two
-runs of `reps` calls queued back to back, divided by reps. Bandwidth counts the bytes an
+tokens 2K..64K. RMSNorm and RoPE
+times (ms) are per step of a 10-step chain inside one jit (no dispatch cost; optimization barriers
+between steps); cross-entropy and torch times are the best of two runs of `reps` calls queued back
+to back, divided by reps. Bandwidth counts the bytes an
 ideal kernel must move (each input read once, each output written once).
 """
 
@@ -21,7 +23,7 @@ import time
 
 MODELS = {"8B": dict(d=4096, n=32, m=8, h=128), "70B": dict(d=8192, n=64, m=8, h=128)}
 VOCAB = 128256
-TOKENS = [2048, 8192, 16384, 65536]
+TOKENS = [2048, 16384, 65536]
 CE_TOKENS = [2048, 16384, 65536]
 T0 = time.time()
 
@@ -66,6 +68,16 @@ def run_jax(out, sweep, budget_s):
       del out
     return best
 
+  def timeit_loop(step, carry, n=10):
+    """ms per step: n steps chained inside one jit (unrolled: a while loop would add carry copies
+    after custom calls), so no per-call dispatch is counted. Optimization barriers stop XLA from
+    fusing one step into the next."""
+    def chain(c):
+      for _ in range(n):
+        c = jax.lax.optimization_barrier(step(c))
+      return c
+    return timeit(jax.jit(chain), carry, reps=3, warmup=1) / n
+
   def reps_for(nbytes):
     return 20 if nbytes < 2**30 else 8
 
@@ -87,6 +99,8 @@ def run_jax(out, sweep, budget_s):
   t = timeit(jax.jit(lambda a: a + 1), x, reps=20)
   copy_gbs = 2 * x.nbytes / t / 1e6
   record(op="copy", impl="xla", what="x+1 (2 GiB moved)", ms=t, gbs=copy_gbs)
+  t = timeit_loop(lambda a: a + 1, x)
+  record(op="copy", impl="xla x+1 in-jit loop", ms=t, gbs=2 * x.nbytes / t / 1e6)
   del x
 
   # ---- RMSNorm
@@ -101,13 +115,14 @@ def run_jax(out, sweep, budget_s):
       nb = x.nbytes
       for impl in ("pallas", "xla"):
         def one():
-          fwd = jax.jit(lambda a, b: RN.rmsnorm(a, b, implementation=impl))
-          fb = jax.jit(lambda a, b, g: jax.vjp(lambda u: RN.rmsnorm(u, b, implementation=impl), a)[1](g))
           _, r = RN._fwd_xla(x, w, 1e-5)
-          bwd = jax.jit(RN._bwd_pallas if impl == "pallas" else RN._bwd_xla)
-          tf = timeit(fwd, x, w, reps=reps_for(nb))
-          tb = timeit(bwd, x, w, r, dy, reps=reps_for(nb))
-          tfb = timeit(fb, x, w, dy, reps=reps_for(nb))
+          bwd = RN._bwd_pallas if impl == "pallas" else RN._bwd_xla
+          def fb(c):
+            y, vjp = jax.vjp(lambda u: RN.rmsnorm(u, w, implementation=impl), c[0])
+            return y, vjp(c[1])[0]
+          tf = timeit_loop(lambda c: RN.rmsnorm(c, w, implementation=impl), x)
+          tb = timeit_loop(lambda c: bwd(x, w, r, c), dy)
+          tfb = timeit_loop(fb, (x, dy))
           record(op="rmsnorm", model=model, tokens=t_, impl=impl, fwd_ms=tf, bwd_ms=tb, fwdbwd_ms=tfb,
                  fwd_gbs=2 * nb / tf / 1e6, bwd_gbs=3 * nb / tb / 1e6,
                  fwdbwd_gbs=5 * nb / tfb / 1e6)
@@ -129,11 +144,12 @@ def run_jax(out, sweep, budget_s):
       nb = 2 * (q.nbytes + k.nbytes) + cos.nbytes + sin.nbytes
       for impl in ("pallas", "xla"):
         def one():
-          fwd = jax.jit(lambda a, b, c, s: RP.apply_rope(a, b, c, s, implementation=impl))
-          fb = jax.jit(lambda a, b, c, s: jax.vjp(
-              lambda u, v: RP.apply_rope(u, v, c, s, implementation=impl), a, b)[1]((a, b)))
-          tf = timeit(fwd, q, k, cos, sin, reps=reps_for(nb))
-          tfb = timeit(fb, q, k, cos, sin, reps=reps_for(nb))
+          def fb(c):
+            out, vjp = jax.vjp(lambda u, v: RP.apply_rope(u, v, cos, sin, implementation=impl),
+                               c[0], c[1])
+            return out + vjp((c[2], c[3]))
+          tf = timeit_loop(lambda c: RP.apply_rope(c[0], c[1], cos, sin, implementation=impl), (q, k))
+          tfb = timeit_loop(fb, (q, k, q, k))
           # the backward is the forward kernel with -sin: bwd time ~ fwd time
           record(op="rope", model=model, tokens=t_, impl=impl, fwd_ms=tf, fwdbwd_ms=tfb,
                  fwd_gbs=nb / tf / 1e6, fwdbwd_gbs=2 * nb / tfb / 1e6)

@@ -12,6 +12,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -86,5 +87,27 @@ def pallas_call(kernel, *, out_shape, grid, num_warps: int = 4, num_stages: int 
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
-load = pltriton.load
-store = pltriton.store
+def tail_mask(shape, bounds):
+  """Mask of a block of `shape` whose dim i starts at start_i of an array dim of size limit_i.
+
+  bounds[i] = (start_i, limit_i), or None where the block never runs past the array. Returns None
+  when no dim needs a mask: unmasked loads and stores vectorise, masked ones may not.
+  """
+  mask = None
+  for axis, bound in enumerate(bounds):
+    if bound is None:
+      continue
+    start, limit = bound
+    m = start + jax.lax.broadcasted_iota(jnp.int32, shape, axis) < limit
+    mask = m if mask is None else mask & m
+  return mask
+
+
+def load(ref, mask=None, other=0):
+  if mask is None:
+    return pltriton.load(ref)
+  return pltriton.load(ref, mask=mask, other=other)
+
+
+def store(ref, value, mask=None):
+  pltriton.store(ref, value, mask=mask)

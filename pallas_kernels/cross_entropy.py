@@ -43,32 +43,39 @@ def default_chunk_size(n_tokens: int, vocab: int, logits_bytes: int) -> int:
 # -------------------------------------------------------------------- softmax pass: Pallas kernel
 
 # Vocab tile and warps of the softmax pass; tuned on H100 by bench/kernels.py (--sweep).
-BLOCK_V = 4096
-NUM_WARPS = 8
+BLOCK_V = 2048
+NUM_WARPS = 4
 NUM_STAGES = 2
 
 
 def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_v):
+  # Full tiles load unmasked (vectorised); only the vocab tail (128256 = 62 * 2048 + 1280) is masked.
   row = pl.program_id(0)
   label = labels_ref[row]
-  n_tiles = pl.cdiv(vocab, block_v)
+  n_full = vocab // block_v
+  has_tail = vocab % block_v != 0
+  tail = row * 0 + n_full  # traced: a static start would trip the static bounds check of pl.ds
 
-  def tile(j):
+  def tile(j, masked):
     cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, (block_v,), 0)
-    x = _common.load(logits_ref.at[row, pl.ds(j * block_v, block_v)], mask=cols < vocab,
-                     other=-jnp.inf)
+    ref = logits_ref.at[row, pl.ds(j * block_v, block_v)]
+    x = _common.load(ref, cols < vocab, -jnp.inf) if masked else _common.load(ref)
     return cols, x.astype(jnp.float32)
 
-  def online(j, carry):
+  def online(j, carry, masked=False):
     m, s, ll = carry
-    cols, x = tile(j)
+    cols, x = tile(j, masked)
     m_new = jnp.maximum(m, jnp.max(x))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
     ll = ll + jnp.sum(jnp.where(cols == label, x, 0.0))
     return m_new, s, ll
 
-  init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
-  m, s, ll = jax.lax.fori_loop(0, n_tiles, online, init)
+  carry = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
+  if n_full:
+    carry = jax.lax.fori_loop(0, n_full, online, carry)
+  if has_tail:
+    carry = online(tail, carry, masked=True)
+  m, s, ll = carry
   lse = m + jnp.log(s)
   lse_ref[row] = lse
   ll_ref[row] = ll
@@ -77,14 +84,17 @@ def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_
     (dl_ref,) = grad_ref
     scale = (label != IGNORE_INDEX).astype(jnp.float32)
 
-    def write(j, carry):
-      cols, x = tile(j)
+    def write(j, carry, masked=False):
+      cols, x = tile(j, masked)
       g = (jnp.exp(x - lse) - (cols == label).astype(jnp.float32)) * scale
       _common.store(dl_ref.at[row, pl.ds(j * block_v, block_v)], g.astype(dl_ref.dtype),
-                    mask=cols < vocab)
+                    cols < vocab if masked else None)
       return carry
 
-    jax.lax.fori_loop(0, n_tiles, write, 0)
+    if n_full:
+      jax.lax.fori_loop(0, n_full, write, 0)
+    if has_tail:
+      write(tail, 0, masked=True)
 
 
 def _softmax_pass_pallas(logits, labels, grad_dtype):

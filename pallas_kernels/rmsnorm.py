@@ -25,7 +25,7 @@ __all__ = ["rmsnorm", "rmsnorm_reference"]
 
 
 # Elements per program and warps; tuned on H100 by bench/kernels.py (--sweep).
-BLOCK_ELEMS = 8192
+BLOCK_ELEMS = 2048
 NUM_WARPS = 8
 
 
@@ -39,40 +39,40 @@ def _num_warps(d_pad: int, block_rows: int) -> int:
 
 # ------------------------------------------------------------------------------------- kernels
 
+def _masks(i, n_rows, d, block_rows, d_pad):
+  rows = (i * block_rows, n_rows) if n_rows % block_rows else None
+  cols = (0, d) if d != d_pad else None
+  return (_common.tail_mask((block_rows, d_pad), (rows, cols)),
+          _common.tail_mask((d_pad,), (cols,)),
+          _common.tail_mask((block_rows,), (rows,)))
+
+
 def _fwd_kernel(x_ref, w_ref, y_ref, r_ref, *, eps, n_rows, d, block_rows, d_pad):
   i = pl.program_id(0)
-  rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 1)
-  mask = (rows < n_rows) & (cols < d)
-  x = _common.load(x_ref.at[pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad)],
-                   mask=mask, other=0).astype(jnp.float32)
-  w = _common.load(w_ref.at[pl.ds(0, d_pad)], mask=jax.lax.broadcasted_iota(jnp.int32, (d_pad,), 0) < d,
-                   other=0).astype(jnp.float32)
+  mask, wmask, rmask = _masks(i, n_rows, d, block_rows, d_pad)
+  blk = (pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad))
+  x = _common.load(x_ref.at[blk], mask).astype(jnp.float32)
+  w = _common.load(w_ref.at[pl.ds(0, d_pad)], wmask).astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / d + eps)
   xhat = (x * r[:, None]).astype(y_ref.dtype).astype(jnp.float32)
   y = (w[None, :] * xhat).astype(y_ref.dtype)
-  _common.store(y_ref.at[pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad)], y, mask=mask)
-  r_rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
-  _common.store(r_ref.at[pl.ds(i * block_rows, block_rows)], r, mask=r_rows < n_rows)
+  _common.store(y_ref.at[blk], y, mask)
+  _common.store(r_ref.at[pl.ds(i * block_rows, block_rows)], r, rmask)
 
 
 def _bwd_kernel(x_ref, w_ref, r_ref, dy_ref, dx_ref, *, n_rows, d, block_rows, d_pad):
   i = pl.program_id(0)
-  rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (block_rows, d_pad), 1)
-  mask = (rows < n_rows) & (cols < d)
+  mask, wmask, rmask = _masks(i, n_rows, d, block_rows, d_pad)
   blk = (pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad))
-  x = _common.load(x_ref.at[blk], mask=mask, other=0).astype(jnp.float32)
-  dy = _common.load(dy_ref.at[blk], mask=mask, other=0).astype(jnp.float32)
-  w = _common.load(w_ref.at[pl.ds(0, d_pad)], mask=jax.lax.broadcasted_iota(jnp.int32, (d_pad,), 0) < d,
-                   other=0).astype(jnp.float32)
-  r_rows = i * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
-  r = _common.load(r_ref.at[pl.ds(i * block_rows, block_rows)], mask=r_rows < n_rows, other=0)
+  x = _common.load(x_ref.at[blk], mask).astype(jnp.float32)
+  dy = _common.load(dy_ref.at[blk], mask).astype(jnp.float32)
+  w = _common.load(w_ref.at[pl.ds(0, d_pad)], wmask).astype(jnp.float32)
+  r = _common.load(r_ref.at[pl.ds(i * block_rows, block_rows)], rmask)
   xhat = x * r[:, None]
   g = dy * w[None, :]
   c = jnp.sum(g * xhat, axis=1) / d
   dx = r[:, None] * (g - xhat * c[:, None])
-  _common.store(dx_ref.at[blk], dx.astype(dx_ref.dtype), mask=mask)
+  _common.store(dx_ref.at[blk], dx.astype(dx_ref.dtype), mask)
 
 
 def _fwd_pallas(x2, weight, eps):

@@ -64,7 +64,7 @@ def rope_tables(position_ids, head_dim: int, theta: float, rope_scaling: dict | 
 # -------------------------------------------------------------------------------------- kernel
 
 # q elements per program and warps; tuned on H100 by bench/kernels.py (--sweep).
-BLOCK_ELEMS = 8192
+BLOCK_ELEMS = 32768
 NUM_WARPS = 8
 
 
@@ -72,37 +72,34 @@ def _block_tokens(heads_pad: int, h_pad: int) -> int:
   return max(1, BLOCK_ELEMS // (heads_pad * h_pad))
 
 
-def _rotate_block(x_ref, o_ref, t0, bt, n_tokens, heads, half, c1, c2, s1, s2):
+def _rotate_block(x_ref, o_ref, t0, tok_bound, heads, half, c1, c2, s1, s2):
   heads_p, half_p = _common.next_pow2(heads), _common.next_pow2(half)
-  shape = (bt, heads_p, half_p)
-  tok = t0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  hd = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  col = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
-  mask = (tok < n_tokens) & (hd < heads) & (col < half)
+  bt = c1.shape[0]
+  mask = _common.tail_mask((bt, heads_p, half_p), (
+      tok_bound, (0, heads) if heads != heads_p else None, (0, half) if half != half_p else None))
   lo = (pl.ds(t0, bt), pl.ds(0, heads_p), pl.ds(0, half_p))
   hi = (pl.ds(t0, bt), pl.ds(0, heads_p), pl.ds(half, half_p))
-  x1 = _common.load(x_ref.at[lo], mask=mask, other=0).astype(jnp.float32)
-  x2 = _common.load(x_ref.at[hi], mask=mask, other=0).astype(jnp.float32)
+  x1 = _common.load(x_ref.at[lo], mask).astype(jnp.float32)
+  x2 = _common.load(x_ref.at[hi], mask).astype(jnp.float32)
   o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
   o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
-  _common.store(o_ref.at[lo], o1.astype(o_ref.dtype), mask=mask)
-  _common.store(o_ref.at[hi], o2.astype(o_ref.dtype), mask=mask)
+  _common.store(o_ref.at[lo], o1.astype(o_ref.dtype), mask)
+  _common.store(o_ref.at[hi], o2.astype(o_ref.dtype), mask)
 
 
 def _rope_kernel(q_ref, k_ref, cos_ref, sin_ref, qo_ref, ko_ref, *, n_tokens, n_q, n_k, half, bt):
   t0 = pl.program_id(0) * bt
   half_p = _common.next_pow2(half)
-  shape = (bt, half_p)
-  mask = ((t0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)) < n_tokens) & (
-      jax.lax.broadcasted_iota(jnp.int32, shape, 1) < half)
+  tok_bound = (t0, n_tokens) if n_tokens % bt else None
+  mask = _common.tail_mask((bt, half_p), (tok_bound, (0, half) if half != half_p else None))
   lo = (pl.ds(t0, bt), pl.ds(0, half_p))
   hi = (pl.ds(t0, bt), pl.ds(half, half_p))
-  c1 = _common.load(cos_ref.at[lo], mask=mask, other=0)
-  c2 = _common.load(cos_ref.at[hi], mask=mask, other=0)
-  s1 = _common.load(sin_ref.at[lo], mask=mask, other=0)
-  s2 = _common.load(sin_ref.at[hi], mask=mask, other=0)
-  _rotate_block(q_ref, qo_ref, t0, bt, n_tokens, n_q, half, c1, c2, s1, s2)
-  _rotate_block(k_ref, ko_ref, t0, bt, n_tokens, n_k, half, c1, c2, s1, s2)
+  c1 = _common.load(cos_ref.at[lo], mask)
+  c2 = _common.load(cos_ref.at[hi], mask)
+  s1 = _common.load(sin_ref.at[lo], mask)
+  s2 = _common.load(sin_ref.at[hi], mask)
+  _rotate_block(q_ref, qo_ref, t0, tok_bound, n_q, half, c1, c2, s1, s2)
+  _rotate_block(k_ref, ko_ref, t0, tok_bound, n_k, half, c1, c2, s1, s2)
 
 
 def _apply_pallas(q3, k3, cos2, sin2):
