@@ -86,12 +86,12 @@ def build_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def _hf_tensors(cfg: dict, rng: np.random.Generator, dtype, untrained_ids: list[int]):
+def _hf_tensors(cfg: dict, rng: np.random.Generator, dtype, untrained_ids: list[int], init_std: float = 0.02):
     d, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = d // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
-    def normal(*shape, std=0.02):
+    def normal(*shape, std=init_std):
         return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
 
     def norm_weight():
@@ -122,12 +122,14 @@ def _hf_tensors(cfg: dict, rng: np.random.Generator, dtype, untrained_ids: list[
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "llama3", *, seed: int = 0,
                          dtype: str = "float32", shard_bytes: int | None = None,
-                         untrained_tokens: bool = False, overrides: dict | None = None) -> Path:
+                         untrained_tokens: bool = False, overrides: dict | None = None,
+                         init_std: float = 0.02) -> Path:
     """Write a random Llama-3-architecture HF checkpoint + tokenizer to ``out_dir``; return the path.
 
     ``shard_bytes`` splits the weights into several files with a ``model.safetensors.index.json``.
     ``untrained_tokens`` zeroes the embedding/lm_head rows of the reserved special tokens,
-    <|eot_id|> and the header tokens, as in Llama-3 base.
+    <|eot_id|> and the header tokens, as in Llama-3 base. ``init_std`` is the std of the attention
+    and MLP projections.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -138,7 +140,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "llama3", *, 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": init_std,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "torch_dtype": dtype,
         "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|end_of_text|>"],
         "pretraining_tp": 1, "use_cache": True, **cfg,
@@ -154,7 +156,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "llama3", *, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         shards, current, size = [], {}, 0
-        for name, tensor in _hf_tensors(config, rng, np_dtype, untrained):
+        for name, tensor in _hf_tensors(config, rng, np_dtype, untrained, init_std):
             if shard_bytes and current and size + tensor.nbytes > shard_bytes:
                 shards.append(current)
                 current, size = {}, 0
