@@ -86,8 +86,9 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"{model_dir}: no *.safetensors weight files found")
     files = {}
     for shard in shards:
-        for name in _open(shard).keys():
-            files[name] = shard
+        with _open(shard) as handle:
+            for name in handle.keys():
+                files[name] = shard
     return files
 
 
@@ -209,37 +210,37 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
         pbar = tqdm(total=len(expected), desc="loading", unit="tensor")
     pending_bnb: dict[str, dict[str, np.ndarray]] = {}
     for path, names in by_file.items():
-        handle = _open(path)
-        for name in names:
-            if IGNORED_TENSORS.match(name):
-                continue
-            base_linear = _owner_linear(name, bnb_linears)
-            if base_linear is not None:
-                from convert.bnb import bnb_keys, nf4_from_bnb_tensors
-                prefix = base_linear[: -len(".weight")]
-                bucket = pending_bnb.setdefault(prefix, {})
-                bucket[name] = _read(handle, path, name)
-                if set(bucket) == set(bnb_keys(prefix)):
-                    i, short = linear_names[base_linear]
-                    nf4_layers.set(short, i, nf4_from_bnb_tensors(
-                        prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
-                    if pbar:
-                        pbar.update()
-                continue
-            shape = expected[name]
-            meta_shape = tuple(handle.get_slice(name).get_shape())
-            if meta_shape != shape:
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(meta_shape)}, but config.json "
-                                      f"implies {list(shape)}")
-            host = _read(handle, path, name)
-            if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {host.dtype}, expected a float type "
-                                      "(a 4-bit tensor needs a bitsandbytes quantization_config)")
-            _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize,
-                   blocksize, double_quant)
-            del host
-            if pbar:
-                pbar.update()
+        with _open(path) as handle:
+            for name in names:
+                if IGNORED_TENSORS.match(name):
+                    continue
+                base_linear = _owner_linear(name, bnb_linears)
+                if base_linear is not None:
+                    from convert.bnb import bnb_keys, nf4_from_bnb_tensors
+                    prefix = base_linear[: -len(".weight")]
+                    bucket = pending_bnb.setdefault(prefix, {})
+                    bucket[name] = _read(handle, path, name)
+                    if set(bucket) == set(bnb_keys(prefix)):
+                        i, short = linear_names[base_linear]
+                        nf4_layers.set(short, i, nf4_from_bnb_tensors(
+                            prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
+                        if pbar:
+                            pbar.update()
+                    continue
+                shape = expected[name]
+                meta_shape = tuple(handle.get_slice(name).get_shape())
+                if meta_shape != shape:
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {list(meta_shape)}, but config.json "
+                                          f"implies {list(shape)}")
+                host = _read(handle, path, name)
+                if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {host.dtype}, expected a float type "
+                                          "(a 4-bit tensor needs a bitsandbytes quantization_config)")
+                _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize,
+                       blocksize, double_quant)
+                del host
+                if pbar:
+                    pbar.update()
     if pbar:
         pbar.close()
     if pending_bnb:
