@@ -103,6 +103,65 @@ def run_jax(out, sweep, budget_s):
   record(op="copy", impl="xla x+1 in-jit loop", ms=t, gbs=2 * x.nbytes / t / 1e6)
   del x
 
+  rn_default = (RN.BLOCK_ELEMS, RN.NUM_WARPS)
+  rp_default = (RP.BLOCK_ELEMS, RP.NUM_WARPS)
+  ce_default = (CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES, CE.PROGRAMS)
+
+  def sweeps():
+    t_, d = (16384, 4096) if VOCAB == 128256 else (64, 256)
+    which = set(sweep.split(","))
+    xs = jax.random.normal(key, (t_, d), jnp.bfloat16)
+    w = jnp.ones((d,), jnp.bfloat16)
+    r = jnp.ones((t_,), jnp.float32)
+    for elems in (2048, 4096, 8192, 16384) if "rmsnorm" in which else ():
+      for warps in (4, 8, 16):
+        RN.BLOCK_ELEMS, RN.NUM_WARPS = elems, warps
+        def one():
+          tf = timeit(jax.jit(lambda a, b: RN._fwd_pallas(a, b, 1e-5)), xs, w)
+          tb = timeit(jax.jit(lambda a, b, c: RN._bwd_pallas(a, b, c, a)), xs, w, r)
+          record(op="sweep_rmsnorm", elems=elems, warps=warps, fwd_ms=tf, bwd_ms=tb,
+                 fwd_gbs=2 * xs.nbytes / tf / 1e6, bwd_gbs=3 * xs.nbytes / tb / 1e6)
+        safe(one, op="sweep_rmsnorm", elems=elems, warps=warps)
+    RN.BLOCK_ELEMS, RN.NUM_WARPS = rn_default
+    q = jax.random.normal(key, (t_, max(1, d // 128), 128), jnp.bfloat16)
+    k = jax.random.normal(key, (t_, max(1, d // 512), 128), jnp.bfloat16)
+    c = jnp.ones((t_, 128), jnp.float32)
+    nb = 2 * (q.nbytes + k.nbytes) + 2 * c.nbytes
+    for elems in (4096, 8192, 16384, 32768) if "rope" in which else ():
+      for warps in (4, 8, 16):
+        RP.BLOCK_ELEMS, RP.NUM_WARPS = elems, warps
+        def one():
+          tf = timeit(jax.jit(RP._apply_pallas), q, k, c, c)
+          record(op="sweep_rope", elems=elems, warps=warps, fwd_ms=tf, fwd_gbs=nb / tf / 1e6)
+        safe(one, op="sweep_rope", elems=elems, warps=warps)
+    RP.BLOCK_ELEMS, RP.NUM_WARPS = rp_default
+    del xs, q, k
+    lg = jax.random.normal(key, (min(1024, t_), VOCAB), jnp.bfloat16)
+    lb = jax.random.randint(key, (min(1024, t_),), 0, VOCAB)
+    configs = [(b, w, 2, None) for b in (1024, 2048, 4096) for w in (4, 8)] + [
+        (2048, 4, 3, None), (8192, 16, 2, None)] + [
+        (b, w, st, p) for p in (128, 256) for b in (4096, 8192) for w in (8, 16) for st in (2, 3)]
+    for bv, warps, stages, programs in configs if "ce" in which else ():
+      if time.time() - T0 > budget_s + 40:
+        break
+      CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES, CE.PROGRAMS = bv, warps, stages, programs
+      def one():
+        tf = timeit(jax.jit(lambda a, b: CE._softmax_pass_pallas(a, b, jnp.bfloat16)), lg, lb)
+        record(op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages, programs=programs,
+               ms=tf, gbs=2 * lg.nbytes / tf / 1e6)
+      safe(one, op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages, programs=programs)
+    CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES, CE.PROGRAMS = ce_default
+    done = [r for r in rows if r.get("op") == "sweep_ce_pass" and "ms" in r]
+    if done:
+      best = min(done, key=lambda r: r["ms"])
+      CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES, CE.PROGRAMS = (
+          best["block_v"], best["warps"], best["stages"], best["programs"])
+      record(op="ce_config_used", block_v=best["block_v"], warps=best["warps"],
+             stages=best["stages"], programs=best["programs"], ms=best["ms"])
+    tx = timeit(jax.jit(lambda a, b: CE._softmax_pass_xla(a, b, jnp.bfloat16)), lg, lb)
+    record(op="sweep_ce_pass", block_v="xla", ms=tx, gbs=2 * lg.nbytes / tx / 1e6)
+    del lg
+
   # ---- RMSNorm
   for model, cfg in MODELS.items():
     d = cfg["d"]
@@ -156,6 +215,9 @@ def run_jax(out, sweep, budget_s):
         safe(one, op="rope", model=model, tokens=t_, impl=impl)
       del q, k
 
+  if sweep:
+    sweeps()  # picks the fastest CE softmax-pass config for the table below
+
   # ---- fused cross-entropy
   for model, cfg in MODELS.items():
     d = cfg["d"]
@@ -192,6 +254,17 @@ def run_jax(out, sweep, budget_s):
                  **mem_of(fb_fn, hsd, w, lab))
         safe(one, op="ce", model=model, tokens=t_, impl=f"ours ({impl} pass)")
 
+      if t_ == 16384 or VOCAB != 128256:  # (the second: --small smoke test)
+        def with_lm_head_grad():
+          fb_fn = lambda a, b, c: jax.value_and_grad(
+              lambda u, v: CE.fused_cross_entropy(u, v, c, lm_head_grad=True)[0], (0, 1))(a, b)
+          tfb = timeit(jax.jit(fb_fn), hsd, w, lab, reps=reps)
+          f3 = jax.jit(lambda a, b: (lambda lg: (lg @ b, lg.T @ a))(a @ b.T))
+          t3 = timeit(f3, hsd, w, reps=reps)
+          record(op="ce", model=model, tokens=t_, impl="ours, lm_head_grad=True (default pass)",
+                 fwdbwd_ms=tfb, matmul3_ms=t3, **mem_of(fb_fn, hsd, w, lab))
+        safe(with_lm_head_grad, op="ce", model=model, tokens=t_, impl="ours, lm_head_grad=True")
+
       def naive():
         fb_fn = lambda a, b, c: jax.value_and_grad(
             lambda u: CE.fused_cross_entropy_reference(u, b, c)[0])(a)
@@ -205,51 +278,6 @@ def run_jax(out, sweep, budget_s):
       safe(naive, op="ce", model=model, tokens=t_, impl="XLA naive (f32 logits)")
       del hsd
     del w
-  def sweeps():
-    t_, d = (16384, 4096) if VOCAB == 128256 else (64, 256)
-    xs = jax.random.normal(key, (t_, d), jnp.bfloat16)
-    w = jnp.ones((d,), jnp.bfloat16)
-    r = jnp.ones((t_,), jnp.float32)
-    for elems in (2048, 4096, 8192, 16384):
-      for warps in (4, 8, 16):
-        RN.BLOCK_ELEMS, RN.NUM_WARPS = elems, warps
-        def one():
-          tf = timeit(jax.jit(lambda a, b: RN._fwd_pallas(a, b, 1e-5)), xs, w)
-          tb = timeit(jax.jit(lambda a, b, c: RN._bwd_pallas(a, b, c, a)), xs, w, r)
-          record(op="sweep_rmsnorm", elems=elems, warps=warps, fwd_ms=tf, bwd_ms=tb,
-                 fwd_gbs=2 * xs.nbytes / tf / 1e6, bwd_gbs=3 * xs.nbytes / tb / 1e6)
-        safe(one, op="sweep_rmsnorm", elems=elems, warps=warps)
-    RN.BLOCK_ELEMS, RN.NUM_WARPS = 8192, 8
-    q = jax.random.normal(key, (t_, max(1, d // 128), 128), jnp.bfloat16)
-    k = jax.random.normal(key, (t_, max(1, d // 512), 128), jnp.bfloat16)
-    c = jnp.ones((t_, 128), jnp.float32)
-    nb = 2 * (q.nbytes + k.nbytes) + 2 * c.nbytes
-    for elems in (4096, 8192, 16384, 32768):
-      for warps in (4, 8, 16):
-        RP.BLOCK_ELEMS, RP.NUM_WARPS = elems, warps
-        def one():
-          tf = timeit(jax.jit(RP._apply_pallas), q, k, c, c)
-          record(op="sweep_rope", elems=elems, warps=warps, fwd_ms=tf, fwd_gbs=nb / tf / 1e6)
-        safe(one, op="sweep_rope", elems=elems, warps=warps)
-    RP.BLOCK_ELEMS, RP.NUM_WARPS = 8192, 8
-    del xs, q, k
-    lg = jax.random.normal(key, (min(1024, t_), VOCAB), jnp.bfloat16)
-    lb = jax.random.randint(key, (min(1024, t_),), 0, VOCAB)
-    for bv, warps, stages in [(b, w, 2) for b in (2048, 4096, 8192) for w in (4, 8, 16)] + [
-        (4096, 8, 1), (4096, 8, 3)]:
-      CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES = bv, warps, stages
-      def one():
-        tf = timeit(jax.jit(lambda a, b: CE._softmax_pass_pallas(a, b, jnp.bfloat16)), lg, lb)
-        record(op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages, ms=tf,
-               gbs=2 * lg.nbytes / tf / 1e6)
-      safe(one, op="sweep_ce_pass", block_v=bv, warps=warps, stages=stages)
-    CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES = 4096, 8, 2
-    tx = timeit(jax.jit(lambda a, b: CE._softmax_pass_xla(a, b, jnp.bfloat16)), lg, lb)
-    record(op="sweep_ce_pass", block_v="xla", ms=tx, gbs=2 * lg.nbytes / tx / 1e6)
-    del lg
-
-  if sweep and time.time() - T0 < budget_s + 60:
-    sweeps()
   log("jax part done")
 
 
@@ -413,6 +441,12 @@ def run_torch(out, budget_s, compile_too=True):
       lab = torch.randint(0, VOCAB, (t_,), device=dev)
       lab[::7] = -100
       reps = 5 if t_ * d <= 16384 * 4096 else 3
+      def torch_matmul():
+        tf = timeit(lambda: hs @ w.T, reps=reps)
+        tfb = timeit(lambda: (hs @ w.T) @ w, reps=reps)
+        record(op="ce", model=model, tokens=t_, impl="torch lm_head matmul only", fwd_ms=tf,
+               fwdbwd_ms=tfb)
+      safe(torch_matmul, op="ce", model=model, tokens=t_, impl="torch lm_head matmul only")
       variants = list(variants_ce)
       if unsloth_fused_ce_loss is not None:
         variants.append(("unsloth fused CE", lambda h_, w_, l_: unsloth_fused_ce_loss(
@@ -482,6 +516,8 @@ def report(out):
       lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {extra} | | | {mem} |")
       continue
     ratio = f"{r['fwdbwd_ms'] / base:.2f}x" if base and r.get("fwdbwd_ms") else "-"
+    if r.get("matmul3_ms"):
+      ratio = f"{r['fwdbwd_ms'] / r['matmul3_ms']:.2f}x of 3 matmuls ({r['matmul3_ms']:.1f} ms)"
     if "temp_gib" in r:
       mem = f"{r['temp_gib']:.2f} temp + {r['out_gib']:.2f} out (XLA)"
     elif "peak_extra_gib" in r:
@@ -490,7 +526,8 @@ def report(out):
       mem = "-"
     lines.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | "
                  f"{fmt(r.get('fwdbwd_ms'))} | {ratio} | {mem} |")
-  sweeps = [r for r in rows if str(r.get("op", "")).startswith("sweep")]
+  sweeps = [r for r in rows if str(r.get("op", "")).startswith("sweep") or
+            r.get("op") == "ce_config_used"]
   if sweeps:
     lines += ["", "### block-size sweeps (8B, 16K tokens; CE pass on a 1024 x 128256 bf16 chunk)", ""]
     for r in sweeps:
@@ -506,7 +543,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("part", choices=["jax", "torch", "report"])
   ap.add_argument("--out", default="bench_out")
-  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--sweep", default="", help="comma list of rmsnorm,rope,ce block-size sweeps")
   ap.add_argument("--no-compile", action="store_true")
   ap.add_argument("--small", action="store_true", help="tiny shapes: CPU smoke test of this script")
   ap.add_argument("--budget", type=float, default=200.0, help="seconds after which sizes are skipped")

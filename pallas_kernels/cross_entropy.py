@@ -42,15 +42,18 @@ def default_chunk_size(n_tokens: int, vocab: int, logits_bytes: int) -> int:
 
 # -------------------------------------------------------------------- softmax pass: Pallas kernel
 
-# Vocab tile and warps of the softmax pass; tuned on H100 by bench/kernels.py (--sweep).
+# Vocab tile, warps and pipelining depth of the softmax pass; tuned by bench/kernels.py (--sweep ce).
 BLOCK_V = 2048
 NUM_WARPS = 4
 NUM_STAGES = 2
+# None: one program per row. An int P: P persistent programs, each walking rows pid, pid + P, ...
+# With P near the SM count only P rows (P * V * 2 bytes, 33 MB for P=128) are in flight, so the
+# second read of a row can come from L2 instead of HBM.
+PROGRAMS = None
 
 
-def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_v):
+def _ce_row(row, logits_ref, labels_ref, lse_ref, ll_ref, grad_ref, vocab, block_v):
   # Full tiles load unmasked (vectorised); only the vocab tail (128256 = 62 * 2048 + 1280) is masked.
-  row = pl.program_id(0)
   label = labels_ref[row]
   n_full = vocab // block_v
   has_tail = vocab % block_v != 0
@@ -97,15 +100,31 @@ def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_
       write(tail, 0, masked=True)
 
 
+def _ce_kernel(logits_ref, labels_ref, lse_ref, ll_ref, *grad_ref, vocab, block_v, programs,
+               n_rows):
+  pid = pl.program_id(0)
+  args = (logits_ref, labels_ref, lse_ref, ll_ref, grad_ref, vocab, block_v)
+  if programs is None:
+    _ce_row(pid, *args)
+    return
+
+  def one_row(i, carry):
+    _ce_row(pid + i * programs, *args)
+    return carry
+
+  jax.lax.fori_loop(0, n_rows // programs, one_row, 0)
+
+
 def _softmax_pass_pallas(logits, labels, grad_dtype):
   c, v = logits.shape
   block_v = min(BLOCK_V, _common.next_pow2(v))
+  programs = PROGRAMS if (PROGRAMS and c % PROGRAMS == 0 and c > PROGRAMS) else None
   out_shape = [jax.ShapeDtypeStruct((c,), jnp.float32)] * 2
   if grad_dtype is not None:
     out_shape.append(jax.ShapeDtypeStruct((c, v), grad_dtype))
-  kernel = functools.partial(_ce_kernel, vocab=v, block_v=block_v)
-  outs = _common.pallas_call(kernel, grid=(c,), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                             name="cross_entropy_softmax",
+  kernel = functools.partial(_ce_kernel, vocab=v, block_v=block_v, programs=programs, n_rows=c)
+  outs = _common.pallas_call(kernel, grid=(programs or c,), num_warps=NUM_WARPS,
+                             num_stages=NUM_STAGES, name="cross_entropy_softmax",
                              out_shape=tuple(out_shape))(logits, labels)
   lse, ll = outs[0], outs[1]
   return lse, ll, (outs[2] if grad_dtype is not None else None)

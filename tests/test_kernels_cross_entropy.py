@@ -75,10 +75,12 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(impl):
     assert np.all(np.asarray(g, np.float32) == 0.0)
 
 
-def test_full_vocab_tiles_and_masked_tail_tile(monkeypatch):
+@pytest.mark.parametrize("programs", [None, 4])
+def test_full_vocab_tiles_and_masked_tail_tile(monkeypatch, programs):
   from pallas_kernels import cross_entropy
   monkeypatch.setattr(cross_entropy, "BLOCK_V", 256)  # V=1000: three full tiles + a 232 tail
-  h, w, labels = _inputs(23, 32, 1000, jnp.float32)
+  monkeypatch.setattr(cross_entropy, "PROGRAMS", programs)  # 4: persistent programs, 4 rows each
+  h, w, labels = _inputs(23 + (programs or 0), 32, 1000, jnp.float32)  # a fresh shape: retrace
   loss, _ = fused_cross_entropy(h, w, labels, implementation="pallas", chunk_size=16)
   want, _ = fused_cross_entropy_reference(h, w, labels)
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
