@@ -138,9 +138,8 @@ def run_jax(out, sweep, budget_s):
     del xs, q, k
     lg = jax.random.normal(key, (min(1024, t_), VOCAB), jnp.bfloat16)
     lb = jax.random.randint(key, (min(1024, t_),), 0, VOCAB)
-    configs = [(b, w, 2, None) for b in (1024, 2048, 4096) for w in (4, 8)] + [
-        (2048, 4, 3, None), (8192, 16, 2, None)] + [
-        (b, w, st, p) for p in (128, 256) for b in (4096, 8192) for w in (8, 16) for st in (2, 3)]
+    configs = [(2048, 4, 2, None), (4096, 8, 3, None)] + [
+        (b, w, 3, p) for p in (128, 256) for b in (4096, 8192) for w in (8, 16)]
     for bv, warps, stages, programs in configs if "ce" in which else ():
       if time.time() - T0 > budget_s + 40:
         break
