@@ -37,13 +37,17 @@ SHAPES = {
             "down": (8192, 28672)},
 }
 MS = (1, 16, 256, 2048, 4096, 16384)
-L2_FLUSH_BYTES = 160e6
+L2_FLUSH_BYTES = 120e6
 MEM_CAP_BYTES = 24e9
 
 
-def _copies(n, k, m):
+def _copies(n, k, m, cap=8):
+  """Distinct (x, W) copies per timed call: enough NF4 bytes to overflow L2 at small M (capped:
+  each copy is compiled separately), 2 at large M where the op is long and compute-bound."""
+  if m >= 2048:
+    return 2
   nf4 = n * k / 2
-  r = min(48, max(2, math.ceil(L2_FLUSH_BYTES / nf4)))
+  r = min(cap, max(2, math.ceil(L2_FLUSH_BYTES / nf4)))
   per = 2 * (m * k + m * n + n * k + m * n)
   return max(1, min(r, int(MEM_CAP_BYTES // per)))
 
@@ -104,7 +108,7 @@ class JaxBench:
     r, qs, wds, xs, dys = ops if ops is not None else self.operands(n, k, m)
     if impl == "bf16":
       weights = wds
-      op = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+      op = lambda x, w: jnp.dot(x, w.T)   # bf16 out, f32 accumulation (cuBLAS); no f32 bwd
     else:
       weights = qs
       if plan is not None:
@@ -127,54 +131,91 @@ class JaxBench:
 
 
 def _sweep_plans(mod):
+  """(bucket, pass, plan) candidates. Buckets: m1 (M=1), small (M=16), large (M=4096)."""
   P = mod.Plan
-  out = []
-  for decode in ("f32", "pair", "select"):
-    for bn in (32, 64, 128):
-      for unroll in (1, 4):
-        out.append(("fused-fwd", P("fused", "xla", decode=decode, bn=bn, unroll=unroll)))
-  for decode in ("f32", "pair"):
-    for bn in (32, 64, 128):
-      for split in (0, 1):
-        out.append(("fused-bwd", P("xla", "fused", decode=decode, bwd_bn=bn, split=split)))
-  for decode in ("f32", "pair", "select"):
-    for dq_bn in (16, 32, 64):
-      for dq_blocks in (4, 16):
-        out.append(("dequant", P("dequant", "dequant", decode=decode, dq_bn=dq_bn,
-                                 dq_blocks=dq_blocks)))
+  fwd16 = dict(decode="select", bn=128, unroll=1)
+  # bwd candidates all run the same fused fwd, so no dequant is shared (CSE) between the passes
+  out = [("m1", "fwd", P("xla", "xla")), ("small", "fwd", P("xla", "xla")),
+         ("m1", "fwd+bwd", P("fused", "xla", gemv=True, **fwd16)),
+         ("small", "fwd+bwd", P("fused", "xla", **fwd16)),
+         ("large", "fwd", P("xla", "xla"))]
+  for decode, bn in (("select", 128), ("select", 256), ("pair", 128)):
+    out.append(("m1", "fwd", P("fused", "xla", decode=decode, bn=bn, gemv=True, unroll=2)))
+    out.append(("m1", "fwd+bwd", P("fused", "fused", gemv=True, bwd_bn=bn,
+                                   **dict(fwd16, decode=decode))))
+  for decode in ("select", "pair"):
+    for bn in (64, 128):
+      for x_split in (False, True):
+        out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, unroll=1,
+                                      x_split=x_split)))
+      out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn,
+                                        **dict(fwd16, decode=decode))))
+    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=128, unroll=1,
+                                  x_split=True, num_warps=8)))
+  for decode in ("select", "f32"):
+    for dq_bn, dq_blocks in ((16, 4), (32, 8)):
+      out.append(("large", "fwd", P("dequant", "dequant", decode=decode, dq_bn=dq_bn,
+                                    dq_blocks=dq_blocks)))
   return out
 
 
-SWEEP_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
-SWEEP_MS = (16, 4096)
+SWEEP_SHAPE = (14336, 4096)
+SWEEP_MS = {"m1": 1, "small": 16, "large": 4096}
 
 
 def run_sweep(fh, deadline):
+  """Time the candidates on the 8B gate/up weight; write the winners to tuned.json."""
   b = JaxBench()
-  for n, k in SWEEP_SHAPES:
-    for m in SWEEP_MS:
-      ops = b.operands(n, k, m)
-      for kind, plan in _sweep_plans(b.mod):
-        if time.time() > deadline:
-          _emit(fh, section="sweep", note="deadline reached")
-          return
-        if kind.startswith("fused") and m > 16:
-          continue
-        if kind == "dequant" and m <= 16:
-          continue
-        passes = ("fwd+bwd",) if kind == "fused-bwd" else ("fwd",)
-        try:
-          t = b.time_impl("plan", n, k, m, passes=passes, plan=plan, ops=ops)
-          for p, ms in t.items():
-            _emit(fh, section="sweep", kind=kind, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
-                  **{"pass": p, "ms": ms})
-        except Exception as e:  # a config that does not lower is a result too
-          _emit(fh, section="sweep", kind=kind, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
-                error=f"{type(e).__name__}: {str(e)[:300]}")
+  n, k = SWEEP_SHAPE
+  cands = _sweep_plans(b.mod)
+  results = []
+  for bucket, m in SWEEP_MS.items():
+    ops = b.operands(n, k, m)
+    for bkt, p, plan in cands:
+      if bkt != bucket:
+        continue
+      if time.time() > deadline:
+        _emit(fh, section="sweep", note="deadline reached")
+        break
+      try:
+        ms = b.time_impl("plan", n, k, m, passes=(p,), plan=plan, ops=ops)[p]
+        results.append((bucket, p, ms, plan))
+        _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+              **{"pass": p, "ms": ms})
+      except Exception as e:  # a config that does not lower is a result too
+        _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+              error=f"{type(e).__name__}: {str(e)[:300]}")
+    del ops
+  tuned = {}
+  for bucket in SWEEP_MS:
+    fwd = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd")
+    fb = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd+bwd")
+    if not fwd:
+      continue
+    f = fwd[0][1]
+    bw = fb[0][1] if fb else f
+    if bucket == "large":   # both passes dequantize the same way
+      bw = dataclasses.replace(f, bwd=f.fwd)
+    tuned[bucket] = dataclasses.asdict(dataclasses.replace(
+        f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, gemv=f.gemv or bw.gemv,
+        bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps))
+  _emit(fh, section="sweep", tuned=tuned)
+  with open(os.path.join(os.path.dirname(fh.name), "tuned.json"), "w") as f:
+    json.dump(tuned, f)
+
+
+def _load_tuned(mod, out_dir):
+  path = os.path.join(out_dir, "tuned.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      for bucket, plan in json.load(f).items():
+        mod.TUNED[bucket] = mod.Plan(**plan)
 
 
 def run_table(fh, deadline, impls, models, ms):
   b = JaxBench()
+  _load_tuned(b.mod, os.path.dirname(fh.name))
+  _emit(fh, section="table", dispatch={k: dataclasses.asdict(v) for k, v in b.mod.TUNED.items()})
   for model in models:
     for proj, (n, k) in SHAPES[model].items():
       for m in ms:
@@ -298,7 +339,7 @@ def _load(path):
 
 
 def make_report(recs) -> str:
-  cols = ["bf16", "xla", "pallas-dequant", "fused", "ours", "torch-bnb"]
+  cols = ["bf16", "xla", "ours", "torch-bnb"]
   rows = {}
   for r in recs:
     if r.get("section") not in ("table", "torch") or "ms" not in r:
@@ -325,15 +366,16 @@ def make_report(recs) -> str:
 
 def sweep_report(recs) -> str:
   best = {}
-  lines = ["\n### sweep (best 3 per kind/shape/M)\n"]
+  lines = ["\n### sweep (best 3 per bucket/pass)\n"]
   for r in recs:
     if r.get("section") != "sweep" or "ms" not in r:
       continue
-    best.setdefault((r["kind"], r["N"], r["K"], r["M"]), []).append((r["ms"], r["plan"]))
+    best.setdefault((r["kind"], r["pass"], r["N"], r["K"], r["M"]), []).append((r["ms"], r["plan"]))
   for key, v in sorted(best.items()):
     v.sort(key=lambda t: t[0])
-    for ms, plan in v[:3]:
-      short = {k: plan[k] for k in ("decode", "bn", "unroll", "bwd_bn", "split", "dq_bn", "dq_blocks")}
+    for ms, plan in v[:3] + [t for t in v if t[1]["fwd"] == "xla"][:1]:
+      short = {k: plan[k] for k in ("fwd", "bwd", "decode", "bn", "unroll", "bwd_bn", "x_split",
+                                    "gemv", "num_warps", "dq_bn", "dq_blocks")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:
@@ -381,13 +423,13 @@ def main():
   ap.add_argument("--deadline", type=float, default=0.0)
   ap.add_argument("--models", default="8B,70B")
   ap.add_argument("--ms", default=",".join(map(str, MS)))
-  ap.add_argument("--impls", default="bf16,xla,pallas-dequant,fused,ours")
+  ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
   args = ap.parse_args()
   if args.tiny:
-    global SHAPES, SWEEP_SHAPES, SWEEP_MS
+    global SHAPES, SWEEP_SHAPE, SWEEP_MS
     SHAPES = {"8B": {"q/o": (128, 256)}}
-    SWEEP_SHAPES, SWEEP_MS = [(128, 256)], (16, 64)
+    SWEEP_SHAPE, SWEEP_MS = (128, 256), {"m1": 1, "small": 16, "large": 64}
   os.makedirs(args.out, exist_ok=True)
   models = args.models.split(",")
   ms = [int(v) for v in args.ms.split(",")]
@@ -415,8 +457,8 @@ def main():
   me = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--models", args.models,
         "--ms", args.ms, "--impls", args.impls] + (["--tiny"] if args.tiny else [])
   # shares of the remaining budget, in order; torch gets a fixed slot at the end
-  share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.3, "table": 1.0, "torch": 1.0}
-  torch_slot = 70.0 if "torch" in secs else 0.0
+  share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.2, "table": 1.0, "torch": 1.0}
+  torch_slot = 45.0 if "torch" in secs else 0.0
   for sec in secs:
     left = end - time.time() - (torch_slot if sec != "torch" else 0)
     if left <= 5:
@@ -425,8 +467,9 @@ def main():
     budget = left * share[sec]
     if sec == "pytest":
       penv = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-      _sub([sys.executable, "-m", "pytest", "-q", "-rA", "-s", "-m", "gpu", "tests/test_nf4.py",
-            "tests/test_nf4_gpu_bnb.py", "-p", "no:cacheprovider"], log, budget, penv)
+      _sub([sys.executable, "-m", "pytest", "-q", "-rA", "-s", "-m", "gpu",
+            "tests/test_nf4_gpu_bnb.py", "tests/test_nf4.py", "-p", "no:cacheprovider"],
+           log, budget, penv)
     else:
       _sub(me + ["--section", sec, "--deadline", str(time.time() + budget - 10)], log,
            budget + 20, env)

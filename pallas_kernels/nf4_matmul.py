@@ -26,14 +26,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from jaxsloth.quant import NF4, NF4_CODE, dequantize_absmax, dequantize_nf4
 from pallas_kernels import _common
+
+if TYPE_CHECKING:
+  from jaxsloth.quant import NF4
+
+
+def _quant():
+  # Imported lazily: jaxsloth/__init__ imports the model, which imports this module, so importing
+  # jaxsloth.quant at module level here would be circular when this module is imported first.
+  from jaxsloth import quant
+  return quant
 
 __all__ = ["nf4_matmul", "nf4_matmul_reference", "nf4_dequantize_pallas", "Plan"]
 
@@ -61,24 +71,44 @@ class Plan:
   dq_blocks: int = 8         # dequant kernel: quantization blocks per program
   num_warps: int = 4
   num_stages: int = 3
+  x_split: bool = False      # fused fwd: x's even/odd columns split in XLA (contiguous loads)
+                             # instead of stride-2 loads in the kernel
+  gemv: bool = False         # fused, M == 1: multiply + row reductions, no tensor-core dot
+  bwd_decode: str | None = None     # the fused bwd's own decode / num_warps (None: as the fwd)
+  bwd_num_warps: int | None = None
 
 
 FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
+
+# Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
+# bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
+TUNED: dict[str, Plan] = {
+    "m1": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64),
+    "small": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64),
+    "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
+}
+
+
+def _bucket(m: int) -> str:
+  return "m1" if m == 1 else "small" if m <= 16 else "large"
 
 
 def _auto_plan(m: int, impl: str | None) -> Plan:
   if impl == "xla" or (impl is None and not (_common.on_gpu() and _common.pallas_supported())):
     return Plan("xla", "xla")
-  if m <= 16:
-    return Plan("fused", "fused")
-  return Plan("dequant", "dequant")
+  plan = TUNED[_bucket(m)]
+  if impl == "pallas":  # a Pallas kernel for both passes, whatever the measurement preferred
+    plan = dataclasses.replace(
+        plan, fwd="dequant" if plan.fwd == "xla" else plan.fwd,
+        bwd="dequant" if plan.bwd == "xla" else plan.bwd)
+  return plan
 
 
 # ----------------------------------------------------------------------------- reference
 
 def nf4_matmul_reference(x: jax.Array, w: NF4) -> jax.Array:
   """f32 oracle: x [..., K] @ dequant(W).T -> [..., N] in f32."""
-  wf = dequantize_nf4(w, jnp.float32)
+  wf = _quant().dequantize_nf4(w, jnp.float32)
   return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), wf, precision=_F32_DOT)
 
 
@@ -87,9 +117,9 @@ def nf4_matmul_reference(x: jax.Array, w: NF4) -> jax.Array:
 def _tables(decode: str):
   """The lookup table a kernel takes as input (kernels may not capture array constants)."""
   if decode == "f32":
-    return jnp.asarray(NF4_CODE)                                   # [16] f32
+    return jnp.asarray(_quant().NF4_CODE)                          # [16] f32
   if decode == "pair":
-    b16 = NF4_CODE.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+    b16 = _quant().NF4_CODE.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
     b = np.arange(256)
     return jnp.asarray((b16[b >> 4] << 16) | b16[b & 15], jnp.uint32)   # [256] u32
   if decode == "select":
@@ -99,7 +129,7 @@ def _tables(decode: str):
 
 def _select_tree(n):
   """NF4 value of nibbles n (int32) with a 4-level where-tree on the bits."""
-  vals = [float(v) for v in NF4_CODE]
+  vals = [float(v) for v in _quant().NF4_CODE]
   bits = [(n & (1 << i)) != 0 for i in range(4)]
   level = vals
   for bit in bits:
@@ -148,7 +178,7 @@ def _check_kernel_blocksize(w: NF4):
 
 def _prepared(w: NF4, rows: int):
   """(codes [rows, K/2] u8, absmax [rows, B] f32) with N padded to `rows` (zeros decode to 0)."""
-  return _pad_rows(w.codes, rows), _pad_rows(dequantize_absmax(w), rows)
+  return _pad_rows(w.codes, rows), _pad_rows(_quant().dequantize_absmax(w), rows)
 
 
 def _n_programs_target():
@@ -213,6 +243,53 @@ def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p, bl
   o_ref[s, :, rows] = acc
 
 
+def _fused_fwd_split_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p,
+                            blocks_per_prog, unroll, decode, cdtype):
+  rows = pl.ds(pl.program_id(0) * bn, bn)
+  s = pl.program_id(1)
+  dims = (((1,), (1,)), ((), ()))
+
+  def step(t, acc):
+    for u in range(unroll):
+      b = s * blocks_per_prog + t * unroll + u
+      c = codes_ref[rows, pl.ds(b * p, p)]
+      a = absmax_ref[rows, pl.ds(b, 1)]
+      hi, lo = _decode(c, lut_ref, decode)
+      xe = xe_ref[:, pl.ds(b * p, p)]
+      xo = xo_ref[:, pl.ds(b * p, p)]
+      acc += jax.lax.dot_general(xe, (hi * a).astype(cdtype), dims,
+                                 preferred_element_type=jnp.float32)
+      acc += jax.lax.dot_general(xo, (lo * a).astype(cdtype), dims,
+                                 preferred_element_type=jnp.float32)
+    return acc
+
+  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step,
+                          jnp.zeros((xe_ref.shape[0], bn), jnp.float32))
+  o_ref[s, :, rows] = acc
+
+
+def _gemv_fwd_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p,
+                     blocks_per_prog, unroll, decode):
+  """M == 1: y[n] = sum_k W[n, k] x[k] with CUDA-core multiplies and row sums (no MMA)."""
+  rows = pl.ds(pl.program_id(0) * bn, bn)
+  s = pl.program_id(1)
+
+  def step(t, acc):
+    for u in range(unroll):
+      b = s * blocks_per_prog + t * unroll + u
+      c = codes_ref[rows, pl.ds(b * p, p)]
+      a = absmax_ref[rows, b]
+      hi, lo = _decode(c, lut_ref, decode)
+      xe = jax.lax.broadcast_in_dim(xe_ref[0, pl.ds(b * p, p)].astype(jnp.float32), (bn, p), (1,))
+      xo = jax.lax.broadcast_in_dim(xo_ref[0, pl.ds(b * p, p)].astype(jnp.float32), (bn, p), (1,))
+      part = jnp.sum(hi * xe + lo * xo, axis=1)
+      acc += part * a
+    return acc
+
+  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step, jnp.zeros((bn,), jnp.float32))
+  o_ref[s, 0, rows] = acc
+
+
 def _fused_fwd(x2, w: NF4, plan: Plan):
   _check_kernel_blocksize(w)
   m, k = x2.shape
@@ -227,11 +304,20 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   blocks_per_prog = nb // split
   unroll = _largest_divisor(blocks_per_prog, plan.unroll)
   codes, absmax = _prepared(w, n_pad)
-  xp = _pad_rows(x2, mp)
-  kernel = functools.partial(_fused_fwd_kernel, bn=bn, p=p, blocks_per_prog=blocks_per_prog,
-                             unroll=unroll, decode=plan.decode, cdtype=x2.dtype)
+  common = dict(bn=bn, p=p, blocks_per_prog=blocks_per_prog, unroll=unroll, decode=plan.decode)
+  if plan.gemv and m == 1:
+    mp = 1
+    kernel = functools.partial(_gemv_fwd_kernel, **common)
+    xs = (x2[:, 0::2], x2[:, 1::2])
+  elif plan.x_split or plan.gemv:
+    xp = _pad_rows(x2, mp)
+    kernel = functools.partial(_fused_fwd_split_kernel, cdtype=x2.dtype, **common)
+    xs = (xp[:, 0::2], xp[:, 1::2])
+  else:
+    kernel = functools.partial(_fused_fwd_kernel, cdtype=x2.dtype, **common)
+    xs = (_pad_rows(x2, mp),)
   part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), jnp.float32),
-               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(xp, codes, absmax,
+               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, absmax,
                                                                     _tables(plan.decode))
   return part.sum(0)[:m, :n].astype(x2.dtype)
 
@@ -260,6 +346,29 @@ def _fused_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *,
   oo_ref[s, :, cols] = acc_o
 
 
+def _gemv_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *, bn, p,
+                     rows_per_prog, decode):
+  """M == 1: dx[k] = sum_n dy[n] W[n, k] with CUDA-core multiplies and column sums."""
+  b = pl.program_id(0)
+  s = pl.program_id(1)
+  cols = pl.ds(b * p, p)
+
+  def step(t, carry):
+    acc_e, acc_o = carry
+    r0 = s * rows_per_prog + t * bn
+    c = codes_ref[pl.ds(r0, bn), cols]
+    a = absmax_ref[pl.ds(r0, bn), b]
+    hi, lo = _decode(c, lut_ref, decode)
+    g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
+    ga = jax.lax.broadcast_in_dim(g * a, (bn, p), (0,))
+    return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
+
+  zeros = jnp.zeros((p,), jnp.float32)
+  acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
+  oe_ref[s, 0, cols] = acc_e
+  oo_ref[s, 0, cols] = acc_o
+
+
 def _fused_bwd(dy2, w: NF4, plan: Plan):
   _check_kernel_blocksize(w)
   m, n = dy2.shape
@@ -273,12 +382,19 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
   split = plan.split or max(1, _n_programs_target() // nb)
   split = _largest_divisor(chunks, split)
   codes, absmax = _prepared(w, n_pad)
+  decode = plan.bwd_decode or plan.decode
+  plan = dataclasses.replace(plan, num_warps=plan.bwd_num_warps or plan.num_warps)
+  if plan.gemv and m == 1:
+    mp = 1
+    kernel = functools.partial(_gemv_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
+                               decode=decode)
+  else:
+    kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
+                               decode=decode, cdtype=dy2.dtype)
   g = jnp.pad(dy2, ((0, mp - m), (0, n_pad - n)))
-  kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
-                             decode=plan.decode, cdtype=dy2.dtype)
   shape = jax.ShapeDtypeStruct((split, mp, k // 2), jnp.float32)
   oe, oo = _call(kernel, (shape, shape), (nb, split), plan, "nf4_matmul_fused_bwd")(
-      g, codes, absmax, _tables(plan.decode))
+      g, codes, absmax, _tables(decode))
   dx = jnp.stack([oe.sum(0), oo.sum(0)], axis=-1).reshape(mp, k)
   return dx[:m].astype(dy2.dtype)
 
@@ -287,7 +403,7 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
 
 def _dense(w: NF4, dtype, how: str, plan: Plan):
   if how == "xla":
-    return dequantize_nf4(w, dtype)
+    return _quant().dequantize_nf4(w, dtype)
   return nf4_dequantize_pallas(w, dtype, plan)
 
 
@@ -336,7 +452,7 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   w must be one layer's NF4 (inside `jax.lax.scan` over a stacked weight, scan hands each layer
   an unstacked one). `plan` overrides the dispatch (benchmarks, tests).
   """
-  if not isinstance(w, NF4):
+  if not isinstance(w, _quant().NF4):
     raise ValueError(f"nf4_matmul: w must be an NF4 weight, got {type(w).__name__}")
   if w.stacked_dims:
     raise ValueError(f"nf4_matmul: w is stacked over leading dims {w.stacked_dims}; pass one "
@@ -354,10 +470,7 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   lead = x.shape[:-1]
   m = int(np.prod(lead)) if lead else 1
   if plan is None:
-    if implementation == "pallas":
-      plan = Plan("fused", "fused") if m <= 16 else Plan("dequant", "dequant")
-    else:
-      plan = _auto_plan(m, implementation)
+    plan = _auto_plan(m, implementation)
   if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
     plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
                                bwd=plan.bwd.replace("fused", "dequant"))
