@@ -1,5 +1,6 @@
 """Training: gradient and loss-curve parity with PEFT + PyTorch, accumulation, packing, resume."""
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,8 @@ from transformers import LlamaForCausalLM, get_linear_schedule_with_warmup
 import jaxsloth
 from jaxsloth.data import BatchStream, prepare_data
 from jaxsloth.model import HF_PROJECTION_NAMES
-from jaxsloth.train import TrainingArguments, Trainer, TrainingError, accumulated_loss_and_grads
+from jaxsloth.train import (TrainingArguments, Trainer, TrainingError, accumulated_loss_and_grads,
+                            fix_untrained_tokens_if_used)
 
 R, ALPHA = 4, 8
 
@@ -175,3 +177,31 @@ def test_training_without_lora_is_refused(setup, tmp_path):
     _, model, rows = setup
     with pytest.raises(ValueError, match="add_lora"):
         Trainer(model.replace(lora=None), rows, TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_lora_dropout_changes_the_loss_only_when_on(setup):
+    _, model, rows = setup
+    batch = BatchStream(rows, batch_size=2, accum_steps=1, seed=0).batch(0)
+    base = model.replace(lora=None)
+    dropped = base.replace(lora_config=dataclasses.replace(model.lora_config, lora_dropout=0.5))
+    l0, _, _ = accumulated_loss_and_grads(base, model.lora, batch, jax.random.PRNGKey(0))
+    l1, _, _ = accumulated_loss_and_grads(dropped, model.lora, batch, jax.random.PRNGKey(0))
+    l2, _, _ = accumulated_loss_and_grads(dropped, model.lora, batch, jax.random.PRNGKey(1))
+    assert float(l1) != float(l0) and float(l2) != float(l1)
+
+
+def test_embedding_fix_is_applied_when_the_data_uses_untrained_tokens(tiny_checkpoint):
+    import datasets
+
+    model, tok = jaxsloth.load_model(tiny_checkpoint("llama3", untrained_tokens=True), dtype="float32")
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    chat = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "yo"}]}])
+    plain = datasets.Dataset.from_list([{"text": "hello world"}])
+    logs = []
+    fixed = fix_untrained_tokens_if_used(model, prepare_data(chat, tok, 64), log=logs.append)
+    assert eot in fixed.fixed_token_ids and "<|eot_id|>" in logs[-1]
+    row = np.asarray(fixed.params["embed"][eot])
+    assert np.abs(row).max() > 0, "the fixed row must no longer be zero"
+    untouched = fix_untrained_tokens_if_used(model, prepare_data(plain, tok, 64), log=logs.append)
+    assert untouched.fixed_token_ids == () and "none used by the data" in logs[-1]
