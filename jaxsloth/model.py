@@ -77,7 +77,7 @@ def linear(x, w, lora_ab=None, lora_scaling: float = 1.0, *, impl: str | None = 
     return y
 
 
-def attention_mask_bias(attention_mask, segment_ids, seq_len: int):
+def causal_mask(attention_mask, segment_ids, seq_len: int):
     """Boolean [B, 1, S, S] mask: causal, keys that are real tokens, and same packed segment."""
     causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
     mask = causal
@@ -99,7 +99,7 @@ def attention(q, k, v, mask, *, attn_impl: str = "xla"):
     if attn_impl == "cudnn" and mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     if mask is None:
-        mask = attention_mask_bias(None, None, s)
+        mask = causal_mask(None, None, s)
     qg = q.reshape(b, s, m, n // m, h)
     scores = jnp.einsum("bsmgh,btmh->bmgst", qg, k, precision=_precision(q.dtype),
                         preferred_element_type=jnp.float32) * (h ** -0.5)
@@ -161,7 +161,7 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     if attention_mask is None and segment_ids is None:
         mask = None  # plain causal: built by attention() (XLA) or applied by cuDNN itself
     else:
-        mask = attention_mask_bias(attention_mask, segment_ids, seq)
+        mask = causal_mask(attention_mask, segment_ids, seq)
 
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
     layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl,
