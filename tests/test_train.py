@@ -205,3 +205,35 @@ def test_embedding_fix_is_applied_when_the_data_uses_untrained_tokens(tiny_check
     assert np.abs(row).max() > 0, "the fixed row must no longer be zero"
     untouched = fix_untrained_tokens_if_used(model, prepare_data(plain, tok, 64), log=logs.append)
     assert untouched.fixed_token_ids == () and "none used by the data" in logs[-1]
+
+
+def test_out_of_memory_gets_actionable_message(setup, tmp_path):
+    _, model, rows = setup
+    trainer = Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), max_steps=2, progress=False),
+                      log=lambda *_: None)
+
+    def oom(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB")
+
+    trainer.step_fn = oom
+    with pytest.raises(TrainingError, match=r"out of GPU memory.*max_seq_length.*remat='offload'"):
+        trainer.train()
+
+
+def test_non_finite_step_keeps_the_last_good_checkpoint(setup, tmp_path):
+    _, model, rows = setup
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, save_steps=1, progress=False)
+    trainer = Trainer(model, rows, args, log=lambda *_: None)
+    real, calls = trainer.step_fn, []
+
+    def nan_on_third(lora, opt_state, *rest):
+        calls.append(1)
+        lora, opt_state, m = real(lora, opt_state, *rest)
+        if len(calls) == 3:
+            m = {**m, "loss": jnp.float32(jnp.nan), "finite": jnp.bool_(False)}
+        return lora, opt_state, m
+
+    trainer.step_fn = nan_on_third
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 3.*last good checkpoint is step 2"):
+        trainer.train()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
