@@ -41,7 +41,7 @@ L2_FLUSH_BYTES = 120e6
 MEM_CAP_BYTES = 24e9
 
 
-def _copies(n, k, m, cap=8):
+def _copies(n, k, m, cap=4):
   """Distinct (x, W) copies per timed call: enough NF4 bytes to overflow L2 at small M (capped:
   each copy is compiled separately), 2 at large M where the op is long and compute-bound."""
   if m >= 2048:
@@ -216,9 +216,10 @@ def run_table(fh, deadline, impls, models, ms):
   b = JaxBench()
   _load_tuned(b.mod, os.path.dirname(fh.name))
   _emit(fh, section="table", dispatch={k: dataclasses.asdict(v) for k, v in b.mod.TUNED.items()})
-  for model in models:
-    for proj, (n, k) in SHAPES[model].items():
-      for m in ms:
+  # M-major, so that a deadline leaves every shape measured at the first Ms given
+  for m in ms:
+    for model in models:
+      for proj, (n, k) in SHAPES[model].items():
         ops = b.operands(n, k, m)
         for impl in impls:
           if time.time() > deadline:
@@ -425,6 +426,8 @@ def main():
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
+  ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
+  ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()
   if args.tiny:
     global SHAPES, SWEEP_SHAPE, SWEEP_MS
@@ -458,7 +461,10 @@ def main():
         "--ms", args.ms, "--impls", args.impls] + (["--tiny"] if args.tiny else [])
   # shares of the remaining budget, in order; torch gets a fixed slot at the end
   share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.2, "table": 1.0, "torch": 1.0}
-  torch_slot = 45.0 if "torch" in secs else 0.0
+  for kv in filter(None, args.shares.split(",")):
+    name, val = kv.split("=")
+    share[name] = float(val)
+  torch_slot = 30.0 if "torch" in secs else 0.0
   for sec in secs:
     left = end - time.time() - (torch_slot if sec != "torch" else 0)
     if left <= 5:
@@ -468,8 +474,8 @@ def main():
     if sec == "pytest":
       penv = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
       _sub([sys.executable, "-m", "pytest", "-q", "-rA", "-s", "-m", "gpu",
-            "tests/test_nf4_gpu_bnb.py", "tests/test_nf4.py", "-p", "no:cacheprovider"],
-           log, budget, penv)
+            "tests/test_nf4_gpu_bnb.py", "tests/test_nf4.py", "-k", args.pytest_k,
+            "-p", "no:cacheprovider"], log, budget, penv)
     else:
       _sub(me + ["--section", sec, "--deadline", str(time.time() + budget - 10)], log,
            budget + 20, env)

@@ -82,9 +82,16 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
+# Measured 2026-11-26 on an H100 (bench/RESULTS.md, "NF4 matmul"), 8B 4096x4096 weight: at M=16
+# the fused fwd with the select-tree decode, bn=128 took 0.030 ms (XLA dequant+dot 0.039 ms;
+# the f32-table decode 0.053-0.079 ms); the fused bwd with the (hi, lo) bf16-pair table and 64-row
+# steps beat the others; at M=4096 the Pallas dequant (f32 table, 16 rows x 4 blocks per program)
+# + cuBLAS tied XLA's dequant (0.215 vs 0.220 ms) and won at M=16384 (0.802 vs 0.858 ms).
 TUNED: dict[str, Plan] = {
-    "m1": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64),
-    "small": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64),
+    "m1": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64,
+               bwd_decode="pair"),
+    "small": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64,
+                  bwd_decode="pair"),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 
