@@ -68,6 +68,9 @@ def _add_train_command(sub):
     p.add_argument("--packing", action="store_true", help="pack several examples per row")
     p.add_argument("--train_on_responses_only", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
                    help="loss on responses only (default: on for chat data, off otherwise)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh for several GPUs, e.g. data=2,fsdp=1 (sizes multiply to the device count); "
+                        "default: all devices on data, or on fsdp when the base is large for one device")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.set_defaults(func=_train)
 

@@ -58,6 +58,10 @@ class TrainingArguments:
     remat: str = "full"
     shuffle: bool = True
     progress: bool = True
+    # device mesh "data=2,fsdp=1" (jaxsloth.sharding); None: the default for the devices present.
+    # Used only when more than one device is present; the global batch is then
+    # per_device_train_batch_size x the number of devices.
+    mesh: str | None = None
 
     def validate(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
@@ -69,6 +73,10 @@ class TrainingArguments:
             raise ValueError(f"remat must be one of {llama.REMAT_PRESETS}, got {self.remat!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if self.mesh is not None:
+            from jaxsloth.sharding import parse_mesh_spec
+
+            parse_mesh_spec(self.mesh)
 
 
 def lr_schedule(args: TrainingArguments, total_steps: int):
@@ -137,10 +145,11 @@ def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing
     return loss_sum / denom, count, jax.tree_util.tree_map(lambda x: x / denom, g)
 
 
-def make_train_step(tx, *, remat: str, packing: bool):
+def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None):
     """jit(step)(model, opt_state, batch, key) -> (lora, opt_state, metrics). LoRA/opt state are donated.
 
     A non-finite loss or gradient leaves the adapters and optimizer unchanged (metrics say so).
+    On a mesh, ``out_shardings`` (lora, opt_state, metrics) keeps the new state where the old one was.
     """
 
     def step(lora, opt_state, model, batch, key):
@@ -153,7 +162,9 @@ def make_train_step(tx, *, remat: str, packing: bool):
         return keep(new_lora, lora), keep(new_opt, opt_state), {"loss": loss, "tokens": count,
                                                                   "grad_norm": grad_norm, "finite": ok}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if out_shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def _is_oom(err: Exception) -> bool:
@@ -169,7 +180,16 @@ class Trainer:
         if model.lora is None:
             raise ValueError("the model has no LoRA adapters: call jaxsloth.add_lora(model, ...) first")
         self.model, self.rows, self.args, self.log = model, rows, args, log
-        self.stream = BatchStream(rows, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        self.mesh = None
+        if args.mesh is not None or jax.device_count() > 1:
+            from jaxsloth.sharding import describe, make_mesh
+
+            mesh = make_mesh(args.mesh, model=model)  # a spec that does not fit the devices raises here
+            if mesh.size > 1:  # one device: no mesh, the plain single-device path
+                self.mesh = mesh
+                log(f"mesh: {describe(mesh)}")
+        n_dev = 1 if self.mesh is None else self.mesh.size
+        self.stream = BatchStream(rows, args.per_device_train_batch_size * n_dev, args.gradient_accumulation_steps,
                                   args.seed, shuffle=args.shuffle)
         if args.max_steps > 0:
             self.total_steps = args.max_steps
@@ -177,7 +197,18 @@ class Trainer:
             self.total_steps = max(1, math.ceil(args.num_train_epochs * len(rows) / self.stream.rows_per_step))
         self.tx = make_optimizer(args, self.total_steps)
         self.schedule = lr_schedule(args, self.total_steps)
-        self.step_fn = make_train_step(self.tx, remat=args.remat, packing=args.packing)
+        if self.mesh is None:
+            self.step_fn = make_train_step(self.tx, remat=args.remat, packing=args.packing)
+        else:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            from jaxsloth.sharding import lora_shardings, opt_state_shardings
+
+            self.step_fn = make_train_step(
+                self.tx, remat=args.remat, packing=args.packing,
+                out_shardings=(lora_shardings(model.lora, self.mesh),
+                               opt_state_shardings(self.tx, model.lora, self.mesh),
+                               NamedSharding(self.mesh, PartitionSpec())))
         self.out = Path(args.output_dir)
         self.history: list[dict[str, Any]] = []
 
@@ -201,8 +232,10 @@ class Trainer:
         step = mngr.latest_step()
         if step is None:
             return 0, lora, opt_state
-        target = {"lora": lora, "opt_state": opt_state}
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        from jaxsloth.sharding import abstract_with_shardings
+
+        # the target carries this run's shardings: a checkpoint from any mesh restores onto this one
+        abstract = abstract_with_shardings({"lora": lora, "opt_state": opt_state})
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         self.log(f"resumed from checkpoint at step {step} ({self.out / 'checkpoints'})")
         return step, state["lora"], state["opt_state"]
@@ -212,7 +245,14 @@ class Trainer:
         args, model = self.args, self.model
         self.out.mkdir(parents=True, exist_ok=True)
         lora = jax.tree_util.tree_map(jnp.copy, model.lora)  # the step donates its input; keep the caller's
-        opt_state = self.tx.init(lora)
+        if self.mesh is None:
+            opt_state = self.tx.init(lora)
+        else:
+            from jaxsloth.sharding import init_opt_state, shard_batch, shard_lora, shard_model
+
+            model = shard_model(model.replace(lora=None), self.mesh)
+            lora = shard_lora(lora, self.mesh)
+            opt_state = init_opt_state(self.tx, lora, self.mesh)
         mngr = self._manager() if (args.save_steps > 0 or resume) else None
         start = 0
         if resume:
@@ -235,6 +275,8 @@ class Trainer:
         with open(metrics_path, "a") as mf:
             for step in range(start, self.total_steps):
                 batch = self.stream.batch(step)
+                if self.mesh is not None:
+                    batch = shard_batch(batch, self.mesh)
                 lr = float(self.schedule(step))
                 try:
                     lora, opt_state, m = self.step_fn(lora, opt_state, model.replace(lora=None), batch,

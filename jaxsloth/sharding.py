@@ -1,0 +1,242 @@
+"""Multi-device training: a ("data", "fsdp") device mesh and where every array of a QLoRA run lives.
+
+Mesh axes:
+    data   plain data parallelism: the base weights are replicated over it, the batch is split.
+    fsdp   fully sharded data parallelism: the batch is split over it too, and every sizeable
+           weight (frozen base, NF4 codes and absmax, LoRA adapters, AdamW moments) is split over
+           it on one non-layer dim. Inside the layer scan XLA all-gathers one layer's slice when it
+           is used and reduce-scatters the LoRA gradients (GSPMD does this from the shardings alone:
+           the jitted train step of ``jaxsloth.train`` is unchanged).
+So every device gets its own rows (batch over data x fsdp); ``fsdp`` trades communication for
+memory. Arrays whose dims the fsdp size does not divide stay replicated (they are the small ones:
+norms, NF4 double-quant statistics, odd-sized tiny models).
+
+Default mesh (``make_mesh(None, model=...)``): all devices on ``data`` unless the frozen base takes
+more than a quarter of one device's memory, then all on ``fsdp``. Data parallelism moves no weights
+at all (the right choice for 8B QLoRA on 80 GB cards, where the 5.7 GB NF4 base fits many times
+over); FSDP is for models whose base, activations and optimizer do not fit one card (70B, long
+context). Devices that report no memory size (CPU) get ``data``.
+
+Multi-host: call ``jax.distributed.initialize()`` first thing in every process (before anything
+touches a device), then build the mesh as usual: ``jax.devices()`` then lists the devices of all
+hosts and the mesh spans them. Every process must run the same program on the same data (the
+``BatchStream`` is deterministic given the seed); ``shard_batch`` and ``shard_model`` take the full
+host arrays and each process keeps only the shards of its own devices. Orbax checkpoints written
+from a mesh restore onto any other mesh (or one device): the restore target carries the shardings
+of the run that reads it (``abstract_with_shardings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsloth.quant import NF4
+
+__all__ = ["AXES", "RULES", "make_mesh", "parse_mesh_spec", "default_mesh_shape", "shard_model", "shard_batch",
+           "shard_lora", "init_opt_state", "opt_state_shardings", "abstract_with_shardings", "describe"]
+
+AXES = ("data", "fsdp")
+
+# The one table of logical rules: kind of array -> (mesh axes, dims that may carry them).
+# Dims are counted from the first per-layer dim (after the stacked [L] dim of layer weights, which
+# is never split: the scan reads one layer at a time). "any": the first of the array's dims that
+# the fsdp size divides; none divides -> replicated. Kinds are assigned by `_param_kind`.
+RULES: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...] | str]] = {
+    "batch": (("data", "fsdp"), (1,)),      # batches [A, B, S]: the rows B, over every device
+    "dense_weight": (("fsdp",), "any"),     # embed/lm_head [V, D], projections [L, out, in]
+    "nf4_blocks": (("fsdp",), (0,)),        # NF4 codes [L, N, K/2], absmax [L, N, B]: out features N
+    "nf4_stats": (None, ()),                # NF4 absmax_offset [L], nested_absmax [L, n]: tiny
+    "norm": (None, ()),                     # RMSNorm scales [L, D], [D]: tiny, replicated
+    "lora": (("fsdp",), "any"),             # adapters a [L, R, in], b [L, out, R]; AdamW moments follow
+}
+
+
+class MeshError(ValueError):
+    """A mesh spec that cannot be built on the devices present."""
+
+
+# ---------------------------------------------------------------------------------------------- mesh
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4}; an axis left out has size 1."""
+    sizes = {a: 1 for a in AXES}
+    seen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(\w+)\s*=\s*(\d+)", part)
+        if not m:
+            raise MeshError(f"mesh spec {spec!r}: cannot read {part!r}; write axis=size pairs such as "
+                            "'data=2,fsdp=1'")
+        axis, size = m.group(1), int(m.group(2))
+        if axis not in AXES:
+            raise MeshError(f"mesh spec {spec!r}: unknown axis {axis!r}; the axes are {AXES}")
+        if axis in seen:
+            raise MeshError(f"mesh spec {spec!r}: axis {axis!r} given twice")
+        if size < 1:
+            raise MeshError(f"mesh spec {spec!r}: axis {axis!r} must have size >= 1, got {size}")
+        seen.add(axis)
+        sizes[axis] = size
+    if not seen:
+        raise MeshError(f"mesh spec {spec!r} names no axis; write e.g. 'data=2,fsdp=1'")
+    return sizes
+
+
+def _frozen_bytes(model) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params)))
+
+
+def default_mesh_shape(n_devices: int, model=None, device=None) -> dict[str, int]:
+    """All devices on fsdp when the frozen base takes > 1/4 of one device's memory, else on data."""
+    if model is not None and n_devices > 1:
+        device = device or jax.devices()[0]
+        stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+        limit = stats.get("bytes_limit")
+        if limit and _frozen_bytes(model) > limit / 4:
+            return {"data": 1, "fsdp": n_devices}
+    return {"data": n_devices, "fsdp": 1}
+
+
+def make_mesh(spec: str | None = None, *, model=None, devices=None) -> Mesh:
+    """A Mesh over ``devices`` (default: every device, of all hosts after jax.distributed.initialize).
+
+    ``spec`` "data=2,fsdp=4" must multiply to the number of devices; None picks the default above.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = default_mesh_shape(n, model) if spec is None else parse_mesh_spec(spec)
+    shape = tuple(sizes[a] for a in AXES)
+    if int(np.prod(shape)) != n:
+        raise MeshError(f"mesh spec {spec!r} asks for {' x '.join(f'{a}={s}' for a, s in zip(AXES, shape))} = "
+                        f"{int(np.prod(shape))} devices, but {n} {devices[0].platform.upper()} device(s) are "
+                        f"present; make the sizes multiply to {n}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices)  # topology-aware order on GPU/TPU
+    except Exception:  # noqa: BLE001 - CPU and unusual topologies: plain row-major order
+        grid = np.array(devices, dtype=object).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+def describe(mesh: Mesh) -> str:
+    return ", ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" over {mesh.size} {mesh.devices.flat[0].platform} devices"
+
+
+# ------------------------------------------------------------------------------------------ shardings
+def _spec(kind: str, shape, mesh: Mesh, lead: int) -> P:
+    """PartitionSpec of an array of ``kind`` whose per-layer dims start at ``lead``."""
+    axes, dims = RULES[kind]
+    spec = [None] * len(shape)
+    if axes is None:
+        return P(*spec)
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    if size == 1:
+        return P(*spec)
+    candidates = range(lead, len(shape)) if dims == "any" else [lead + d for d in dims]
+    for d in candidates:
+        if d < len(shape) and shape[d] % size == 0:
+            spec[d] = axes[0] if len(axes) == 1 else axes
+            break
+    return P(*spec)
+
+
+def _sharding(kind, x, mesh, lead):
+    return NamedSharding(mesh, _spec(kind, x.shape, mesh, lead))
+
+
+def _param_kind(path) -> tuple[str, int]:
+    """(kind, first per-layer dim) of a params leaf from its key path."""
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    lead = 1 if "layers" in keys else 0
+    if keys and str(keys[-1]).endswith("norm"):
+        return "norm", lead
+    return "dense_weight", lead
+
+
+def _place(x, sharding):
+    return jax.device_put(x, sharding)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedShardings for a params pytree (dense arrays and NF4 weights)."""
+
+    def one(path, leaf):
+        kind, lead = _param_kind(path)
+        if isinstance(leaf, NF4):
+            fields = {f: NamedSharding(mesh, P()) for f in ("absmax_offset", "nested_absmax")}
+            for f in ("codes", "absmax"):
+                fields[f] = _sharding("nf4_blocks", getattr(leaf, f), mesh, lead)
+            # a NF4 pytree of shardings: same static metadata, sharding leaves
+            return dataclasses.replace(leaf, **fields)
+        return _sharding(kind, leaf, mesh, lead)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, NF4))
+
+
+def lora_shardings(lora, mesh: Mesh):
+    return jax.tree_util.tree_map(lambda x: _sharding("lora", x, mesh, 1), lora)
+
+
+def shard_lora(lora, mesh: Mesh):
+    """The LoRA pytree placed on ``mesh`` (fsdp over a non-layer dim when divisible)."""
+    return jax.tree_util.tree_map(_place, lora, lora_shardings(lora, mesh))
+
+
+def shard_model(model, mesh: Mesh):
+    """``model`` (a CausalLM) with params and LoRA placed on ``mesh`` per RULES."""
+    params = jax.tree_util.tree_map(_place, model.params, param_shardings(model.params, mesh))
+    lora = None if model.lora is None else shard_lora(model.lora, mesh)
+    return model.replace(params=params, lora=lora)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    axes, (dim,) = RULES["batch"]
+    spec = [None] * ndim
+    spec[dim] = axes
+    return NamedSharding(mesh, P(*spec))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a batch dict of [A, B, S] arrays with rows B split over every device of the mesh."""
+    axes, (dim,) = RULES["batch"]
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    out = {}
+    for name, x in batch.items():
+        if x.ndim <= dim or x.shape[dim] % n:
+            raise MeshError(f"batch field {name!r} has shape {tuple(x.shape)}: its rows (dim {dim}) must be a "
+                            f"multiple of the {n} devices of the mesh ({describe(mesh)}); the global batch is "
+                            "per_device_train_batch_size x the number of devices")
+        out[name] = jax.device_put(x, batch_sharding(mesh, x.ndim))
+    return out
+
+
+def opt_state_shardings(tx, lora, mesh: Mesh):
+    """Shardings of ``tx.init(lora)``: every params-shaped subtree (AdamW mu, nu) follows the LoRA
+    leaves; counters and other non-param state are replicated."""
+    lora_sh = lora_shardings(lora, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(tx.init, lora)
+    try:
+        import optax
+
+        return optax.tree_map_params(tx, lambda _, s: s, abstract, lora_sh,
+                                     transform_non_params=lambda _: replicated)
+    except Exception:  # noqa: BLE001 - transforms whose init cannot take optax's placeholder
+        by_shape = {tuple(x.shape): s for x, s in zip(jax.tree_util.tree_leaves(lora),
+                                                      jax.tree_util.tree_leaves(lora_sh))}
+        return jax.tree_util.tree_map(lambda x: by_shape.get(tuple(x.shape), replicated), abstract)
+
+
+def init_opt_state(tx, lora, mesh: Mesh):
+    """``tx.init(lora)`` created directly in its sharded layout (no full copy on one device)."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, lora, mesh))(lora)
+
+
+def abstract_with_shardings(tree):
+    """ShapeDtypeStructs carrying each array's current sharding: an Orbax restore target that puts the
+    restored arrays where this run keeps them, whatever mesh wrote the checkpoint."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
