@@ -6,7 +6,7 @@ Run on the GPU machine, in three processes so JAX and PyTorch never share the ca
   python bench/kernels.py report --out DIR            # merges DIR/*.json into DIR/kernels.md
 Shapes: Llama-3 8B (D=4096, 32/8 heads, H=128) and 70B (D=8192, 64/8 heads), V=128256, bf16,
 tokens 2K..64K. RMSNorm and RoPE
-times (ms) are per step of a 10-step chain inside one jit (no dispatch cost; optimization barriers
+times (ms) are per step of a 10-step (4 for >= 512 MiB) chain inside one jit (no dispatch cost; optimization barriers
 between steps); cross-entropy and torch times are the best of two runs of `reps` calls queued back
 to back, divided by reps. Bandwidth counts the bytes an
 ideal kernel must move (each input read once, each output written once).
@@ -39,7 +39,7 @@ def save(out, name, rows):
 
 # ============================================================================================ JAX
 
-def run_jax(out, sweep, budget_s):
+def run_jax(out, sweep, budget_s, ops):
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax
   import jax.numpy as jnp
@@ -68,10 +68,12 @@ def run_jax(out, sweep, budget_s):
       del out
     return best
 
-  def timeit_loop(step, carry, n=10):
+  def timeit_loop(step, carry, n=None):
     """ms per step: n steps chained inside one jit (unrolled: a while loop would add carry copies
     after custom calls), so no per-call dispatch is counted. Optimization barriers stop XLA from
     fusing one step into the next."""
+    if n is None:
+      n = 10 if sum(a.nbytes for a in jax.tree.leaves(carry)) < 2**29 else 4
     def chain(c):
       for _ in range(n):
         c = jax.lax.optimization_barrier(step(c))
@@ -162,7 +164,7 @@ def run_jax(out, sweep, budget_s):
     del lg
 
   # ---- RMSNorm
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "rmsnorm" in ops else ():
     d = cfg["d"]
     for t_ in TOKENS:
       if time.time() - T0 > budget_s:
@@ -188,7 +190,7 @@ def run_jax(out, sweep, budget_s):
       del x, dy
 
   # ---- RoPE
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "rope" in ops else ():
     n, m, h = cfg["n"], cfg["m"], cfg["h"]
     for t_ in TOKENS:
       if time.time() - T0 > budget_s:
@@ -218,7 +220,7 @@ def run_jax(out, sweep, budget_s):
     sweeps()  # picks the fastest CE softmax-pass config for the table below
 
   # ---- fused cross-entropy
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "ce" in ops else ():
     d = cfg["d"]
     w = (jax.random.normal(key, (VOCAB, d), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
     for t_ in CE_TOKENS:
@@ -282,7 +284,7 @@ def run_jax(out, sweep, budget_s):
 
 # ========================================================================================== torch
 
-def run_torch(out, budget_s, compile_too=True):
+def run_torch(out, budget_s, ops, compile_too=True):
   os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -383,7 +385,7 @@ def run_torch(out, budget_s, compile_too=True):
   if fast_rms_layernorm is not None:
     variants_rms.append(("unsloth triton", lambda norm, x: fast_rms_layernorm(norm, x)))
 
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "rmsnorm" in ops else ():
     d = cfg["d"]
     for t_ in TOKENS:
       if time.time() - T0 > budget_s:
@@ -403,7 +405,7 @@ def run_torch(out, budget_s, compile_too=True):
         safe(one, op="rmsnorm", model=model, tokens=t_, impl=name)
       del x, dy
 
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "rope" in ops else ():
     n, m, h = cfg["n"], cfg["m"], cfg["h"]
     for t_ in TOKENS:
       if time.time() - T0 > budget_s:
@@ -430,7 +432,7 @@ def run_torch(out, budget_s, compile_too=True):
         safe(one, op="rope", model=model, tokens=t_, impl=name)
       del q, k
 
-  for model, cfg in MODELS.items():
+  for model, cfg in MODELS.items() if "ce" in ops else ():
     d = cfg["d"]
     w = (torch.randn(VOCAB, d, device=dev) / d ** 0.5).to(torch.bfloat16)
     for t_ in CE_TOKENS:
@@ -542,6 +544,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("part", choices=["jax", "torch", "report"])
   ap.add_argument("--out", default="bench_out")
+  ap.add_argument("--ops", default="rmsnorm,rope,ce", help="comma list of ops to time")
   ap.add_argument("--sweep", default="", help="comma list of rmsnorm,rope,ce block-size sweeps")
   ap.add_argument("--no-compile", action="store_true")
   ap.add_argument("--small", action="store_true", help="tiny shapes: CPU smoke test of this script")
@@ -554,9 +557,9 @@ def main():
     MODELS.update({"tiny": dict(d=256, n=4, m=2, h=128)})
     VOCAB, TOKENS, CE_TOKENS = 1000, [64], [64]
   if a.part == "jax":
-    run_jax(a.out, a.sweep, a.budget)
+    run_jax(a.out, a.sweep, a.budget, set(a.ops.split(",")))
   elif a.part == "torch":
-    run_torch(a.out, a.budget, compile_too=not a.no_compile)
+    run_torch(a.out, a.budget, set(a.ops.split(",")), compile_too=not a.no_compile)
   else:
     report(a.out)
 

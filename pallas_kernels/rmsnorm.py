@@ -24,7 +24,8 @@ from pallas_kernels import _common
 __all__ = ["rmsnorm", "rmsnorm_reference"]
 
 
-# Elements per program and warps; tuned on H100 by bench/kernels.py (--sweep).
+# Elements per program and warps: the sweep in bench/kernels.py (--sweep rmsnorm) on an H200 was
+# flat within 10%; 2048 (one row of 8B/70B per program) with 8 warps was among the fastest.
 BLOCK_ELEMS = 2048
 NUM_WARPS = 8
 
@@ -147,7 +148,8 @@ def _rmsnorm_bwd(eps, impl, weight_grad, backward, res, dy2):
 _rmsnorm.defvjp(_rmsnorm_fwd, _rmsnorm_bwd)
 
 
-# Measured on H100 (bench/RESULTS.md): the Pallas kernel is the GPU default.
+# Pallas is the GPU default: on an H100 (bench/RESULTS.md, 2026-11-26) fwd+bwd is 1.3-1.4x faster
+# than XLA at 16K-64K tokens (8B, 16K: 0.237 vs 0.334 ms) and the forward ties (within 3%).
 _DEFAULT_ON_GPU = "pallas"
 
 
