@@ -1,15 +1,15 @@
 """GPU benchmark of the RMSNorm, RoPE and fused cross-entropy kernels against XLA and the PyTorch path.
 
 Run on the GPU machine, in three processes so JAX and PyTorch never share the card's memory:
-  python bench/kernels.py jax   --out DIR [--sweep]   # ours (Pallas) vs XLA, copy bandwidth, CE memory
-  python bench/kernels.py torch --out DIR             # HF eager, torch.compile, Unsloth (when importable)
-  python bench/kernels.py report --out DIR            # merges DIR/*.json into DIR/kernels.md
+  python bench/kernels.py jax   --out DIR [--ops rmsnorm,rope,ce] [--sweep ce]  # ours vs XLA, copy BW, CE memory
+  python bench/kernels.py torch --out DIR [--ops ...]   # HF eager, torch.compile, Unsloth (when importable)
+  python bench/kernels.py report --out DIR              # merges DIR/*.json into DIR/kernels.md
 Shapes: Llama-3 8B (D=4096, 32/8 heads, H=128) and 70B (D=8192, 64/8 heads), V=128256, bf16,
-tokens 2K..64K. RMSNorm and RoPE
-times (ms) are per step of a 10-step (4 for >= 512 MiB) chain inside one jit (no dispatch cost; optimization barriers
-between steps); cross-entropy and torch times are the best of two runs of `reps` calls queued back
-to back, divided by reps. Bandwidth counts the bytes an
-ideal kernel must move (each input read once, each output written once).
+tokens 2K..64K. RMSNorm and RoPE times (ms) are per step of a chain of 10 steps (4 for carries of
+>= 512 MiB) inside one jit, with optimization barriers between steps: no dispatch cost, no fusion
+across steps. Cross-entropy and torch times are the best of two runs of `reps` calls queued back to
+back, divided by reps. Bandwidth counts the bytes an ideal kernel must move (each input read once,
+each output written once). Budget: the whole set takes ~8 min on an H100; split it with --ops.
 """
 
 from __future__ import annotations
