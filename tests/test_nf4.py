@@ -152,6 +152,21 @@ def test_stacked_weights_run_under_scan():
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("plan", ["xla", "fused-f32"])
+def test_grad_through_remat_scan_over_stacked_weights(plan):
+  # what the model does: scan over layers, each layer checkpointed, W frozen (integer leaves)
+  s = stack_nf4([quantize_nf4(_weight(64, 64, seed=i)) for i in range(2)])
+  x = jax.random.normal(jax.random.key(3), (3, 64), jnp.float32)
+
+  def loss(x, matmul):
+    body = jax.checkpoint(lambda c, w: (jnp.tanh(matmul(c, w)), None))
+    return jnp.sum(jax.lax.scan(body, x, s)[0] ** 2)
+
+  g = jax.jit(jax.grad(lambda x: loss(x, lambda c, w: nf4_matmul(c, w, plan=PLANS[plan]))))(x)
+  g_ref = jax.grad(lambda x: loss(x, nf4_matmul_reference))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=0, atol=2**-7 * np.abs(g_ref).max())
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_quantize_rejects_bad_input():
