@@ -15,11 +15,18 @@ Implementations (`implementation=`):
               fwd grid (N / bn, split-K), each program loops over its K range one quantization
               block at a time: x's even/odd columns (strided loads) @ the high/low nibble tiles.
               bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
+              Variants (Plan): decode by select tree / bf16-pair table / f32 table; x split into
+              even/odd columns in XLA; a GEMV form for M == 1 (CUDA-core multiply + reductions).
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
               cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
-  None      the measured-fastest per device and M (see `_auto_plan`); "xla" off-GPU.
+  None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
+
+Where it stands (H100, bench/RESULTS.md "NF4 matmul"): M=16384 fwd 1.00x the bf16 dot, M=4096 1.14x
+(the dequant pass moves 42 MB per 4096x4096 weight); M<=16 the fused kernel beats XLA dequant+dot
+(0.030 vs 0.039 ms) but is 1.8x slower than the bf16 dot: decode-bound at 0.32 TB/s. A Mosaic GPU
+(wgmma, decode in registers) kernel is the missing piece for both targets.
 """
 
 from __future__ import annotations
