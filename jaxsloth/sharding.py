@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 from jaxsloth.quant import NF4
 
 __all__ = ["AXES", "RULES", "make_mesh", "parse_mesh_spec", "default_mesh_shape", "shard_model", "shard_batch",
-           "shard_lora", "init_opt_state", "opt_state_shardings", "abstract_with_shardings", "describe"]
+           "shard_lora", "init_opt_state", "opt_state_shardings", "abstract_with_shardings", "describe",
+           "activate", "constrain_layer", "constrain_rows"]
 
 AXES = ("data", "fsdp")
 
@@ -119,7 +120,12 @@ def make_mesh(spec: str | None = None, *, model=None, devices=None) -> Mesh:
         grid = mesh_utils.create_device_mesh(shape, devices)  # topology-aware order on GPU/TPU
     except Exception:  # noqa: BLE001 - CPU and unusual topologies: plain row-major order
         grid = np.array(devices, dtype=object).reshape(shape)
-    return Mesh(grid, AXES)
+    try:  # Auto axes: GSPMD decides the collectives (jax.make_mesh would default to Explicit axes)
+        from jax.sharding import AxisType
+
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    except (ImportError, TypeError):
+        return Mesh(grid, AXES)
 
 
 def describe(mesh: Mesh) -> str:
@@ -234,6 +240,45 @@ def opt_state_shardings(tx, lora, mesh: Mesh):
 def init_opt_state(tx, lora, mesh: Mesh):
     """``tx.init(lora)`` created directly in its sharded layout (no full copy on one device)."""
     return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, lora, mesh))(lora)
+
+
+# ------------------------------------------------------------------------- inside the traced model
+# GSPMD alone is free to satisfy FSDP by gathering activations, or the *dequantized* weights (8x the
+# bytes of the NF4 codes), instead of gathering each layer's 4-bit leaves. Two constraints pin the
+# intended plan: at the top of the layer scan body, `constrain_layer(layer)` (gather this layer's
+# codes/absmax and LoRA slices) and `constrain_rows(x)` (activations keep their rows split). Both
+# are no-ops unless traced under `activate(mesh)`, so single-device code is untouched.
+
+def activate(mesh: Mesh):
+    """Context in which the step is traced and run on ``mesh`` (``jax.set_mesh``)."""
+    return jax.set_mesh(mesh)
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or getattr(mesh, "empty", False) or set(AXES) - set(mesh.axis_names):
+        return None
+    return mesh
+
+
+def constrain_layer(tree):
+    """One layer's weights (dense, NF4 leaves, LoRA) replicated where they are used: the FSDP gather."""
+    mesh = _active_mesh()
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
+def constrain_rows(x):
+    """Activations [B, ...] with rows over every device (when the mesh size divides B)."""
+    mesh = _active_mesh()
+    axes, _ = RULES["batch"]
+    if mesh is None or x.ndim == 0:
+        return x
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 def abstract_with_shardings(tree):

@@ -9,6 +9,7 @@ plain argument. Hyper-parameter names follow Hugging Face's TrainingArguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -248,7 +249,7 @@ class Trainer:
         if self.mesh is None:
             opt_state = self.tx.init(lora)
         else:
-            from jaxsloth.sharding import init_opt_state, shard_batch, shard_lora, shard_model
+            from jaxsloth.sharding import activate, init_opt_state, shard_batch, shard_lora, shard_model
 
             model = shard_model(model.replace(lora=None), self.mesh)
             lora = shard_lora(lora, self.mesh)
@@ -279,8 +280,9 @@ class Trainer:
                     batch = shard_batch(batch, self.mesh)
                 lr = float(self.schedule(step))
                 try:
-                    lora, opt_state, m = self.step_fn(lora, opt_state, model.replace(lora=None), batch,
-                                                      jax.random.fold_in(base_key, step))
+                    with contextlib.nullcontext() if self.mesh is None else activate(self.mesh):
+                        lora, opt_state, m = self.step_fn(lora, opt_state, model.replace(lora=None), batch,
+                                                          jax.random.fold_in(base_key, step))
                     loss = float(m["loss"])
                 except Exception as e:  # noqa: BLE001 - only OOM is translated; the rest re-raises
                     if _is_oom(e):

@@ -91,7 +91,29 @@ def _child_parity(path):
                 "q_shard_shape": list(q.sharding.shard_shape(q.shape)), "q_shape": list(q.shape),
                 "lora_a_shard_shape": list(sm.lora["q"]["a"].sharding.shard_shape(sm.lora["q"]["a"].shape)),
             }
+    out["constraints"] = _child_constraints(model)
     return out
+
+
+def _child_constraints(model):
+    """Under activate(mesh), constrain_layer gathers one layer (NF4 leaves too), constrain_rows splits rows."""
+    import jax
+
+    from jaxsloth.sharding import activate, constrain_layer, constrain_rows, make_mesh, shard_model
+
+    mesh = make_mesh("data=2,fsdp=4")
+    layers = shard_model(model, mesh).params["layers"]
+    layer0 = jax.jit(lambda ls: jax.tree_util.tree_map(lambda x: x[0], ls))(layers)
+    x = jax.numpy.zeros((8, 16, 64))
+    with activate(mesh):
+        gathered = jax.jit(constrain_layer)(layer0)
+        rows = jax.jit(lambda v: constrain_rows(v * 2))(x)
+    codes = gathered["q"].codes
+    return {"layer_sharded_before": not layer0["q"].codes.sharding.is_fully_replicated,
+            "layer_replicated_after": all(leaf.sharding.is_fully_replicated
+                                          for leaf in jax.tree_util.tree_leaves(gathered)),
+            "codes_shape": list(codes.shape),
+            "rows_shard_shape": list(rows.sharding.shard_shape(rows.shape))}
 
 
 def _child_checkpoints(path, fresh_dir, resume_dir):
@@ -141,6 +163,23 @@ def test_fsdp_really_splits_weights_and_adapters(parity):
         assert fsdp["q_shard_shape"][1] * 4 == fsdp["q_shape"][1], fsdp
         assert fsdp["lora_a_shard_shape"] == [2, R // 4, 64], fsdp
         assert data["q_shard_shape"] == data["q_shape"], data  # data parallel: replicated
+
+
+def test_layer_and_row_constraints_apply_under_a_mesh(parity):
+    c = parity["constraints"]
+    assert c["layer_sharded_before"] and c["layer_replicated_after"], c  # the per-layer FSDP gather
+    assert c["rows_shard_shape"] == [1, 16, 64], c                       # 8 rows over 8 devices
+
+
+def test_constraints_are_no_ops_without_a_mesh():
+    import jax.numpy as jnp
+
+    from jaxsloth.sharding import constrain_layer, constrain_rows
+
+    x = jnp.ones((8, 4))
+    tree = {"w": x}
+    assert constrain_layer(tree) is tree
+    assert constrain_rows(x) is x
 
 
 @pytest.fixture(scope="module")
