@@ -111,13 +111,21 @@ def attention(q, k, v, mask, *, attn_impl: str = "xla"):
 
 
 def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, dropout_key=None, *, lora_scaling, impl,
-                  attn_impl, lora_dropout=0.0):
-    """One pre-norm decoder block. x [B, S, D] in the compute dtype."""
+                  attn_impl, lora_dropout=0.0, mlp_chunk: int | None = None):
+    """One pre-norm decoder block. x [B, S, D] in the compute dtype.
+
+    ``mlp_chunk`` runs the MLP over the sequence in chunks of that many tokens, each under
+    ``jax.checkpoint``: the [B, S, I] intermediates (3.5x the hidden states for Llama-3) then
+    exist one chunk at a time, in the forward and in the backward, for very long context.
+    """
     b, s, _ = x.shape
     lora = lora or {}
 
-    def proj(name, inp):
-        key = None if dropout_key is None else jax.random.fold_in(dropout_key, PROJECTIONS.index(name))
+    def proj(name, inp, chunk=None):
+        key = None
+        if dropout_key is not None:
+            key = jax.random.fold_in(dropout_key, PROJECTIONS.index(name))
+            key = key if chunk is None else jax.random.fold_in(key, chunk)
         return linear(inp, layer[name], lora.get(name), lora_scaling, impl=impl, dropout_rate=lora_dropout,
                       dropout_key=key)
 
@@ -130,8 +138,17 @@ def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, dropout_key=
     x = x + proj("o", attn)
 
     h = rmsnorm(x, layer["mlp_norm"], cfg.rms_norm_eps, implementation=impl)
-    mlp = jax.nn.silu(proj("gate", h)) * proj("up", h)
-    return x + proj("down", mlp)
+
+    def mlp(hc, chunk=None):
+        return proj("down", jax.nn.silu(proj("gate", hc, chunk)) * proj("up", hc, chunk), chunk)
+
+    if not mlp_chunk or s <= mlp_chunk:
+        return x + mlp(h)
+    n = -(-s // mlp_chunk)
+    hp = jnp.pad(h, ((0, 0), (0, n * mlp_chunk - s), (0, 0)))
+    chunks = hp.reshape(b, n, mlp_chunk, -1).swapaxes(0, 1)  # [n, B, c, D]
+    out = jax.lax.map(lambda xs: jax.checkpoint(mlp)(*xs), (chunks, jnp.arange(n)))
+    return x + out.swapaxes(0, 1).reshape(b, n * mlp_chunk, -1)[:, :s]
 
 
 def _remat_policy(remat: str):
@@ -147,12 +164,16 @@ def _remat_policy(remat: str):
 
 def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, position_ids=None,
                   segment_ids=None, lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16,
-                  impl: str | None = None, attn_impl: str = "xla", remat: str = "none",
-                  lora_dropout: float = 0.0, dropout_key=None):
+                  impl: str | None = None, attn_impl: str = "xla", remat: str = "none", remat_group: int = 1,
+                  mlp_chunk: int | None = None, lora_dropout: float = 0.0, dropout_key=None):
     """Final-normed hidden states [B, S, D] (the input of lm_head).
 
     ``attention_mask`` [B, S] marks real tokens; with right padding only it may be left None,
     since causal attention never lets a real token see the padding after it.
+    ``remat_group`` g > 1 keeps (or offloads) the input of every g-th layer only: layers run in
+    groups of g, each group under ``jax.checkpoint`` and each layer inside it again, so the saved
+    activations shrink g-fold for one more forward recompute per layer (beyond ~350K tokens the
+    offloaded layer inputs of an 8B model no longer fit 128 GB of host RAM at g=1).
     """
     bsz, seq = input_ids.shape
     if position_ids is None:
@@ -165,17 +186,31 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
 
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
     layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl,
-                                 lora_dropout=lora_dropout)
-    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_hidden_layers)
+                                 lora_dropout=lora_dropout, mlp_chunk=mlp_chunk)
+    L = cfg.num_hidden_layers
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, L)
+    xs = (params["layers"], lora, layer_keys)
 
-    def body(carry, xs):
+    def layer_step(carry, xs):
         layer, layer_lora, key = xs
-        carry = checkpoint_name(carry, "layer_input")
         return layer_fn(carry, layer, layer_lora, cos, sin, mask, key), None
 
+    if remat_group < 1 or (remat_group > 1 and (remat == "none" or L % remat_group)):
+        raise ValueError(f"remat_group must be >= 1, divide num_hidden_layers ({L}) and come with remat "
+                         f"'full' or 'offload'; got remat_group={remat_group}, remat={remat!r}")
+    if remat_group > 1:
+        inner = jax.checkpoint(layer_step, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        xs = jax.tree_util.tree_map(lambda a: a.reshape(L // remat_group, remat_group, *a.shape[1:]), xs)
+
+        def step(carry, group):
+            return jax.lax.scan(inner, checkpoint_name(carry, "layer_input"), group)[0], None
+    else:
+        def step(carry, layer_xs):
+            return layer_step(checkpoint_name(carry, "layer_input"), layer_xs)
+
     if remat != "none":
-        body = jax.checkpoint(body, policy=_remat_policy(remat), prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (params["layers"], lora, layer_keys))
+        step = jax.checkpoint(step, policy=_remat_policy(remat), prevent_cse=False)
+    x, _ = jax.lax.scan(step, x, xs)
     return rmsnorm(x, params["final_norm"], cfg.rms_norm_eps, implementation=impl)
 
 
