@@ -222,7 +222,7 @@ def _check_close(got, ref):
 
 
 # every plan on the odd shape, the main plans on all (interpret mode is slow: keep CI < 2 min)
-CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("xla", "fused-f32", "dequant-f32")
+CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("fused-f32", "dequant-f32")
          or s == SHAPES[1] or (p == "gemv-select" and s[0] == 1)]
 
 
@@ -268,7 +268,7 @@ def test_grad_flows_to_other_params_and_weight_gets_zero_cotangent():
   def loss(a, w):
     return jnp.sum(nf4_matmul(x * a, w) ** 2)
 
-  ga = jax.grad(loss)(a, q)
+  ga = jax.jit(jax.grad(loss))(a, q)
   ga_ref = jax.grad(lambda a: jnp.sum(nf4_matmul_reference(x * a, q) ** 2))(a)
   np.testing.assert_allclose(ga, ga_ref, rtol=1e-4, atol=1e-3 * np.abs(ga_ref).max())
   _, vjp = jax.vjp(loss, a, q)
