@@ -187,6 +187,18 @@ def run_jax(out, sweep, budget_s, ops):
                  fwd_gbs=2 * nb / tf / 1e6, bwd_gbs=3 * nb / tb / 1e6,
                  fwdbwd_gbs=5 * nb / tfb / 1e6)
         safe(one, op="rmsnorm", model=model, tokens=t_, impl=impl)
+
+        def residual():
+          def fb(c):
+            (y, h), vjp = jax.vjp(lambda u, v: RN.rmsnorm_residual(u, v, w, implementation=impl),
+                                  c[0], c[1])
+            return (y, h) + vjp((c[2], c[3]))
+          tf = timeit_loop(lambda c: RN.rmsnorm_residual(c[0], c[1], w, implementation=impl), (x, dy))
+          tfb = timeit_loop(fb, (x, dy, dy, x))
+          # fwd reads x, residual and writes h, y; bwd reads h, dy, dh and writes dx (= d residual)
+          record(op="rmsnorm_residual", model=model, tokens=t_, impl=impl, fwd_ms=tf,
+                 fwdbwd_ms=tfb, fwd_gbs=4 * nb / tf / 1e6, fwdbwd_gbs=8 * nb / tfb / 1e6)
+        safe(residual, op="rmsnorm_residual", model=model, tokens=t_, impl=impl)
       del x, dy
 
   # ---- RoPE
@@ -490,7 +502,9 @@ def report(out):
     return "-" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
 
   rows = [r for p in parts.values() for r in p["rows"]]
-  for op in ("rmsnorm", "rope"):
+  for op in ("rmsnorm", "rmsnorm_residual", "rope"):
+    if not any(r.get("op") == op for r in rows):
+      continue
     lines += ["", f"### {op} (bf16; GB/s and % of copy bandwidth {copy_gbs:.0f} GB/s)", "",
               "| model | tokens | impl | fwd ms | fwd GB/s (%) | bwd ms | fwd+bwd ms | fwd+bwd GB/s (%) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]

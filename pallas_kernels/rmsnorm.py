@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 
-__all__ = ["rmsnorm", "rmsnorm_reference"]
+__all__ = ["rmsnorm", "rmsnorm_reference", "rmsnorm_residual", "rmsnorm_residual_reference"]
 
 
 # Elements per program and warps: the sweep in bench/kernels.py (--sweep rmsnorm) on an H200 was
@@ -48,11 +48,19 @@ def _masks(i, n_rows, d, block_rows, d_pad):
           _common.tail_mask((block_rows,), (rows,)))
 
 
-def _fwd_kernel(x_ref, w_ref, y_ref, r_ref, *, eps, n_rows, d, block_rows, d_pad):
+def _fwd_kernel(*refs, eps, n_rows, d, block_rows, d_pad, residual):
+  if residual:  # h = x + residual (rounded to x.dtype, as HF's add), then normalise h
+    x_ref, res_ref, w_ref, y_ref, h_ref, r_ref = refs
+  else:
+    x_ref, w_ref, y_ref, r_ref = refs
   i = pl.program_id(0)
   mask, wmask, rmask = _masks(i, n_rows, d, block_rows, d_pad)
   blk = (pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad))
   x = _common.load(x_ref.at[blk], mask).astype(jnp.float32)
+  if residual:
+    h = (x + _common.load(res_ref.at[blk], mask).astype(jnp.float32)).astype(h_ref.dtype)
+    _common.store(h_ref.at[blk], h, mask)
+    x = h.astype(jnp.float32)
   w = _common.load(w_ref.at[pl.ds(0, d_pad)], wmask).astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / d + eps)
   xhat = (x * r[:, None]).astype(y_ref.dtype).astype(jnp.float32)
@@ -61,7 +69,11 @@ def _fwd_kernel(x_ref, w_ref, y_ref, r_ref, *, eps, n_rows, d, block_rows, d_pad
   _common.store(r_ref.at[pl.ds(i * block_rows, block_rows)], r, rmask)
 
 
-def _bwd_kernel(x_ref, w_ref, r_ref, dy_ref, dx_ref, *, n_rows, d, block_rows, d_pad):
+def _bwd_kernel(*refs, n_rows, d, block_rows, d_pad, residual):
+  if residual:  # the residual stream's own cotangent dh adds to the norm's dx
+    x_ref, w_ref, r_ref, dy_ref, dh_ref, dx_ref = refs
+  else:
+    x_ref, w_ref, r_ref, dy_ref, dx_ref = refs
   i = pl.program_id(0)
   mask, wmask, rmask = _masks(i, n_rows, d, block_rows, d_pad)
   blk = (pl.ds(i * block_rows, block_rows), pl.ds(0, d_pad))
@@ -73,28 +85,40 @@ def _bwd_kernel(x_ref, w_ref, r_ref, dy_ref, dx_ref, *, n_rows, d, block_rows, d
   g = dy * w[None, :]
   c = jnp.sum(g * xhat, axis=1) / d
   dx = r[:, None] * (g - xhat * c[:, None])
+  if residual:
+    dx = dx + _common.load(dh_ref.at[blk], mask).astype(jnp.float32)
   _common.store(dx_ref.at[blk], dx.astype(dx_ref.dtype), mask)
 
 
-def _fwd_pallas(x2, weight, eps):
+def _fwd_pallas(x2, weight, eps, res2=None):
+  """(y, r) or, with res2, (y, h, r)."""
   n_rows, d = x2.shape
   d_pad = _common.next_pow2(d)
   br = _block_rows(d_pad)
-  kernel = functools.partial(_fwd_kernel, eps=eps, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad)
+  residual = res2 is not None
+  kernel = functools.partial(_fwd_kernel, eps=eps, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad,
+                             residual=residual)
+  out = jax.ShapeDtypeStruct(x2.shape, x2.dtype)
+  r = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
   return _common.pallas_call(
-      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br), name="rmsnorm_fwd",
-      out_shape=(jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-                 jax.ShapeDtypeStruct((n_rows,), jnp.float32)))(x2, weight)
+      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br),
+      name="rmsnorm_residual_fwd" if residual else "rmsnorm_fwd",
+      out_shape=(out, out, r) if residual else (out, r))(
+          *((x2, res2, weight) if residual else (x2, weight)))
 
 
-def _bwd_pallas(x2, weight, r, dy2):
+def _bwd_pallas(x2, weight, r, dy2, dh2=None):
   n_rows, d = x2.shape
   d_pad = _common.next_pow2(d)
   br = _block_rows(d_pad)
-  kernel = functools.partial(_bwd_kernel, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad)
+  residual = dh2 is not None
+  kernel = functools.partial(_bwd_kernel, n_rows=n_rows, d=d, block_rows=br, d_pad=d_pad,
+                             residual=residual)
   return _common.pallas_call(
-      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br), name="rmsnorm_bwd",
-      out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype))(x2, weight, r, dy2)
+      kernel, grid=(pl.cdiv(n_rows, br),), num_warps=_num_warps(d_pad, br),
+      name="rmsnorm_residual_bwd" if residual else "rmsnorm_bwd",
+      out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype))(
+          *((x2, weight, r, dy2, dh2) if residual else (x2, weight, r, dy2)))
 
 
 # ----------------------------------------------------------------------------------- XLA twin
@@ -106,11 +130,20 @@ def _fwd_xla(x2, weight, eps):
   return (weight.astype(jnp.float32) * xhat).astype(x2.dtype), r
 
 
-def _bwd_xla(x2, weight, r, dy2):
+def _bwd_xla(x2, weight, r, dy2, dh2=None):
   xhat = x2.astype(jnp.float32) * r[:, None]
   g = dy2.astype(jnp.float32) * weight.astype(jnp.float32)
   c = jnp.mean(g * xhat, axis=-1, keepdims=True)
-  return (r[:, None] * (g - xhat * c)).astype(x2.dtype)
+  dx = r[:, None] * (g - xhat * c)
+  if dh2 is not None:
+    dx = dx + dh2.astype(jnp.float32)
+  return dx.astype(x2.dtype)
+
+
+def _fwd_xla_residual(x2, weight, eps, res2):
+  h = (x2.astype(jnp.float32) + res2.astype(jnp.float32)).astype(x2.dtype)
+  y, r = _fwd_xla(h, weight, eps)
+  return y, h, r
 
 
 def _weight_grad(x2, r, dy2, weight):
@@ -167,6 +200,65 @@ def rmsnorm(x, weight, eps=1e-5, *, implementation=None, weight_grad=False, back
   impl = _common.resolve(implementation, "rmsnorm", _DEFAULT_ON_GPU)
   x2 = x.reshape(-1, x.shape[-1])
   return _rmsnorm(x2, weight, float(eps), impl, bool(weight_grad), backward).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _rmsnorm_residual(x2, res2, weight, eps, impl, weight_grad, backward):
+  fwd = _fwd_pallas if impl == "pallas" else _fwd_xla_residual
+  y, h, _ = fwd(x2, weight, eps, res2)
+  return y, h
+
+
+def _rmsnorm_residual_fwd(x2, res2, weight, eps, impl, weight_grad, backward):
+  fwd = _fwd_pallas if impl == "pallas" else _fwd_xla_residual
+  y, h, r = fwd(x2, weight, eps, res2)
+  return (y, h), (h, weight, r)
+
+
+def _rmsnorm_residual_bwd(eps, impl, weight_grad, backward, res, g):
+  h, weight, r = res
+  dy2, dh2 = g
+  if backward == "reference":
+    _, vjp = jax.vjp(lambda a, b: rmsnorm_reference(a, b, eps), h, weight)
+    dx, dw = vjp(dy2.astype(jnp.float32))
+    dx = (dx + dh2.astype(jnp.float32)).astype(h.dtype)
+    dw = dw.astype(weight.dtype) if weight_grad else jnp.zeros_like(weight)
+    return dx, dx, dw
+  bwd = _bwd_pallas if impl == "pallas" else _bwd_xla
+  dx = bwd(h, weight, r, dy2, dh2)
+  dw = _weight_grad(h, r, dy2, weight) if weight_grad else jnp.zeros_like(weight)
+  return dx, dx, dw  # d(x + residual) reaches both summands unchanged
+
+
+_rmsnorm_residual.defvjp(_rmsnorm_residual_fwd, _rmsnorm_residual_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "implementation", "weight_grad", "backward"))
+def rmsnorm_residual(x, residual, weight, eps=1e-5, *, implementation=None, weight_grad=False,
+                     backward="kernel"):
+  """Fused residual add + RMSNorm: h = x + residual (in x.dtype), returns (rmsnorm(h), h).
+
+  One pass reads x and residual and writes h and y (the unfused pair moves 5 arrays, this 4); the
+  backward adds h's own cotangent into dx in the same kernel and saves only h and 1/rms. Same
+  arguments as `rmsnorm`. Not yet timed on a GPU (bench/RESULTS.md).
+  """
+  if x.shape != residual.shape or x.dtype != residual.dtype:
+    raise ValueError(f"rmsnorm_residual: x and residual must match, got {x.shape} {x.dtype} and "
+                     f"{residual.shape} {residual.dtype}")
+  if x.shape[-1] != weight.shape[-1] or weight.ndim != 1:
+    raise ValueError(f"rmsnorm_residual: weight must be [D={x.shape[-1]}], got {weight.shape}")
+  _common.check_backward(backward, "rmsnorm_residual")
+  impl = _common.resolve(implementation, "rmsnorm_residual", _DEFAULT_ON_GPU)
+  d = x.shape[-1]
+  y, h = _rmsnorm_residual(x.reshape(-1, d), residual.reshape(-1, d), weight, float(eps), impl,
+                           bool(weight_grad), backward)
+  return y.reshape(x.shape), h.reshape(x.shape)
+
+
+def rmsnorm_residual_reference(x, residual, weight, eps=1e-5):
+  """f32 oracle of `rmsnorm_residual`: (rmsnorm_reference(x + residual), x + residual) in f32."""
+  h = x.astype(jnp.float32) + residual.astype(jnp.float32)
+  return rmsnorm_reference(h, weight, eps), h
 
 
 def rmsnorm_reference(x, weight, eps=1e-5):

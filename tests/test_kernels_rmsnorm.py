@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from pallas_kernels.rmsnorm import (rmsnorm, rmsnorm_reference, rmsnorm_residual,
+                                     rmsnorm_residual_reference)
 
 IMPLS = ["xla", "pallas"]
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -93,3 +94,66 @@ def test_gpu_kernel_matches_reference(dtype, shape):
   want = jax.grad(_loss("xla", backward="reference"), (0, 1))(x, w)
   _close(got[0], want[0], 1e-5 if dtype == jnp.float32 else 2e-2)
   _close(got[1], want[1], 1e-4 if dtype == jnp.float32 else 3e-2)
+
+
+# ------------------------------------------------------------------------ fused residual add
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_variant_matches_reference(impl, dtype):
+  x, w = _inputs((2, 5, 96), dtype)
+  res, _ = _inputs((2, 5, 96), dtype, seed=1)
+  y, h = rmsnorm_residual(x, res, w, implementation=impl)
+  want_y, want_h = rmsnorm_residual_reference(x, res, w)
+  assert y.dtype == h.dtype == x.dtype and y.shape == h.shape == x.shape
+  _close(h, want_h, TOL[dtype])
+  _close(y, want_y, TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual_variant_equals_add_then_rmsnorm_in_bf16(impl):
+  x, w = _inputs((4, 64), jnp.bfloat16)
+  res, _ = _inputs((4, 64), jnp.bfloat16, seed=1)
+  y, h = rmsnorm_residual(x, res, w, implementation=impl)
+  np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(x + res, np.float32))
+  _close(y, rmsnorm(x + res, w, implementation=impl), 8e-3)  # same kernel math: <= 1 bf16 ulp
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_variant_gradients_match_reference_vjp(impl, dtype):
+  x, w = _inputs((3, 7, 96), dtype)
+  res, _ = _inputs((3, 7, 96), dtype, seed=1)
+
+  def loss(backward):
+    def f(x, res, w):
+      y, h = rmsnorm_residual(x, res, w, implementation=impl, weight_grad=True, backward=backward)
+      py = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+      return jnp.sum(y.astype(jnp.float32) * py) + jnp.sum(jnp.sin(h.astype(jnp.float32)))
+    return f
+
+  got = jax.grad(loss("kernel"), (0, 1, 2))(x, res, w)
+  want = jax.grad(loss("reference"), (0, 1, 2))(x, res, w)
+  for g, r in zip(got, want):
+    assert g.dtype == r.dtype
+    _close(g, r, 1e-5 if dtype == jnp.float32 else 2e-2)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(got[1]))  # d x == d residual
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 1024, 4096), (1000, 96)])
+def test_gpu_residual_kernel_matches_reference(dtype, shape):
+  x, w = _inputs(shape, dtype)
+  res, _ = _inputs(shape, dtype, seed=1)
+  y, h = rmsnorm_residual(x, res, w, implementation="pallas")
+  want_y, want_h = rmsnorm_residual_reference(x, res, w)
+  _close(h, want_h, TOL[dtype])
+  _close(y, want_y, TOL[dtype])
+  f = lambda bw: jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.concatenate([
+      o.astype(jnp.float32) for o in rmsnorm_residual(a, b, w, implementation="pallas",
+                                                       backward=bw)]))), (0, 1))(x, res)
+  for g, r in zip(f("kernel"), f("reference")):
+    _close(g, r, 1e-5 if dtype == jnp.float32 else 2e-2)
