@@ -59,6 +59,7 @@ def write_text_data(path: Path, n: int, words_per_example: int, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/jx")
+    ap.add_argument("--base", default=None, help="existing HF checkpoint (e.g. the baselines' make_model.py output)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--presets", default="offload,full,none")
     ap.add_argument("--batch", type=int, default=2)
@@ -72,7 +73,7 @@ def main(argv=None):
     if args.tiny:
         args.seq, args.steps, args.warmup = min(args.seq, 128), 2, 1
     work = Path(args.workdir)
-    base = work / ("base-tiny" if args.tiny else "base-8b")
+    base = Path(args.base) if args.base else work / ("base-tiny" if args.tiny else "base-8b")
     dev = jax.devices()[0]
     info = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "batch": args.batch, "seq": args.seq, "r": args.r}
@@ -92,7 +93,7 @@ def main(argv=None):
     model = jaxsloth.add_lora(model, r=args.r, lora_alpha=args.r)
     print(json.dumps({"load_quantize_s": round(t_load, 1), "peak_gib_after_load": peak_gib()}), flush=True)
 
-    batch = random_batch(shape["vocab_size"], args.batch, args.seq)
+    batch = random_batch(model.config.vocab_size, args.batch, args.seq)
     tokens = args.batch * args.seq
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000)
     rows = []

@@ -1,0 +1,42 @@
+#!/bin/bash
+# One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
+# on the same random Llama-3 8B-shaped checkpoint.
+#   bash bench/run_side_by_side.sh PHASE...      phases: info make ours u_tp hf ours_ctx u_ctx
+# Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
+# Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
+set -o pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+export PYTHONPATH=$REPO:$REPO/.whl/site${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+MODEL=${MODEL:-/dev/shm/llama3-8b-rand}
+START=$(date +%s); DEADLINE_S=${DEADLINE_S:-570}
+left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
+stage() {  # name min_seconds command...
+  local name=$1 need=$2; shift 2
+  if [ "$(left)" -lt "$need" ]; then echo "SKIP $name: $(left)s left"; return 1; fi
+  echo "=== $name $(date +%T)"
+  timeout $(( $(left) - 5 )) "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "it/s\]|s/it\]|Warning"
+}
+B=$REPO/bench/baselines
+for ph in "$@"; do
+  case $ph in
+    info) { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+            python3 -c "import jax, sys; sys.path.insert(0, '$B'); import bench_common as b, json; \
+print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT/info.txt" ;;
+    make) stage make 120 python3 $B/make_model.py --out "$MODEL" ;;
+    ours) stage ours 150 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets full,none \
+            --warmup 3 --steps 10 ;;
+    u_tp) stage u_tp 150 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_tp.json" \
+            --max-seq-length 8192 --bs 2 --seq 2048 --warmup 3 --steps 10 ;;
+    hf)   stage hf 150 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \
+            --bs 2 --seq 2048 --warmup 3 --steps 10 ;;
+    ours_ctx) stage ours_ctx 200 python3 $REPO/bench/max_context.py --base "$MODEL" --remat offload \
+            --remat-group 2 --mlp-chunk 8192 --budget $(( $(left) - 30 )) --out "$OUT/ours_ctx.json" ;;
+    u_ctx) stage u_ctx 200 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_ctx.json" \
+            --max-seq-length 262144 --skip-throughput --maxctx --granularity 4096 \
+            --schedule 65536,131072,196608,229376,262144 --maxctx-budget $(( $(left) - 60 )) ;;
+  esac
+done
+echo "done after $(( $(date +%s) - START )) s"
