@@ -451,7 +451,10 @@ def _matmul2d_fwd(x2, w, plan):
 
 
 def _matmul2d_bwd(plan, w, dy2):
-  return _backward(dy2, w, plan), jax.tree_util.tree_map(_zero_cotangent, w)
+  # The barrier keeps XLA from merging (CSE) the backward's dequantization with the forward's when
+  # both land in one program: that would keep the dense W alive from the forward to the backward.
+  wb = jax.lax.optimization_barrier(w)
+  return _backward(dy2, wb, plan), jax.tree_util.tree_map(_zero_cotangent, w)
 
 
 _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
