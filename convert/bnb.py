@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxsloth.quant import DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4, NF4_CODE
 
-__all__ = ["bnb_keys", "nf4_from_bnb_tensors", "BnbFormatError"]
+__all__ = ["bnb_keys", "nf4_from_bnb_tensors", "nf4_to_bnb_tensors", "BnbFormatError"]
 
 _STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 _DTYPES = {"bfloat16", "float16", "float32"}
@@ -143,3 +143,19 @@ def nf4_from_bnb_tensors(prefix: str, tensors: dict[str, np.ndarray], shape: tup
           shape=(n, k), blocksize=bs, double_quant=double_quant, dtype=dtype)
   q.validate(f"{source}: {prefix}")
   return q
+
+
+def nf4_to_bnb_tensors(prefix: str, q: NF4) -> dict[str, np.ndarray]:
+  """The inverse of `nf4_from_bnb_tensors`: one (unstacked) NF4 weight as transformers + bitsandbytes
+  serialize it, so that our quantized weights can be written as a "-bnb-4bit" checkpoint."""
+  n, k = q.shape
+  state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": q.dtype, "shape": [n, k]}
+  out = {f"{prefix}.weight": np.asarray(q.codes).reshape(-1, 1),
+         f"{prefix}.weight.absmax": np.asarray(q.absmax).reshape(-1),
+         f"{prefix}.weight.quant_map": np.asarray(NF4_CODE, np.float32).copy()}
+  if q.double_quant:
+    state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(q.absmax_offset))
+    out[f"{prefix}.weight.nested_absmax"] = np.asarray(q.nested_absmax, np.float32).reshape(-1)
+    out[f"{prefix}.weight.nested_quant_map"] = np.asarray(DYNAMIC_MAP, np.float32).copy()
+  out[f"{prefix}.{_STATE_KEY}"] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+  return out

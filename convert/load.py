@@ -166,17 +166,19 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
     linear_names = {f"model.layers.{i}.{hf}.weight": (i, short)
                     for i in range(cfg.num_hidden_layers) for short, hf in HF_PROJECTION_NAMES.items()}
 
+    # bitsandbytes linears: HF name of the weight -> every tensor name of its quant state
+    bnb_key_sets: dict[str, set[str]] = {}
     if bnb is not None:
         from convert.bnb import bnb_keys
+
         present = set(files)
-        bnb_linears = {n for n in linear_names if set(bnb_keys(n[: -len(".weight")])) <= present}
-    else:
-        bnb_linears = set()
-    consumed_extra = set()
-    if bnb_linears:
-        from convert.bnb import bnb_keys
-        for n in bnb_linears:
-            consumed_extra.update(k for k in bnb_keys(n[: -len(".weight")]) if k != n)
+        for n in linear_names:
+            prefix = n[: -len(".weight")]
+            keys = set(bnb_keys(prefix, double_quant=f"{n}.nested_absmax" in present))
+            if keys <= present:
+                bnb_key_sets[n] = keys
+    bnb_linears = set(bnb_key_sets)
+    consumed_extra = set().union(*bnb_key_sets.values()) - bnb_linears if bnb_key_sets else set()
 
     missing = sorted(set(expected) - set(files))
     extra = sorted(n for n in set(files) - set(expected) - consumed_extra if not IGNORED_TENSORS.match(n))
@@ -216,11 +218,11 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
                     continue
                 base_linear = _owner_linear(name, bnb_linears)
                 if base_linear is not None:
-                    from convert.bnb import bnb_keys, nf4_from_bnb_tensors
+                    from convert.bnb import nf4_from_bnb_tensors
                     prefix = base_linear[: -len(".weight")]
                     bucket = pending_bnb.setdefault(prefix, {})
                     bucket[name] = _read(handle, path, name)
-                    if set(bucket) == set(bnb_keys(prefix)):
+                    if set(bucket) == bnb_key_sets[base_linear]:
                         i, short = linear_names[base_linear]
                         nf4_layers.set(short, i, nf4_from_bnb_tensors(
                             prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
