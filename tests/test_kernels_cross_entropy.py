@@ -84,13 +84,14 @@ def test_full_vocab_tiles_and_masked_tail_tile(monkeypatch, programs):
   loss, _ = fused_cross_entropy(h, w, labels, implementation="pallas", chunk_size=16)
   want, _ = fused_cross_entropy_reference(h, w, labels)
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
-  got = _grads("pallas", labels)(h, w)
-  ref = _grads("pallas", labels, backward="reference")(h, w)
-  for g, r in zip(got, ref):
-    _close(g, r, 1e-5)
+  if programs is None:  # the gradient pass shares the tiling; check it once
+    got = _grads("pallas", labels)(h, w)
+    ref = _grads("pallas", labels, backward="reference")(h, w)
+    for g, r in zip(got, ref):
+      _close(g, r, 1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64, None])
+@pytest.mark.parametrize("chunk_size", [16, None])
 def test_loss_does_not_depend_on_chunking(chunk_size):
   h, w, labels = _inputs(37, 96, 1000, jnp.float32)
   loss, _ = fused_cross_entropy(h, w, labels, implementation="pallas", chunk_size=chunk_size)
