@@ -40,7 +40,7 @@ from jaxsloth.quant import NF4
 
 __all__ = ["AXES", "RULES", "make_mesh", "parse_mesh_spec", "default_mesh_shape", "shard_model", "shard_batch",
            "shard_lora", "init_opt_state", "opt_state_shardings", "abstract_with_shardings", "describe",
-           "activate", "constrain_layer", "constrain_rows"]
+           "activate", "constrain_layer", "constrain_rows", "per_device_token_loss"]
 
 AXES = ("data", "fsdp")
 
@@ -279,6 +279,32 @@ def constrain_rows(x):
     if n == 1 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, P(axes))
+
+
+def per_device_token_loss(loss_fn, hidden, lm_head, labels):
+    """(loss_sum, count) of ``loss_fn(hidden [T, D], lm_head, labels [T])`` over hidden [B, S, D].
+
+    Under ``activate(mesh)`` each device runs ``loss_fn`` on its own rows (``shard_map``) and the
+    per-device sums are added outside it. Why: the fused cross-entropy scans over token chunks and
+    has a Pallas kernel; GSPMD would gather the tokens to scan them (and cannot partition a Pallas
+    call at all), so every device would compute the whole batch's loss. lm_head enters whole.
+    """
+    d = hidden.shape[-1]
+    mesh = _active_mesh()
+    axes, _ = RULES["batch"]
+    n = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
+    if n == 1 or hidden.shape[0] % n:
+        return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
+
+    def local(h, w, lab):
+        loss_sum, count = loss_fn(h.reshape(-1, d), w, lab.reshape(-1))
+        return loss_sum[None], count[None]
+
+    # sums leave the shard_map as [n] arrays and are added by XLA: no psum inside, so the gradient
+    # needs no replication bookkeeping (check_vma off: pallas_call has no replication rule)
+    loss_sum, count = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), P(axes)),
+                                    out_specs=(P(axes), P(axes)), check_vma=False)(hidden, lm_head, labels)
+    return loss_sum.sum(), count.sum()
 
 
 def abstract_with_shardings(tree):

@@ -67,7 +67,7 @@ def _child_parity(path):
     import jax
 
     from jaxsloth.data import BatchStream
-    from jaxsloth.sharding import make_mesh, shard_batch, shard_model
+    from jaxsloth.sharding import activate, make_mesh, shard_batch, shard_model
     from jaxsloth.train import accumulated_loss_and_grads
 
     fn = jax.jit(lambda m, lo, b, k: accumulated_loss_and_grads(m, lo, b, k, remat="full"))
@@ -80,7 +80,8 @@ def _child_parity(path):
         for spec in ("data=2,fsdp=4", "data=8"):
             mesh = make_mesh(spec)
             sm = shard_model(model, mesh)
-            loss, count, g = fn(sm.replace(lora=None), sm.lora, shard_batch(batch, mesh), key)
+            with activate(mesh):  # as the Trainer runs it: the loss is taken per device
+                loss, count, g = fn(sm.replace(lora=None), sm.lora, shard_batch(batch, mesh), key)
             q = sm.params["layers"]["q"]
             q = q.codes if base == "nf4" else q
             out[f"{base} {spec}"] = {
@@ -99,7 +100,8 @@ def _child_constraints(model):
     """Under activate(mesh), constrain_layer gathers one layer (NF4 leaves too), constrain_rows splits rows."""
     import jax
 
-    from jaxsloth.sharding import activate, constrain_layer, constrain_rows, make_mesh, shard_model
+    from jaxsloth.sharding import (activate, constrain_layer, constrain_rows, make_mesh, per_device_token_loss,
+                                   shard_model)
 
     mesh = make_mesh("data=2,fsdp=4")
     layers = shard_model(model, mesh).params["layers"]
@@ -109,7 +111,20 @@ def _child_constraints(model):
         gathered = jax.jit(constrain_layer)(layer0)
         rows = jax.jit(lambda v: constrain_rows(v * 2))(x)
     codes = gathered["q"].codes
-    return {"layer_sharded_before": not layer0["q"].codes.sharding.is_fully_replicated,
+    seen = []
+
+    def token_loss(h, w, labels):  # what one device sees: its own 8 / 8 = 1 row of 16 tokens
+        seen.append(tuple(h.shape))
+        return (h @ w.T).sum(), jax.numpy.int32(labels.shape[0])
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 64))
+    w = jax.random.normal(jax.random.PRNGKey(1), (10, 64))
+    labels = jax.numpy.zeros((8, 16), jax.numpy.int32)
+    with activate(mesh):
+        loss_sum, count = jax.jit(lambda *a: per_device_token_loss(token_loss, *a))(x, w, labels)
+    return {"per_device_tokens": list(seen[0]), "per_device_count": int(count),
+            "per_device_loss_rel": _rel(loss_sum, (x @ w.T).sum()),
+            "layer_sharded_before": not layer0["q"].codes.sharding.is_fully_replicated,
             "layer_replicated_after": all(leaf.sharding.is_fully_replicated
                                           for leaf in jax.tree_util.tree_leaves(gathered)),
             "codes_shape": list(codes.shape),
@@ -169,6 +184,13 @@ def test_layer_and_row_constraints_apply_under_a_mesh(parity):
     c = parity["constraints"]
     assert c["layer_sharded_before"] and c["layer_replicated_after"], c  # the per-layer FSDP gather
     assert c["rows_shard_shape"] == [1, 16, 64], c                       # 8 rows over 8 devices
+
+
+def test_loss_is_taken_per_device_and_summed(parity):
+    c = parity["constraints"]
+    assert c["per_device_tokens"] == [16, 64], c  # one row of 16 tokens on each of 8 devices
+    assert c["per_device_count"] == 8 * 16, c
+    assert c["per_device_loss_rel"] <= TOL, c
 
 
 def test_constraints_are_no_ops_without_a_mesh():
