@@ -256,6 +256,26 @@ def test_bad_mesh_spec_is_refused(spec, message):
         make_mesh(spec)
 
 
+class _Device:
+    def __init__(self, bytes_limit):
+        self.bytes_limit = bytes_limit
+
+    def memory_stats(self):
+        return None if self.bytes_limit is None else {"bytes_limit": self.bytes_limit}
+
+
+@pytest.mark.parametrize("bytes_limit, expect", [
+    (None, {"data": 2, "fsdp": 1}),        # no memory figure (CPU): data parallel
+    (80 * 2**30, {"data": 2, "fsdp": 1}),  # base far below a quarter of the card: data parallel
+    (2**10, {"data": 1, "fsdp": 2}),       # base above a quarter of the card: FSDP
+])
+def test_default_mesh_picks_fsdp_only_for_a_large_base(tiny_checkpoint, bytes_limit, expect):
+    from jaxsloth.sharding import default_mesh_shape
+
+    model, _ = _build(tiny_checkpoint("llama3"))
+    assert default_mesh_shape(2, model, device=_Device(bytes_limit)) == expect
+
+
 def test_training_arguments_refuse_a_mesh_that_does_not_fit(tiny_checkpoint, tmp_path):
     from jaxsloth.sharding import MeshError
     from jaxsloth.train import Trainer
