@@ -65,6 +65,11 @@ def _add_train_command(sub):
     p.add_argument("--lr_scheduler_type", default=d.lr_scheduler_type, choices=SCHEDULES)
     p.add_argument("--remat", default=d.remat, choices=["none", "full", "offload"],
                    help="activation checkpointing: none (fastest), full (recompute), offload (host RAM)")
+    p.add_argument("--remat_group", type=int, default=d.remat_group,
+                   help="keep (or offload) the input of every g-th layer only: g-fold less activation memory "
+                        "for one more forward recompute per layer")
+    p.add_argument("--mlp_chunk", type=int, default=d.mlp_chunk,
+                   help="run the MLP over this many tokens at a time (very long sequences)")
     p.add_argument("--packing", action="store_true", help="pack several examples per row")
     p.add_argument("--train_on_responses_only", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
                    help="loss on responses only (default: on for chat data, off otherwise)")

@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsloth.config import LlamaConfig
 from jaxsloth.quant import NF4
+from jaxsloth.sharding import constrain_layer, constrain_rows
 from pallas_kernels.nf4_matmul import nf4_matmul
 from pallas_kernels.rmsnorm import rmsnorm
 from pallas_kernels.rope import apply_rope, rope_tables
@@ -193,7 +194,11 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
 
     def layer_step(carry, xs):
         layer, layer_lora, key = xs
-        return layer_fn(carry, layer, layer_lora, cos, sin, mask, key), None
+        # under a mesh (jaxsloth.sharding.activate): FSDP gathers this layer's 4-bit leaves, not the
+        # dequantized weights, and activations stay split by rows; no-ops without a mesh
+        layer, layer_lora = constrain_layer((layer, layer_lora))
+        out = layer_fn(constrain_rows(carry), layer, layer_lora, cos, sin, mask, key)
+        return constrain_rows(out), None
 
     if remat_group < 1 or (remat_group > 1 and (remat == "none" or L % remat_group)):
         raise ValueError(f"remat_group must be >= 1, divide num_hidden_layers ({L}) and come with remat "

@@ -58,6 +58,8 @@ class TrainingArguments:
     packing: bool = False
     train_on_responses_only: bool | None = None
     remat: str = "full"
+    remat_group: int = 1  # keep/offload every g-th layer input only (model.hidden_states)
+    mlp_chunk: int | None = None  # run the MLP over this many tokens at a time (very long context)
     shuffle: bool = True
     progress: bool = True
     # device mesh "data=2,fsdp=1" (jaxsloth.sharding); None: the default for the devices present.
@@ -73,6 +75,11 @@ class TrainingArguments:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
         if self.remat not in llama.REMAT_PRESETS:
             raise ValueError(f"remat must be one of {llama.REMAT_PRESETS}, got {self.remat!r}")
+        if self.remat_group < 1 or (self.remat_group > 1 and self.remat == "none"):
+            raise ValueError(f"remat_group must be >= 1 and needs remat 'full' or 'offload', got "
+                             f"remat_group={self.remat_group} with remat={self.remat!r}")
+        if self.mlp_chunk is not None and self.mlp_chunk < 1:
+            raise ValueError(f"mlp_chunk must be a positive number of tokens, got {self.mlp_chunk}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
         if self.mesh is not None:
@@ -112,7 +119,7 @@ def make_optimizer(args: TrainingArguments, total_steps: int):
     return optax.chain(*parts)
 
 
-def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=False):
+def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=False, remat_group=1, mlp_chunk=None):
     """(summed token loss f32, label count) of one micro-batch; batch arrays are [B, S]."""
     cfg = model.config
     dtype = jnp.dtype(model.dtype)
@@ -121,17 +128,18 @@ def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=Fals
         cfg, model.params, batch["input_ids"], None, batch["position_ids"],
         batch["segment_ids"] if packing else None,  # unpacked rows are right-padded: causal is exact
         lora, lora_scaling=model.lora_scaling, dtype=dtype, impl=model.implementation,
-        attn_impl=default_attention_impl(dtype), remat=remat, lora_dropout=drop,
+        attn_impl=default_attention_impl(dtype), remat=remat, remat_group=remat_group, mlp_chunk=mlp_chunk,
+        lora_dropout=drop,
         dropout_key=key if drop > 0 else None)
     head = llama.lm_head_weight(cfg, model.params).astype(dtype)
     # on a mesh (jaxsloth.sharding.activate) each device takes the loss of its own rows
     return per_device_token_loss(fused_cross_entropy, h, head, batch["labels"])
 
 
-def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing=False):
+def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing=False, **memory):
     """Mean loss over all labels of batch [A, B, S] and its gradient w.r.t. ``lora``."""
     grad_fn = jax.value_and_grad(
-        lambda lo, mb, k: micro_batch_loss(model, lo, mb, k, remat=remat, packing=packing), has_aux=True)
+        lambda lo, mb, k: micro_batch_loss(model, lo, mb, k, remat=remat, packing=packing, **memory), has_aux=True)
     n_micro = batch["input_ids"].shape[0]
     keys = jax.random.split(key, n_micro)
 
@@ -147,7 +155,8 @@ def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing
     return loss_sum / denom, count, jax.tree_util.tree_map(lambda x: x / denom, g)
 
 
-def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None):
+def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None, remat_group: int = 1,
+                    mlp_chunk: int | None = None):
     """jit(step)(model, opt_state, batch, key) -> (lora, opt_state, metrics). LoRA/opt state are donated.
 
     A non-finite loss or gradient leaves the adapters and optimizer unchanged (metrics say so).
@@ -155,7 +164,8 @@ def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None):
     """
 
     def step(lora, opt_state, model, batch, key):
-        loss, count, grads = accumulated_loss_and_grads(model, lora, batch, key, remat=remat, packing=packing)
+        loss, count, grads = accumulated_loss_and_grads(model, lora, batch, key, remat=remat, packing=packing,
+                                                        remat_group=remat_group, mlp_chunk=mlp_chunk)
         grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
@@ -199,15 +209,16 @@ class Trainer:
             self.total_steps = max(1, math.ceil(args.num_train_epochs * len(rows) / self.stream.rows_per_step))
         self.tx = make_optimizer(args, self.total_steps)
         self.schedule = lr_schedule(args, self.total_steps)
+        memory = dict(remat=args.remat, packing=args.packing, remat_group=args.remat_group, mlp_chunk=args.mlp_chunk)
         if self.mesh is None:
-            self.step_fn = make_train_step(self.tx, remat=args.remat, packing=args.packing)
+            self.step_fn = make_train_step(self.tx, **memory)
         else:
             from jax.sharding import NamedSharding, PartitionSpec
 
             from jaxsloth.sharding import lora_shardings, opt_state_shardings
 
             self.step_fn = make_train_step(
-                self.tx, remat=args.remat, packing=args.packing,
+                self.tx, **memory,
                 out_shardings=(lora_shardings(model.lora, self.mesh),
                                opt_state_shardings(self.tx, model.lora, self.mesh),
                                NamedSharding(self.mesh, PartitionSpec())))

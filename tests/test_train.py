@@ -237,3 +237,23 @@ def test_non_finite_step_keeps_the_last_good_checkpoint(setup, tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 3.*last good checkpoint is step 2"):
         trainer.train()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_memory_presets_train_on_the_same_curve(setup, tmp_path):
+    _, model, rows = setup
+    curves = []
+    for i, kw in enumerate([dict(remat="none"), dict(remat="full", remat_group=2, mlp_chunk=32)]):
+        args = TrainingArguments(output_dir=str(tmp_path / str(i)), per_device_train_batch_size=2, max_steps=3,
+                                 learning_rate=3e-3, progress=False, **kw)
+        trainer = Trainer(model, rows, args, log=lambda *_: None)
+        trainer.train()
+        curves.append([h["loss"] for h in trainer.history])
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
+
+
+def test_bad_memory_settings_are_refused(setup, tmp_path):
+    _, model, rows = setup
+    with pytest.raises(ValueError, match="remat_group"):
+        Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), remat="none", remat_group=2))
+    with pytest.raises(ValueError, match="mlp_chunk"):
+        Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), mlp_chunk=0))

@@ -1,0 +1,134 @@
+"""Longest sequence (batch 1) for which one QLoRA training step completes on this GPU (ours).
+
+Loads a Llama-3-shaped checkpoint with NF4 on load (generating a random 8B/70B-shaped one when
+--base is absent: bench/export_merged_8b.py's generator; 70B is quantized straight from the
+device-drawn weights, never written in bf16), attaches LoRA r=32, then grows the sequence along
+--schedule with the chosen memory preset until a step fails or the time budget would be passed,
+and bisects down to --granularity. Each probe records: ok / OOM, seconds per step, the compiled
+step's device footprint (arguments + temporaries, from XLA's memory analysis), the device's bytes
+in use after the step and the process's host RSS (offloaded activations live there).
+
+    python bench/max_context.py --preset 8b --remat offload --remat-group 2 --mlp-chunk 8192 \
+        --schedule 65536,131072,262144,393216,458752 --budget 420 --out max_context_8b.json
+    python bench/max_context.py --tiny --schedule 256,512 --budget 60      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxsloth  # noqa: E402
+from export_merged_8b import LLAMA3_8B, TINY, write_random_base  # noqa: E402
+from jaxsloth.train import TrainingArguments, _is_oom, make_optimizer, make_train_step  # noqa: E402
+from train_throughput import random_batch  # noqa: E402
+
+GiB = 2**30
+
+
+def host_rss_gib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) * 1024 / GiB, 2)
+    return float("nan")
+
+
+def probe(model, seq, args, key):
+    targs = TrainingArguments(learning_rate=1e-4, max_steps=1000)
+    tx = make_optimizer(targs, targs.max_steps)
+    step = make_train_step(tx, remat=args.remat, packing=False, remat_group=args.remat_group,
+                           mlp_chunk=args.mlp_chunk)
+    lora = jax.tree_util.tree_map(jnp.copy, model.lora)
+    opt = tx.init(lora)
+    batch = random_batch(model.config.vocab_size, 1, seq, seed=seq)
+    rec = {"seq": seq}
+    t = time.perf_counter()
+    try:
+        compiled = step.lower(lora, opt, model.replace(lora=None), batch, key).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            rec["footprint_gib"] = round((mem.argument_size_in_bytes + mem.temp_size_in_bytes) / GiB, 2)
+        rec["compile_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        _, _, m = compiled(lora, opt, model.replace(lora=None), batch, key)
+        rec.update(ok=True, s_per_step=round(time.perf_counter() - t, 2), loss=round(float(m["loss"]), 4))
+    except Exception as e:  # noqa: BLE001 - a probe that fails is a result
+        rec.update(ok=False, error="OOM" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}")
+    stats = jax.devices()[0].memory_stats() or {}
+    rec["device_in_use_gib"] = round(stats.get("bytes_in_use", 0) / GiB, 2)
+    rec["host_rss_gib"] = host_rss_gib()
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=None, help="HF checkpoint dir (default: generate under --workdir)")
+    ap.add_argument("--workdir", default="/tmp/jx")
+    ap.add_argument("--preset", choices=["8b", "tiny"], default="8b")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--remat", default="offload", choices=["none", "full", "offload"])
+    ap.add_argument("--remat-group", type=int, default=1)
+    ap.add_argument("--mlp-chunk", type=int, default=None)
+    ap.add_argument("--schedule", default="65536,131072,196608,262144,327680,393216,458752")
+    ap.add_argument("--granularity", type=int, default=16384)
+    ap.add_argument("--budget", type=float, default=400, help="seconds for the whole search")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+    shape = TINY if (args.tiny or args.preset == "tiny") else LLAMA3_8B
+    base = Path(args.base) if args.base else Path(args.workdir) / ("base-tiny" if shape is TINY else "base-8b")
+    if not (base / "config.json").exists():
+        write_random_base(base, shape, shard_bytes=int(5e9))
+    model, _ = jaxsloth.load_model(base, dtype="bfloat16", load_in_4bit=True)
+    model = jaxsloth.add_lora(model, r=32, lora_alpha=32)
+    key = jax.random.PRNGKey(0)
+    info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "remat": args.remat, "remat_group": args.remat_group, "mlp_chunk": args.mlp_chunk}
+    print(json.dumps(info), flush=True)
+
+    t0, tries, lo, hi, last = time.perf_counter(), [], None, None, None
+
+    def predicted(seq):  # attention makes a step grow faster than linearly in the sequence
+        return 0.0 if last is None else last[1] * (seq / last[0]) ** 1.7 + 30.0
+
+    def run(seq):
+        nonlocal lo, hi, last
+        rec = probe(model, seq, args, key)
+        tries.append(rec)
+        print(json.dumps(rec), flush=True)
+        if rec["ok"]:
+            lo, last = seq, (seq, rec["s_per_step"] + rec.get("compile_s", 0))
+        else:
+            hi = seq
+        return rec
+
+    stopped = None
+    for seq in [int(s) for s in args.schedule.split(",")]:
+        if time.perf_counter() - t0 + predicted(seq) > args.budget:
+            stopped = f"time budget before seq={seq}"
+            break
+        if not run(seq)["ok"]:
+            break
+    while stopped is None and lo is not None and hi is not None and hi - lo > args.granularity:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        if time.perf_counter() - t0 + predicted(mid) > args.budget:
+            stopped = f"time budget before seq={mid}"
+            break
+        run(mid)
+    result = {**info, "max_ok": lo, "first_fail": hi, "stopped": stopped, "tries": tries,
+              "elapsed_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(result), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
