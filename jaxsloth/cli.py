@@ -92,7 +92,13 @@ def main(argv=None):
 
     register_export_command(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from jaxsloth.train import TrainingError
+
+    try:
+        return args.func(args)
+    except (ValueError, OSError, TrainingError) as e:  # bad input, files, training stops: say it plainly
+        print(f"jaxsloth {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
