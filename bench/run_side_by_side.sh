@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
 # on the same random Llama-3 8B-shaped checkpoint.
-#   bash bench/run_side_by_side.sh PHASE...      phases: info make ours u_tp hf ours_ctx u_ctx
+#   bash bench/run_side_by_side.sh PHASE...      phases: info make ours u_tp hf ours_ctx u_ctx plot
 # Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
 # Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
 set -o pipefail
@@ -32,6 +32,8 @@ print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT
             --max-seq-length 8192 --bs 2 --seq 2048 --warmup 3 --steps 10 ;;
     hf)   stage hf 150 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \
             --bs 2 --seq 2048 --warmup 3 --steps 10 ;;
+    plot) python3 $REPO/bench/plot_context.py --ours "$OUT/ours_ctx.json" --unsloth "$OUT/unsloth_ctx.json" \
+            --out "$OUT/memory_vs_context.png" ;;
     ours_ctx) stage ours_ctx 200 python3 $REPO/bench/max_context.py --base "$MODEL" --remat offload \
             --remat-group 2 --mlp-chunk 8192 --budget $(( $(left) - 30 )) --out "$OUT/ours_ctx.json" ;;
     u_ctx) stage u_ctx 200 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_ctx.json" \

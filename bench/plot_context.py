@@ -1,0 +1,62 @@
+"""Memory vs context length for us and the baselines (issue 7's plot), from the max-context JSONs.
+
+    python bench/plot_context.py --ours OUT/ours_ctx.json --unsloth OUT/unsloth_ctx.json \
+        [--hf OUT/hf.json] --out bench/memory_vs_context.png
+
+Ours: bench/max_context.py's "tries" (device footprint of the compiled step, GiB). Baselines:
+bench/baselines/bench_common.py's "maxctx" tries (torch peak allocated, GiB). Failed probes are
+drawn as crosses at the top of the axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _series(path: str | None, key: str | None, mem_key: str):
+    if not path or not Path(path).exists():
+        return None
+    data = json.loads(Path(path).read_text())
+    tries = (data.get(key) or {}).get("tries", []) if key else data.get("tries", [])
+    ok = [(t["seq"], t.get(mem_key)) for t in tries if t.get("ok") and t.get(mem_key) is not None]
+    fail = [t["seq"] for t in tries if not t.get("ok")]
+    return sorted(ok), fail
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ours")
+    ap.add_argument("--unsloth")
+    ap.add_argument("--hf")
+    ap.add_argument("--title", default="Llama-3 8B QLoRA, batch 1: memory vs context")
+    ap.add_argument("--out", default="memory_vs_context.png")
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = 80
+    for label, s in (("jaxsloth", _series(args.ours, None, "footprint_gib")),
+                     ("Unsloth", _series(args.unsloth, "maxctx", "max_alloc_GiB")),
+                     ("HF + PEFT + bnb", _series(args.hf, "maxctx", "max_alloc_GiB"))):
+        if s is None:
+            continue
+        ok, fail = s
+        line, = ax.plot([x / 1000 for x, _ in ok], [y for _, y in ok], marker="o", label=label)
+        if fail:
+            ax.scatter([x / 1000 for x in fail], [top] * len(fail), marker="x", color=line.get_color())
+    ax.set_xlabel("sequence length (thousand tokens)")
+    ax.set_ylabel("GPU memory (GiB)")
+    ax.set_title(args.title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
