@@ -89,30 +89,95 @@ def causal_mask(attention_mask, segment_ids, seq_len: int):
     return mask
 
 
-def attention(q, k, v, mask, *, attn_impl: str = "xla"):
+# Beyond this length an explicit mask (packing, padding) no longer takes the dense XLA path, whose
+# [B, N, S, S] f32 scores grow quadratically (8B at 16K tokens: 32 GiB per row), but the blockwise one.
+BLOCKWISE_FROM = 4096
+ATTENTION_BLOCK = 512
+
+
+def attention(q, k, v, attention_mask=None, segment_ids=None, *, attn_impl: str = "xla"):
     """Causal GQA attention. q [B,S,N,H], k/v [B,S,M,H] -> [B,S,N,H]. Softmax in f32.
 
-    ``mask`` None means plain causal attention (cuDNN flash attention applies it itself); an explicit
-    mask (padding in the middle, packed segments) always takes the XLA path, which honours it exactly.
+    ``attention_mask`` [B, S] marks real keys, ``segment_ids`` [B, S] packed examples. With neither,
+    plain causal attention: cuDNN flash attention on GPU. cuDNN's public API has no segment ids,
+    so an explicit mask takes the dense XLA path (short rows) or ``blockwise_attention`` (long rows).
     """
     b, s, n, h = q.shape
     m = k.shape[2]
-    if attn_impl == "cudnn" and mask is None:
+    if attn_impl == "cudnn" and attention_mask is None and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    if mask is None:
-        mask = causal_mask(None, None, s)
+    if s > BLOCKWISE_FROM:
+        return blockwise_attention(q, k, v, attention_mask, segment_ids, block=ATTENTION_BLOCK)
+    mask = causal_mask(attention_mask, segment_ids, s)
     qg = q.reshape(b, s, m, n // m, h)
     scores = jnp.einsum("bsmgh,btmh->bmgst", qg, k, precision=_precision(q.dtype),
                         preferred_element_type=jnp.float32) * (h ** -0.5)
-    if mask is not None:
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bmgst,btmh->bsmgh", probs, v, precision=_precision(q.dtype))
     return out.reshape(b, s, n, h)
 
 
-def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, dropout_key=None, *, lora_scaling, impl,
-                  attn_impl, lora_dropout=0.0, mlp_chunk: int | None = None):
+def blockwise_attention(q, k, v, attention_mask=None, segment_ids=None, *, block: int = ATTENTION_BLOCK):
+    """Causal GQA attention in [block x block] tiles with an online softmax (flash-style, in XLA).
+
+    Scores exist one tile at a time ([B, N, block, block] f32); key tiles after the query tile are
+    skipped (``lax.cond``), and each query tile is a ``jax.checkpoint`` so the backward recomputes
+    its tiles instead of keeping them. Queries with no visible key (padding rows) give 0.
+    """
+    b, s, n, h = q.shape
+    m = k.shape[2]
+    g = n // m
+    nb = -(-s // block)
+    pad = nb * block - s
+    valid = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+    seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    qb = q.reshape(b, nb, block, m, g, h)
+    kb = k.reshape(b, nb, block, m, h)
+    vb = v.reshape(b, nb, block, m, h)
+    valid_b = valid.reshape(b, nb, block)
+    seg_b = seg.reshape(b, nb, block)
+    scale = h ** -0.5
+    prec = _precision(q.dtype)
+    offsets = jnp.arange(block)
+
+    def query_tile(i):
+        qi, seg_q = qb[:, i], seg_b[:, i]
+
+        def key_tile(carry, j):
+            def visit(carry):
+                o, mx, l = carry
+                sc = jnp.einsum("bqmgh,bkmh->bmgqk", qi, kb[:, j], precision=prec,
+                                preferred_element_type=jnp.float32) * scale
+                ok = ((i * block + offsets)[:, None] >= (j * block + offsets)[None, :])[None]
+                ok = ok & valid_b[:, j][:, None, :] & (seg_q[:, :, None] == seg_b[:, j][:, None, :])
+                ok = ok[:, None, None]  # [B, 1, 1, q, k]
+                mnew = jnp.maximum(mx, jnp.max(jnp.where(ok, sc, -jnp.inf), axis=-1))
+                safe = jnp.where(jnp.isfinite(mnew), mnew, 0.0)
+                p = jnp.where(ok, jnp.exp(sc - safe[..., None]), 0.0)
+                corr = jnp.where(jnp.isfinite(mx), jnp.exp(mx - safe), 0.0)
+                pv = jnp.einsum("bmgqk,bkmh->bmgqh", p.astype(v.dtype), vb[:, j], precision=prec,
+                                preferred_element_type=jnp.float32)
+                return o * corr[..., None] + pv, mnew, l * corr + p.sum(-1)
+
+            return jax.lax.cond(j <= i, visit, lambda c: c, carry), None
+
+        init = (jnp.zeros((b, m, g, block, h), jnp.float32), jnp.full((b, m, g, block), -jnp.inf, jnp.float32),
+                jnp.zeros((b, m, g, block), jnp.float32))
+        (o, _, l), _ = jax.lax.scan(key_tile, init, jnp.arange(nb))
+        out = o / jnp.where(l > 0, l, 1.0)[..., None]
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [B, block, M, G, H]
+
+    tiles = jax.lax.map(jax.checkpoint(query_tile), jnp.arange(nb))  # [nb, B, block, M, G, H]
+    return tiles.transpose(1, 0, 2, 3, 4, 5).reshape(b, nb * block, n, h)[:, :s]
+
+
+def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, attention_mask, segment_ids, dropout_key=None, *,
+                  lora_scaling, impl, attn_impl, lora_dropout=0.0, mlp_chunk: int | None = None):
     """One pre-norm decoder block. x [B, S, D] in the compute dtype.
 
     ``mlp_chunk`` runs the MLP over the sequence in chunks of that many tokens, each under
@@ -135,7 +200,7 @@ def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, mask, dropout_key=
     k = proj("k", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     v = proj("v", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     q, k = apply_rope(q, k, cos, sin, implementation=impl)
-    attn = attention(q, k, v, mask, attn_impl=attn_impl).reshape(b, s, cfg.q_dim)
+    attn = attention(q, k, v, attention_mask, segment_ids, attn_impl=attn_impl).reshape(b, s, cfg.q_dim)
     x = x + proj("o", attn)
 
     h = rmsnorm(x, layer["mlp_norm"], cfg.rms_norm_eps, implementation=impl)
@@ -180,11 +245,6 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     if position_ids is None:
         position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
     cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-    if attention_mask is None and segment_ids is None:
-        mask = None  # plain causal: built by attention() (XLA) or applied by cuDNN itself
-    else:
-        mask = causal_mask(attention_mask, segment_ids, seq)
-
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
     layer_fn = functools.partial(decoder_layer, cfg, lora_scaling=lora_scaling, impl=impl, attn_impl=attn_impl,
                                  lora_dropout=lora_dropout, mlp_chunk=mlp_chunk)
@@ -197,7 +257,7 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
         # under a mesh (jaxsloth.sharding.activate): FSDP gathers this layer's 4-bit leaves, not the
         # dequantized weights, and activations stay split by rows; no-ops without a mesh
         layer, layer_lora = constrain_layer((layer, layer_lora))
-        out = layer_fn(constrain_rows(carry), layer, layer_lora, cos, sin, mask, key)
+        out = layer_fn(constrain_rows(carry), layer, layer_lora, cos, sin, attention_mask, segment_ids, key)
         return constrain_rows(out), None
 
     if remat_group < 1 or (remat_group > 1 and (remat == "none" or L % remat_group)):
