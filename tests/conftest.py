@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Llama-3 checkpoints written once per test session."""
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
@@ -28,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     cache = {}
 
     def make(preset="llama3", **kwargs):
-        key = (preset, tuple(sorted(kwargs.items())))
+        key = (preset, json.dumps(kwargs, sort_keys=True))
         if key not in cache:
             path = tmp_path_factory.mktemp(f"ckpt-{preset}")
             cache[key] = make_tiny_checkpoint(path / "model", preset, **kwargs)
