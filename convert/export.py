@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxsloth.config import CheckpointError
+from jaxsloth.config import CheckpointError, read_json
 from jaxsloth.lora import LoraConfig, normalize_targets
 from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
 from jaxsloth.quant import NF4, dequantize_nf4
@@ -387,10 +387,7 @@ def export_adapter(model, out_dir, *, overwrite: bool = False, embedding_rows: s
 def _read_adapter_config(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, what=ADAPTER_CONFIG)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type must be 'LORA', found {raw.get('peft_type')!r}")
     unsupported = {

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxsloth.config import CheckpointError, LlamaConfig
+from jaxsloth.config import CheckpointError, LlamaConfig, read_json
 from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
 from jaxsloth.quant import NF4, quantize_nf4
 
@@ -156,8 +156,8 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face model directory)")
     cfg_path = model_dir / "config.json"
-    cfg = LlamaConfig.from_file(cfg_path)
-    raw_cfg = json.loads(cfg_path.read_text())
+    raw_cfg = read_json(cfg_path, what="config.json")
+    cfg = LlamaConfig.from_dict(raw_cfg, source=str(cfg_path))
     bnb = _bnb_quant_config(raw_cfg, cfg_path)
     dt = _dtype(dtype)
     files = find_weight_files(model_dir)

@@ -145,11 +145,15 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: config.json not found (expected a Hugging Face model directory)")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, what="config.json"), source=str(path))
+
+
+def read_json(path: str | Path, *, what: str, expected: str = "a Hugging Face model directory") -> dict:
+    """A JSON file's contents, or a CheckpointError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found (expected {expected})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

@@ -232,8 +232,9 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
 
 # ----------------------------------------------------------------------------- fused kernels
 
-def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p, blocks_per_prog,
-                      unroll, decode, cdtype):
+def _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, *, m, bn, p, blocks_per_prog, unroll,
+                    decode, cdtype):
+  """acc[m, bn] over this program's K blocks; ``load_x(b) -> (x_even, x_odd)`` of block b."""
   rows = pl.ds(pl.program_id(0) * bn, bn)
   s = pl.program_id(1)
   dims = (((1,), (1,)), ((), ()))
@@ -244,42 +245,31 @@ def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p, bl
       c = codes_ref[rows, pl.ds(b * p, p)]
       a = absmax_ref[rows, pl.ds(b, 1)]
       hi, lo = _decode(c, lut_ref, decode)
-      xe = x_ref[:, pl.ds(b * 2 * p, p, stride=2)]
-      xo = x_ref[:, pl.ds(b * 2 * p + 1, p, stride=2)]
+      xe, xo = load_x(b)
       acc += jax.lax.dot_general(xe, (hi * a).astype(cdtype), dims,
                                  preferred_element_type=jnp.float32)
       acc += jax.lax.dot_general(xo, (lo * a).astype(cdtype), dims,
                                  preferred_element_type=jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step,
-                          jnp.zeros((x_ref.shape[0], bn), jnp.float32))
+  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step, jnp.zeros((m, bn), jnp.float32))
   o_ref[s, :, rows] = acc
 
 
-def _fused_fwd_split_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p,
-                            blocks_per_prog, unroll, decode, cdtype):
-  rows = pl.ds(pl.program_id(0) * bn, bn)
-  s = pl.program_id(1)
-  dims = (((1,), (1,)), ((), ()))
+def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, p, **kw):
+  """x as one [M, K] array: even/odd columns read with stride 2."""
+  def load_x(b):
+    return (x_ref[:, pl.ds(b * 2 * p, p, stride=2)], x_ref[:, pl.ds(b * 2 * p + 1, p, stride=2)])
 
-  def step(t, acc):
-    for u in range(unroll):
-      b = s * blocks_per_prog + t * unroll + u
-      c = codes_ref[rows, pl.ds(b * p, p)]
-      a = absmax_ref[rows, pl.ds(b, 1)]
-      hi, lo = _decode(c, lut_ref, decode)
-      xe = xe_ref[:, pl.ds(b * p, p)]
-      xo = xo_ref[:, pl.ds(b * p, p)]
-      acc += jax.lax.dot_general(xe, (hi * a).astype(cdtype), dims,
-                                 preferred_element_type=jnp.float32)
-      acc += jax.lax.dot_general(xo, (lo * a).astype(cdtype), dims,
-                                 preferred_element_type=jnp.float32)
-    return acc
+  _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, m=x_ref.shape[0], p=p, **kw)
 
-  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step,
-                          jnp.zeros((xe_ref.shape[0], bn), jnp.float32))
-  o_ref[s, :, rows] = acc
+
+def _fused_fwd_split_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, p, **kw):
+  """x split into even/odd columns by XLA beforehand: contiguous loads."""
+  def load_x(b):
+    return xe_ref[:, pl.ds(b * p, p)], xo_ref[:, pl.ds(b * p, p)]
+
+  _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, m=xe_ref.shape[0], p=p, **kw)
 
 
 def _gemv_fwd_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p,
