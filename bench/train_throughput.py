@@ -18,6 +18,7 @@ Also writes a long-text JSONL (--write-data PATH) for a CLI run on the same chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -68,6 +69,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--write-data", default=None, help="also write a long-text JSONL for `jaxsloth train`")
+    ap.add_argument("--mesh", default=None,
+                    help="device mesh, e.g. data=2 (per-device batch --batch; fsdp=1 runs the shard_map data-parallel step)")
+    ap.add_argument("--impl", default=None, choices=["xla", "pallas"], help="kernel implementation (default: per op)")
+    ap.add_argument("--sanity", default=None, help="token ids from bench/sanity_data.py: loss-sanity run afterwards")
+    ap.add_argument("--sanity-preset", default="full")
     args = ap.parse_args(argv)
     shape = TINY if args.tiny else LLAMA3_8B
     if args.tiny:
@@ -93,17 +99,49 @@ def main(argv=None):
     model = jaxsloth.add_lora(model, r=args.r, lora_alpha=args.r)
     print(json.dumps({"load_quantize_s": round(t_load, 1), "peak_gib_after_load": peak_gib()}), flush=True)
 
-    batch = random_batch(model.config.vocab_size, args.batch, args.seq)
-    tokens = args.batch * args.seq
-    targs = TrainingArguments(learning_rate=1e-4, max_steps=1000)
+    if args.impl:
+        model = model.replace(implementation=args.impl)
+    mesh = None
+    if args.mesh:
+        from jaxsloth.sharding import activate, describe, make_mesh, shard_model
+
+        mesh = make_mesh(args.mesh, model=model)
+        if mesh.shape["fsdp"] > 1 and model.implementation is None:
+            model = model.replace(implementation="xla")  # as the Trainer does: GSPMD partitions XLA ops only
+        model = shard_model(model, mesh)
+        info["mesh"] = describe(mesh)
+    n_dev = 1 if mesh is None else mesh.size
+    info["implementation"] = model.implementation or "default"
+    batch = random_batch(model.config.vocab_size, args.batch * n_dev, args.seq)
+    tokens = args.batch * n_dev * args.seq
+    targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
+
+    def setup(preset):
+        tx = make_optimizer(targs, targs.max_steps)
+        lora = jax.tree_util.tree_map(jnp.copy, model.lora)
+        if mesh is None:
+            return tx, make_train_step(tx, remat=preset, packing=False), lora, tx.init(lora), contextlib.nullcontext()
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxsloth.sharding import init_opt_state, lora_shardings, opt_state_shardings, shard_lora
+
+        lora = shard_lora(lora, mesh)
+        step = make_train_step(tx, remat=preset, packing=False,
+                               data_parallel=mesh if mesh.shape["fsdp"] == 1 else None,
+                               out_shardings=(lora_shardings(lora, mesh), opt_state_shardings(tx, lora, mesh),
+                                              NamedSharding(mesh, PartitionSpec())))
+        return tx, step, lora, init_opt_state(tx, lora, mesh), activate(mesh)
+
+    if mesh is not None:
+        from jaxsloth.sharding import shard_batch
+
+        batch = shard_batch(batch, mesh)
     rows = []
     for k, preset in enumerate(args.presets.split(",")):
-        tx = make_optimizer(targs, targs.max_steps)
-        step = make_train_step(tx, remat=preset, packing=False)
-        lora = jax.tree_util.tree_map(jnp.copy, model.lora)
-        opt = tx.init(lora)
+        tx, step, lora, opt, ctx = setup(preset)
         frozen = model.replace(lora=None)
         key = jax.random.PRNGKey(0)
+        ctx.__enter__()
         t = time.perf_counter()
         compiled = step.lower(lora, opt, frozen, batch, key).compile()
         t_compile = time.perf_counter() - t
@@ -114,6 +152,7 @@ def main(argv=None):
             first_loss = float(m["loss"])
         except Exception as e:  # noqa: BLE001 - report and go on with the next preset
             print(json.dumps({"preset": preset, "error": str(e)[:300]}), flush=True)
+            ctx.__exit__(None, None, None)
             continue
         if k == 0:
             info["checkpoint_to_first_step_s"] = round(time.perf_counter() - t0, 1)
@@ -130,8 +169,39 @@ def main(argv=None):
                "first_loss": round(first_loss, 4), "last_loss": round(loss, 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        ctx.__exit__(None, None, None)
         del lora, opt
+    if args.sanity:
+        info["sanity"] = loss_sanity(model, args.sanity, setup, args.sanity_preset, mesh)
     print(json.dumps({**info, "results": rows}), flush=True)
+
+
+def loss_sanity(model, path, setup, preset, mesh):
+    """Fresh LoRA + AdamW (lr 1e-4, as the torch baselines) on bench/sanity_data.py's token ids."""
+    data = np.load(path)
+    if data.max() >= model.config.vocab_size:
+        raise SystemExit(f"{path}: token id {data.max()} >= vocab_size {model.config.vocab_size} (use --base-id)")
+    _, step, lora, opt, ctx = setup(preset)
+    frozen, key, losses = model.replace(lora=None), jax.random.PRNGKey(0), []
+    t = time.perf_counter()
+    with ctx:
+        for i in range(data.shape[0]):
+            ids = data[i][None]
+            b = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+                 "segment_ids": np.ones_like(ids[..., 1:]),
+                 "position_ids": np.broadcast_to(np.arange(ids.shape[-1] - 1, dtype=np.int32),
+                                                 ids[..., 1:].shape).copy()}
+            if mesh is not None:
+                from jaxsloth.sharding import shard_batch
+
+                b = shard_batch(b, mesh)
+            lora, opt, m = step(lora, opt, frozen, b, key)
+            losses.append(float(m["loss"]))
+    out = {"shape": list(data.shape), "preset": preset, "losses": [round(x, 4) for x in losses],
+           "first": losses[0], "last": losses[-1], "min": min(losses), "mean_last10": float(np.mean(losses[-10:])),
+           "finite": bool(np.all(np.isfinite(losses))), "seconds": round(time.perf_counter() - t, 1)}
+    print(json.dumps({"sanity": {k: v for k, v in out.items() if k != "losses"}}), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ of the run that reads it (``abstract_with_shardings``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import threading
 
 import jax
 import numpy as np
@@ -40,7 +42,7 @@ from jaxsloth.quant import NF4
 
 __all__ = ["AXES", "RULES", "make_mesh", "parse_mesh_spec", "default_mesh_shape", "shard_model", "shard_batch",
            "shard_lora", "init_opt_state", "opt_state_shardings", "abstract_with_shardings", "describe",
-           "activate", "constrain_layer", "constrain_rows", "per_device_token_loss"]
+           "activate", "local_trace", "constrain_layer", "constrain_rows", "per_device_token_loss"]
 
 AXES = ("data", "fsdp")
 
@@ -254,7 +256,23 @@ def activate(mesh: Mesh):
     return jax.set_mesh(mesh)
 
 
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def local_trace():
+    """Code traced inside is per-device (a ``shard_map`` body): the constraint hooks stay no-ops."""
+    prev = getattr(_LOCAL, "on", False)
+    _LOCAL.on = True
+    try:
+        yield
+    finally:
+        _LOCAL.on = prev
+
+
 def _active_mesh():
+    if getattr(_LOCAL, "on", False):
+        return None
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or getattr(mesh, "empty", False) or set(AXES) - set(mesh.axis_names):
         return None

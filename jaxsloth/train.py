@@ -136,8 +136,8 @@ def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=Fals
     return per_device_token_loss(fused_cross_entropy, h, head, batch["labels"])
 
 
-def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing=False, **memory):
-    """Mean loss over all labels of batch [A, B, S] and its gradient w.r.t. ``lora``."""
+def _accumulated_sums(model, lora, batch, key, *, remat="none", packing=False, **memory):
+    """(summed token loss, label count, summed LoRA gradient) over the micro-batches of batch [A, B, S]."""
     grad_fn = jax.value_and_grad(
         lambda lo, mb, k: micro_batch_loss(model, lo, mb, k, remat=remat, packing=packing, **memory), has_aux=True)
     n_micro = batch["input_ids"].shape[0]
@@ -151,21 +151,62 @@ def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, lora)
     (g, loss_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), (batch, keys))
+    return loss_sum, count, g
+
+
+def _mean(loss_sum, count, g):
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     return loss_sum / denom, count, jax.tree_util.tree_map(lambda x: x / denom, g)
 
 
+def accumulated_loss_and_grads(model, lora, batch, key, *, remat="none", packing=False, **memory):
+    """Mean loss over all labels of batch [A, B, S] and its gradient w.r.t. ``lora``."""
+    return _mean(*_accumulated_sums(model, lora, batch, key, remat=remat, packing=packing, **memory))
+
+
+def data_parallel_loss_and_grads(mesh, model, lora, batch, key, *, remat="none", packing=False, **memory):
+    """``accumulated_loss_and_grads`` on a mesh with fsdp=1: every device runs the single-device code on
+    its own rows (``shard_map``: the Pallas kernels run as they do on one GPU, nothing is gathered) and
+    the summed losses, label counts and gradients are all-reduced once, before the division, so the
+    result equals the single-device step on the whole batch (up to the order of the f32 sums).
+    Weights, LoRA and ``key`` enter replicated; dropout masks differ per device (key folded with the
+    device's index)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsloth.sharding import RULES, local_trace
+
+    if mesh.shape.get("fsdp", 1) != 1:
+        raise ValueError(f"data_parallel_loss_and_grads needs fsdp=1, got mesh {dict(mesh.shape)}")
+    axes = tuple(a for a in RULES["batch"][0] if a in mesh.axis_names)
+
+    def local(lo, m, b, k):
+        k = jax.random.fold_in(k, jax.lax.axis_index(axes))
+        with local_trace():  # no mesh constraints inside: this body sees one device's arrays
+            sums = _accumulated_sums(m, lo, b, k, remat=remat, packing=packing, **memory)
+        return jax.tree_util.tree_map(lambda x: jax.lax.psum(x, axes), sums)
+
+    rows = jax.tree_util.tree_map(lambda _: P(None, axes), batch)
+    sums = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), rows, P()), out_specs=P(),
+                         check_vma=False)(lora, model, batch, key)
+    return _mean(*sums)
+
+
 def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None, remat_group: int = 1,
-                    mlp_chunk: int | None = None):
+                    mlp_chunk: int | None = None, data_parallel=None):
     """jit(step)(model, opt_state, batch, key) -> (lora, opt_state, metrics). LoRA/opt state are donated.
 
     A non-finite loss or gradient leaves the adapters and optimizer unchanged (metrics say so).
     On a mesh, ``out_shardings`` (lora, opt_state, metrics) keeps the new state where the old one was.
+    ``data_parallel``: a mesh with fsdp=1 on which the loss and gradients are taken per device
+    (``data_parallel_loss_and_grads``) instead of by GSPMD partitioning of the whole step.
     """
+    memory = dict(remat=remat, packing=packing, remat_group=remat_group, mlp_chunk=mlp_chunk)
 
     def step(lora, opt_state, model, batch, key):
-        loss, count, grads = accumulated_loss_and_grads(model, lora, batch, key, remat=remat, packing=packing,
-                                                        remat_group=remat_group, mlp_chunk=mlp_chunk)
+        if data_parallel is None:
+            loss, count, grads = accumulated_loss_and_grads(model, lora, batch, key, **memory)
+        else:
+            loss, count, grads = data_parallel_loss_and_grads(data_parallel, model, lora, batch, key, **memory)
         grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
@@ -192,7 +233,7 @@ class Trainer:
         if model.lora is None:
             raise ValueError("the model has no LoRA adapters: call jaxsloth.add_lora(model, ...) first")
         self.model, self.rows, self.args, self.log = model, rows, args, log
-        self.mesh = None
+        self.mesh, self.data_parallel = None, False
         if args.mesh is not None or jax.device_count() > 1:
             from jaxsloth.sharding import describe, make_mesh
 
@@ -217,8 +258,10 @@ class Trainer:
 
             from jaxsloth.sharding import lora_shardings, opt_state_shardings
 
+            # fsdp=1: plain data parallelism, each device runs the one-device step on its rows
+            self.data_parallel = self.mesh.shape["fsdp"] == 1
             self.step_fn = make_train_step(
-                self.tx, **memory,
+                self.tx, **memory, data_parallel=self.mesh if self.data_parallel else None,
                 out_shardings=(lora_shardings(model.lora, self.mesh),
                                opt_state_shardings(self.tx, model.lora, self.mesh),
                                NamedSharding(self.mesh, PartitionSpec())))
@@ -263,13 +306,14 @@ class Trainer:
         else:
             from jaxsloth.sharding import activate, init_opt_state, shard_batch, shard_lora, shard_model
 
-            # The Pallas kernels (rmsnorm, rope, NF4) have no partitioning rules: GSPMD would gather
-            # their operands and run them on the whole batch on every device. Their XLA versions
-            # partition; per op on one H100 they cost little (bench/RESULTS.md: NF4 dequant+dot tied at
-            # 4K tokens, 7% slower at 16K; RMSNorm fwd+bwd 1.3x of a 0.2 ms op), not yet measured end to
-            # end on 2 GPUs. The loss keeps its Pallas pass: it runs per device (per_device_token_loss).
-            impl = "xla" if model.implementation is None else model.implementation
-            model = shard_model(model.replace(lora=None, implementation=impl), self.mesh)
+            # Under FSDP the step is partitioned by GSPMD, and the Pallas kernels (rmsnorm, rope, NF4)
+            # have no partitioning rules: GSPMD would gather their operands and run them on the whole
+            # batch on every device. Their XLA versions partition; per op on one H100 they cost little
+            # (bench/RESULTS.md). The loss keeps its Pallas pass: it runs per device
+            # (per_device_token_loss). Plain data parallelism runs per device (shard_map): kernels stay.
+            if not self.data_parallel and model.implementation is None:
+                model = model.replace(implementation="xla")
+            model = shard_model(model.replace(lora=None), self.mesh)
             lora = shard_lora(lora, self.mesh)
             opt_state = init_opt_state(self.tx, lora, self.mesh)
         mngr = self._manager() if (args.save_steps > 0 or resume) else None

@@ -68,7 +68,7 @@ def _child_parity(path):
 
     from jaxsloth.data import BatchStream
     from jaxsloth.sharding import activate, make_mesh, shard_batch, shard_model
-    from jaxsloth.train import accumulated_loss_and_grads
+    from jaxsloth.train import accumulated_loss_and_grads, data_parallel_loss_and_grads
 
     fn = jax.jit(lambda m, lo, b, k: accumulated_loss_and_grads(m, lo, b, k, remat="full"))
     out = {"devices": jax.device_count()}
@@ -84,6 +84,16 @@ def _child_parity(path):
                 loss, count, g = fn(sm.replace(lora=None), sm.lora, shard_batch(batch, mesh), key)
             q = sm.params["layers"]["q"]
             q = q.codes if base == "nf4" else q
+            if spec == "data=8":  # the shard_map data-parallel path (what the Trainer runs when fsdp=1)
+                dp = jax.jit(lambda m, lo, b, k, mesh=mesh: data_parallel_loss_and_grads(mesh, m, lo, b, k,
+                                                                                         remat="full"))
+                with activate(mesh):
+                    dl, dc, dg = dp(sm.replace(lora=None), sm.lora, shard_batch(batch, mesh), key)
+                out[f"{base} shard_map data=8"] = {
+                    "loss": float(dl), "loss_1dev": float(loss1), "count_equal": int(dc) == int(count1),
+                    "loss_rel": _rel(dl, loss1),
+                    "grad_rel": max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(dg),
+                                                                 jax.tree_util.tree_leaves(g1)))}
             out[f"{base} {spec}"] = {
                 "loss": float(loss), "loss_1dev": float(loss1), "count_equal": int(count) == int(count1),
                 "loss_rel": _rel(loss, loss1),
@@ -142,7 +152,10 @@ def _child_checkpoints(path, fresh_dir, resume_dir):
     resumed = Trainer(model, rows, _train_args(resume_dir, 1, mesh), log=lambda *_: None)
     trained = resumed.train(resume=True)
     a = trained.lora["q"]["a"]
-    return {"fresh": _losses(fresh), "resumed": _losses(resumed),
+    data_parallel = Trainer(model, rows, _train_args(os.path.join(os.path.dirname(str(fresh_dir)), "dp"), 1, "data=4"), log=lambda *_: None)
+    assert data_parallel.data_parallel
+    data_parallel.train()
+    return {"fresh": _losses(fresh), "resumed": _losses(resumed), "data_parallel": _losses(data_parallel),
             "resumed_lora_devices": len(a.sharding.device_set), "resumed_lora_spec": str(a.sharding.spec)}
 
 
@@ -162,7 +175,7 @@ def parity(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("base", ["f32", "nf4"])
-@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8"])
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "shard_map data=8"])
 def test_sharded_loss_and_gradients_equal_single_device(parity, base, spec):
     r = parity[f"{base} {spec}"]
     assert parity["devices"] == 8
@@ -228,6 +241,11 @@ def checkpoints(tiny_checkpoint, tmp_path_factory):
 
 def test_sharded_training_matches_single_device_curve(checkpoints):
     np.testing.assert_allclose(checkpoints["fresh"], checkpoints["single"], rtol=TOL)
+
+
+def test_data_parallel_training_matches_single_device_curve(checkpoints):
+    """data=4 (fsdp=1) takes the shard_map path in the Trainer: the same 6-step curve as one device."""
+    np.testing.assert_allclose(checkpoints["data_parallel"], checkpoints["single"], rtol=TOL)
 
 
 def test_checkpoint_from_4_devices_resumes_on_1(checkpoints):
