@@ -2,7 +2,7 @@
 # One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
 # on the same random Llama-3 8B-shaped checkpoint.
 #   bash bench/run_side_by_side.sh PHASE...
-#   phases: info make data ours u_tp hf export dp ours_ctx u_ctx plot
+#   phases: info make data ours u_tp hf hf_std export dp ours_ctx u_ctx plot
 # Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
 # Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
 set -o pipefail
@@ -30,20 +30,21 @@ print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT
     make) stage make 120 python3 $B/make_model.py --out "$MODEL" ;;
     # loss sanity: the same 50 steps of generated English (bs 2 x 1024) for every framework
     data) python3 $REPO/bench/sanity_data.py --out "$SANITY" --steps 50 --batch 2 --seq 1024 ;;
-    ours) stage ours 150 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${PRESETS:-offload,full,none} \
+    ours) stage ours 150 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${PRESETS:-offload,full,none} \
             --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
-    u_tp) stage u_tp 150 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_tp.json" \
+    u_tp) stage u_tp 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_tp.json" \
             --max-seq-length 8192 --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
-    hf)   stage hf 150 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \
+    hf)   stage hf 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \
             --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
     # merged bf16 export of the same checkpoint (issue 6): wall time and peak host RAM
     export) stage export 100 /usr/bin/time -v python3 $REPO/bench/export_merged_8b.py --base "$MODEL" \
             --workdir /dev/shm/jaxsloth_export ;;
-    # data parallel over every GPU of the host vs one GPU, same per-device batch (issue 8)
-    dp) stage dp1 100 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" \
-            --presets ${DP_PRESETS:-full} --warmup 3 --steps 10
-        stage dpN 100 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${DP_PRESETS:-full} \
+    # data parallel over every GPU of the host (compare with phase ours: one GPU, same per-device batch)
+    dp) stage dp 100 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${DP_PRESETS:-full,none} \
             --warmup 3 --steps 10 --mesh data=$(nvidia-smi -L | wc -l) ;;
+    # HF's standard QLoRA recipe (prepare_model_for_kbit_training, as TRL does)
+    hf_std) stage hf_std 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" \
+            --out "$OUT/hf_std.json" --bs 2 --seq 2048 --warmup 3 --steps 10 ;;
     plot) python3 $REPO/bench/plot_context.py --ours "$OUT/ours_ctx.json" --unsloth "$OUT/unsloth_ctx.json" \
             --out "$OUT/memory_vs_context.png" ;;
     ours_ctx) stage ours_ctx 200 python3 $REPO/bench/max_context.py --base "$MODEL" --remat offload \

@@ -75,6 +75,10 @@ def main(argv=None):
     ap.add_argument("--sanity", default=None, help="token ids from bench/sanity_data.py: loss-sanity run afterwards")
     ap.add_argument("--sanity-preset", default="full")
     args = ap.parse_args(argv)
+    global CE_CHUNK_BYTES
+    import pallas_kernels.cross_entropy as ce
+
+    CE_CHUNK_BYTES = ce._CHUNK_BYTES
     shape = TINY if args.tiny else LLAMA3_8B
     if args.tiny:
         args.seq, args.steps, args.warmup = min(args.seq, 128), 2, 1
@@ -117,16 +121,26 @@ def main(argv=None):
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
 
     def setup(preset):
+        """preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
+        (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk)."""
+        import pallas_kernels.cross_entropy as ce
+
+        remat, *opts = preset.split("/")
+        kw = dict(o.split("=") for o in opts)
+        mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
+               "remat_group": int(kw.get("group", 1))}
+        # tokens per loss chunk through the default-size rule's byte cap (read when the step is traced)
+        ce._CHUNK_BYTES = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
         tx = make_optimizer(targs, targs.max_steps)
         lora = jax.tree_util.tree_map(jnp.copy, model.lora)
         if mesh is None:
-            return tx, make_train_step(tx, remat=preset, packing=False), lora, tx.init(lora), contextlib.nullcontext()
+            return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()
         from jax.sharding import NamedSharding, PartitionSpec
 
         from jaxsloth.sharding import init_opt_state, lora_shardings, opt_state_shardings, shard_lora
 
         lora = shard_lora(lora, mesh)
-        step = make_train_step(tx, remat=preset, packing=False,
+        step = make_train_step(tx, **mem,
                                data_parallel=mesh if mesh.shape["fsdp"] == 1 else None,
                                out_shardings=(lora_shardings(lora, mesh), opt_state_shardings(tx, lora, mesh),
                                               NamedSharding(mesh, PartitionSpec())))
@@ -174,6 +188,9 @@ def main(argv=None):
     if args.sanity:
         info["sanity"] = loss_sanity(model, args.sanity, setup, args.sanity_preset, mesh)
     print(json.dumps({**info, "results": rows}), flush=True)
+
+
+CE_CHUNK_BYTES = None
 
 
 def loss_sanity(model, path, setup, preset, mesh):
