@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--impl", default=None, choices=["xla", "pallas"], help="kernel implementation (default: per op)")
     ap.add_argument("--sanity", default=None, help="token ids from bench/sanity_data.py: loss-sanity run afterwards")
     ap.add_argument("--sanity-preset", default="full")
+    ap.add_argument("--profile", default=None, help="trace 2 steps of each preset under DIR/<n> (bench/profile_summary.py)")
     args = ap.parse_args(argv)
     global CE_CHUNK_BYTES
     import pallas_kernels.cross_entropy as ce
@@ -130,7 +131,10 @@ def main(argv=None):
         mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
                "remat_group": int(kw.get("group", 1))}
         # tokens per loss chunk through the default-size rule's byte cap (read when the step is traced)
-        ce._CHUNK_BYTES = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
+        new_bytes = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
+        if new_bytes != ce._CHUNK_BYTES:
+            ce._CHUNK_BYTES = new_bytes
+            jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
         tx = make_optimizer(targs, targs.max_steps)
         lora = jax.tree_util.tree_map(jnp.copy, model.lora)
         if mesh is None:
@@ -178,6 +182,20 @@ def main(argv=None):
             lora, opt, m = step(lora, opt, frozen, batch, key)
         loss = float(m["loss"])
         dt = (time.perf_counter() - t) / args.steps
+        if args.profile:
+            pdir = Path(args.profile) / f"{k}"
+            with jax.profiler.trace(str(pdir), create_perfetto_trace=True):
+                for _ in range(2):
+                    lora, opt, m = step(lora, opt, frozen, batch, key)
+                jax.block_until_ready(m["loss"])
+            try:
+                from profile_summary import summarize
+
+                prof = summarize(str(pdir), steps=2)
+                print(json.dumps({"preset": preset, "profile": {k2: prof[k2] for k2 in
+                                  ("wall_ms", "busy_ms", "sum_ms", "by_class_ms", "top_kernels")}}), flush=True)
+            except (SystemExit, Exception) as e:  # noqa: BLE001 - the trace stays for offline reading
+                print(json.dumps({"preset": preset, "profile_error": str(e)[:300]}), flush=True)
         row = {"preset": preset, "s_per_step": round(dt, 4), "tokens_per_s": round(tokens / dt),
                "compile_s": round(t_compile, 1), "temp_gib": round(temp, 2), "peak_gib": peak_gib(),
                "first_loss": round(first_loss, 4), "last_loss": round(loss, 4)}
