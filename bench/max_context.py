@@ -42,7 +42,7 @@ def host_rss_gib() -> float:
     return float("nan")
 
 
-def probe(model, seq, args, key):
+def probe(model, seq, args, key, run_step=True):
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000)
     tx = make_optimizer(targs, targs.max_steps)
     step = make_train_step(tx, remat=args.remat, packing=False, remat_group=args.remat_group,
@@ -57,7 +57,13 @@ def probe(model, seq, args, key):
         mem = compiled.memory_analysis()
         if mem is not None:
             rec["footprint_gib"] = round((mem.argument_size_in_bytes + mem.temp_size_in_bytes) / GiB, 2)
+            for name in ("host_temp_size_in_bytes", "host_argument_size_in_bytes"):  # offloaded activations
+                if getattr(mem, name, None):
+                    rec[name.replace("_size_in_bytes", "_gib")] = round(getattr(mem, name) / GiB, 2)
         rec["compile_s"] = round(time.perf_counter() - t, 1)
+        if not run_step:  # the compiler's footprint only: no step run (too slow for the job)
+            rec.update(ok=None, compiled_only=True)
+            return rec
         t = time.perf_counter()
         _, _, m = compiled(lora, opt, model.replace(lora=None), batch, key)
         rec.update(ok=True, s_per_step=round(time.perf_counter() - t, 2), loss=round(float(m["loss"]), 4))
@@ -81,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--schedule", default="65536,131072,196608,262144,327680,393216,458752")
     ap.add_argument("--granularity", type=int, default=16384)
     ap.add_argument("--budget", type=float, default=400, help="seconds for the whole search")
+    ap.add_argument("--compile-only", default="",
+                    help="lengths to compile (device footprint from XLA's memory analysis) but not run, first")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     shape = TINY if (args.tiny or args.preset == "tiny") else LLAMA3_8B
@@ -111,6 +119,12 @@ def main(argv=None):
         return rec
 
     stopped = None
+    for seq in [int(s) for s in args.compile_only.split(",") if s]:
+        if time.perf_counter() - t0 + 60 > args.budget:
+            break
+        rec = probe(model, seq, args, key, run_step=False)
+        tries.append(rec)
+        print(json.dumps(rec), flush=True)
     for seq in [int(s) for s in args.schedule.split(",")]:
         if time.perf_counter() - t0 + predicted(seq) > args.budget:
             stopped = f"time budget before seq={seq}"

@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--hf")
     ap.add_argument("--title", default="Llama-3 8B QLoRA, batch 1: memory vs context")
     ap.add_argument("--out", default="memory_vs_context.png")
+    ap.add_argument("--ref", action="append", default=[],
+                    help="LABEL=SEQ: a maximum context measured elsewhere, drawn as a dashed vertical line")
+    ap.add_argument("--top", type=float, default=80.0, help="the card's memory (GiB): a horizontal line")
     args = ap.parse_args(argv)
     import matplotlib
 
@@ -39,7 +42,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    top = 80
+    top = args.top
     for label, s in (("jaxsloth", _series(args.ours, None, "footprint_gib")),
                      ("Unsloth", _series(args.unsloth, "maxctx", "max_alloc_GiB")),
                      ("HF + PEFT + bnb", _series(args.hf, "maxctx", "max_alloc_GiB"))):
@@ -49,6 +52,17 @@ def main(argv=None):
         line, = ax.plot([x / 1000 for x, _ in ok], [y for _, y in ok], marker="o", label=label)
         if fail:
             ax.scatter([x / 1000 for x in fail], [top] * len(fail), marker="x", color=line.get_color())
+    if args.ours and Path(args.ours).exists():  # compile-only probes: XLA's footprint, no step run
+        tries = json.loads(Path(args.ours).read_text()).get("tries", [])
+        pts = sorted((t["seq"], t["footprint_gib"]) for t in tries if t.get("compiled_only") and "footprint_gib" in t)
+        if pts:
+            ax.plot([x / 1000 for x, _ in pts], [y for _, y in pts], marker="o", linestyle=":", fillstyle="none",
+                    label="jaxsloth, compiled footprint (not run)")
+    for ref in args.ref:
+        label, seq = ref.rsplit("=", 1)
+        ax.axvline(int(seq) / 1000, linestyle="--", linewidth=1, color="gray")
+        ax.text(int(seq) / 1000, top * 0.97, f" {label}", rotation=90, va="top", fontsize=7, color="gray")
+    ax.axhline(top, linewidth=0.8, color="black")
     ax.set_xlabel("sequence length (thousand tokens)")
     ax.set_ylabel("GPU memory (GiB)")
     ax.set_title(args.title)
