@@ -27,7 +27,7 @@ CLASSES = [  # first match wins; patterns are matched against the lower-cased ke
     ("loss softmax pass (Pallas)", r"softmax_pass|cross_entropy|_ce_"),
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|attention"),
     ("matmul (cuBLAS/CUTLASS)", r"gemm|cutlass|nvjet|xmma|cublas|wgmma|matmul|dot"),
-    ("host<->device copy", r"memcpy|memset|copy"),
+    ("copies (memcpy: saved activations, host offload)", r"memcpy|memset|copy"),
     ("XLA fusions / elementwise", r"fusion|loop_|input_|reduce|transpose|concatenate|slice|broadcast|convert"),
 ]
 

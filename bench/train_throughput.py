@@ -76,10 +76,14 @@ def main(argv=None):
     ap.add_argument("--sanity-preset", default="full")
     ap.add_argument("--profile", default=None, help="trace 2 steps of each preset under DIR/<n> (bench/profile_summary.py)")
     args = ap.parse_args(argv)
-    global CE_CHUNK_BYTES
+    global CE_CHUNK_BYTES  # noqa: PLW0603
     import pallas_kernels.cross_entropy as ce
 
     CE_CHUNK_BYTES = ce._CHUNK_BYTES
+    global NF4_DOT
+    import pallas_kernels.nf4_matmul as nm
+
+    NF4_DOT = nm._dot
     shape = TINY if args.tiny else LLAMA3_8B
     if args.tiny:
         args.seq, args.steps, args.warmup = min(args.seq, 128), 2, 1
@@ -135,6 +139,13 @@ def main(argv=None):
         if new_bytes != ce._CHUNK_BYTES:
             ce._CHUNK_BYTES = new_bytes
             jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
+        # dot=f32: the NF4 matmul's GEMM writes f32 and casts (the behaviour before session 2), for A/B
+        import pallas_kernels.nf4_matmul as nm
+
+        want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
+        if nm._dot is not want:
+            nm._dot = want
+            jax.clear_caches()
         tx = make_optimizer(targs, targs.max_steps)
         lora = jax.tree_util.tree_map(jnp.copy, model.lora)
         if mesh is None:
@@ -209,6 +220,11 @@ def main(argv=None):
 
 
 CE_CHUNK_BYTES = None
+NF4_DOT = None
+
+
+def _f32_dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def loss_sanity(model, path, setup, preset, mesh):
