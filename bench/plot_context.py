@@ -21,7 +21,7 @@ def _series(path: str | None, key: str | None, mem_key: str):
     data = json.loads(Path(path).read_text())
     tries = (data.get(key) or {}).get("tries", []) if key else data.get("tries", [])
     ok = [(t["seq"], t.get(mem_key)) for t in tries if t.get("ok") and t.get(mem_key) is not None]
-    fail = [t["seq"] for t in tries if not t.get("ok")]
+    fail = [t["seq"] for t in tries if t.get("ok") is False]
     return sorted(ok), fail
 
 
