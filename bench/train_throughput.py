@@ -76,14 +76,6 @@ def main(argv=None):
     ap.add_argument("--sanity-preset", default="full")
     ap.add_argument("--profile", default=None, help="trace 2 steps of each preset under DIR/<n> (bench/profile_summary.py)")
     args = ap.parse_args(argv)
-    global CE_CHUNK_BYTES  # noqa: PLW0603
-    import pallas_kernels.cross_entropy as ce
-
-    CE_CHUNK_BYTES = ce._CHUNK_BYTES
-    global NF4_DOT
-    import pallas_kernels.nf4_matmul as nm
-
-    NF4_DOT = nm._dot
     shape = TINY if args.tiny else LLAMA3_8B
     if args.tiny:
         args.seq, args.steps, args.warmup = min(args.seq, 128), 2, 1
@@ -112,7 +104,7 @@ def main(argv=None):
         model = model.replace(implementation=args.impl)
     mesh = None
     if args.mesh:
-        from jaxsloth.sharding import activate, describe, make_mesh, shard_model
+        from jaxsloth.sharding import describe, make_mesh, shard_model
 
         mesh = make_mesh(args.mesh, model=model)
         if mesh.shape["fsdp"] > 1 and model.implementation is None:
@@ -126,40 +118,7 @@ def main(argv=None):
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
 
     def setup(preset):
-        """preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
-        (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk)."""
-        import pallas_kernels.cross_entropy as ce
-
-        remat, *opts = preset.split("/")
-        kw = dict(o.split("=") for o in opts)
-        mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
-               "remat_group": int(kw.get("group", 1))}
-        # tokens per loss chunk through the default-size rule's byte cap (read when the step is traced)
-        new_bytes = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
-        if new_bytes != ce._CHUNK_BYTES:
-            ce._CHUNK_BYTES = new_bytes
-            jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
-        # dot=f32: the NF4 matmul's GEMM writes f32 and casts (the behaviour before session 2), for A/B
-        import pallas_kernels.nf4_matmul as nm
-
-        want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
-        if nm._dot is not want:
-            nm._dot = want
-            jax.clear_caches()
-        tx = make_optimizer(targs, targs.max_steps)
-        lora = jax.tree_util.tree_map(jnp.copy, model.lora)
-        if mesh is None:
-            return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxsloth.sharding import init_opt_state, lora_shardings, opt_state_shardings, shard_lora
-
-        lora = shard_lora(lora, mesh)
-        step = make_train_step(tx, **mem,
-                               data_parallel=mesh if mesh.shape["fsdp"] == 1 else None,
-                               out_shardings=(lora_shardings(lora, mesh), opt_state_shardings(tx, lora, mesh),
-                                              NamedSharding(mesh, PartitionSpec())))
-        return tx, step, lora, init_opt_state(tx, lora, mesh), activate(mesh)
+        return build_step(model, preset, mesh, targs)
 
     if mesh is not None:
         from jaxsloth.sharding import shard_batch
@@ -219,12 +178,55 @@ def main(argv=None):
     print(json.dumps({**info, "results": rows}), flush=True)
 
 
-CE_CHUNK_BYTES = None
-NF4_DOT = None
+import pallas_kernels.cross_entropy as _ce  # noqa: E402
+import pallas_kernels.nf4_matmul as _nm  # noqa: E402
+
+CE_CHUNK_BYTES = _ce._CHUNK_BYTES  # the library defaults, restored between presets
+NF4_DOT = _nm._dot
 
 
 def _f32_dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def build_step(model, preset: str, mesh, targs):
+    """(tx, jitted step, fresh LoRA, optimizer state, context to trace/run in) for one preset.
+
+    preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
+    (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk;
+    dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B).
+    On a mesh with fsdp=1 the step is the shard_map data-parallel one, else GSPMD (as the Trainer).
+    """
+    import pallas_kernels.cross_entropy as ce
+    import pallas_kernels.nf4_matmul as nm
+
+    remat, *opts = preset.split("/")
+    kw = dict(o.split("=") for o in opts)
+    mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
+           "remat_group": int(kw.get("group", 1))}
+    # tokens per loss chunk through the default-size rule's byte cap (read when the step is traced)
+    new_bytes = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
+    if new_bytes != ce._CHUNK_BYTES:
+        ce._CHUNK_BYTES = new_bytes
+        jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
+    want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
+    if nm._dot is not want:
+        nm._dot = want
+        jax.clear_caches()
+    tx = make_optimizer(targs, targs.max_steps)
+    lora = jax.tree_util.tree_map(jnp.copy, model.lora)
+    if mesh is None:
+        return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxsloth.sharding import activate, init_opt_state, lora_shardings, opt_state_shardings, shard_lora
+
+    lora = shard_lora(lora, mesh)
+    step = make_train_step(tx, **mem,
+                           data_parallel=mesh if mesh.shape["fsdp"] == 1 else None,
+                           out_shardings=(lora_shardings(lora, mesh), opt_state_shardings(tx, lora, mesh),
+                                          NamedSharding(mesh, PartitionSpec())))
+    return tx, step, lora, init_opt_state(tx, lora, mesh), activate(mesh)
 
 
 def loss_sanity(model, path, setup, preset, mesh):

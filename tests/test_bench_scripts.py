@@ -1,0 +1,86 @@
+"""The benchmark helpers that run on the GPU machine, exercised on CPU with tiny shapes.
+
+The GPU figures in bench/RESULTS.md come from these scripts; here they must build the same model
+layout the loader builds, train, and report what they claim to report.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def _tree_signature(tree):
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return str(treedef), [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+
+def test_random_nf4_model_has_the_loaders_layout(tmp_path):
+    """bench/random_model.py (70B in NF4 straight on the device) == what load_model builds from a
+    checkpoint of the same shape with load_in_4bit: same pytree, shapes and dtypes; finite logits."""
+    import jax.numpy as jnp
+
+    import jaxsloth
+    from export_merged_8b import write_random_base
+    from random_model import TINY, random_nf4_model
+
+    write_random_base(tmp_path / "base", TINY, shard_bytes=10**6)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({
+        **json.loads((tmp_path / "base" / "config.json").read_text()), "rope_theta": 500000.0}))
+    loaded, _ = jaxsloth.load_model(tmp_path / "base", dtype="bfloat16", load_in_4bit=True)
+    built = random_nf4_model(TINY)
+    assert _tree_signature(built.params) == _tree_signature(loaded.params)
+    assert built.config.linear_shapes() == loaded.config.linear_shapes()
+    logits = built(jnp.arange(12, dtype=jnp.int32).reshape(2, 6))
+    assert logits.shape == (2, 6, TINY["vocab_size"]) and bool(jnp.isfinite(logits).all())
+    # deterministic in the seed, different across seeds
+    again, other = random_nf4_model(TINY), random_nf4_model(TINY, seed=1)
+    q, q2, q3 = (m.params["layers"]["q"].codes for m in (built, again, other))
+    assert np.array_equal(np.asarray(q), np.asarray(q2)) and not np.array_equal(np.asarray(q), np.asarray(q3))
+
+
+def test_sanity_data_is_seeded_text_ids(tmp_path):
+    from sanity_data import WORDS, main, make_ids
+
+    a, b = make_ids(3, 2, 40, seed=5), make_ids(3, 2, 40, seed=5)
+    assert a.shape == (3, 2, 41) and a.dtype == np.int32 and np.array_equal(a, b)
+    assert a.min() >= 1000 and a.max() < 1000 + len(WORDS)
+    assert not np.array_equal(a, make_ids(3, 2, 40, seed=6))
+    main(["--out", str(tmp_path / "ids.npy"), "--steps", "2", "--batch", "1", "--seq", "8", "--base-id", "10"])
+    ids = np.load(tmp_path / "ids.npy")
+    assert ids.shape == (2, 1, 9) and ids.min() >= 10
+
+
+def test_max_context_search_on_a_random_nf4_model(tmp_path, capsys):
+    import max_context
+
+    out = tmp_path / "ctx.json"
+    max_context.main(["--tiny", "--random-nf4", "--schedule", "64,128", "--compile-only", "256",
+                      "--budget", "120", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["max_ok"] == 128 and res["first_fail"] is None
+    compiled, ran = res["tries"][0], res["tries"][1:]
+    assert compiled["compiled_only"] and compiled["ok"] is None and compiled["footprint_gib"] >= 0
+    assert all(t["ok"] and np.isfinite(t["loss"]) for t in ran)
+
+
+def test_throughput_presets_and_loss_sanity(tmp_path, capsys):
+    import train_throughput
+    from sanity_data import main as write_ids
+
+    write_ids(["--out", str(tmp_path / "ids.npy"), "--steps", "4", "--batch", "2", "--seq", "32", "--base-id", "100"])
+    train_throughput.main(["--tiny", "--workdir", str(tmp_path), "--presets", "full,offload/mlp=32/ce=16",
+                           "--sanity", str(tmp_path / "ids.npy")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["preset"] for r in last["results"]] == ["full", "offload/mlp=32/ce=16"]
+    # same data, same step: memory options change the schedule, not the loss
+    assert last["results"][0]["first_loss"] == pytest.approx(last["results"][1]["first_loss"], rel=1e-5)
+    s = last["sanity"]
+    assert s["finite"] and len(s["losses"]) == 4 and s["last"] < s["first"]
