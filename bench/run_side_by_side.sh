@@ -2,7 +2,7 @@
 # One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
 # on the same random Llama-3 8B-shaped checkpoint.
 #   bash bench/run_side_by_side.sh PHASE...
-#   phases: info make data ours u_tp hf hf_std export dp ours_ctx u_ctx plot
+#   phases: info make data ours u_tp hf hf_std ours_8k u_8k hf_8k export dp ours_ctx u_ctx plot
 # Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
 # Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
 set -o pipefail
@@ -36,6 +36,13 @@ print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT
             --max-seq-length 8192 --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
     hf)   stage hf 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \
             --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
+    # bs 1 x 8192 (issue 7's second shape), same frameworks
+    ours_8k) stage ours_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" \
+            --presets ${PRESETS_8K:-offload,full} --batch 1 --seq 8192 --warmup 3 --steps 10 ;;
+    u_8k) stage u_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_unsloth.py --model "$MODEL" \
+            --out "$OUT/unsloth_8k.json" --max-seq-length 8192 --bs 1 --seq 8192 --warmup 3 --steps 10 ;;
+    hf_8k) stage hf_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" \
+            --out "$OUT/hf_8k.json" --no-kbit-prep --bs 1 --seq 8192 --warmup 3 --steps 10 ;;
     # merged bf16 export of the same checkpoint (issue 6): wall time and peak host RAM
     export) stage export 100 /usr/bin/time -v python3 $REPO/bench/export_merged_8b.py --base "$MODEL" \
             --workdir /dev/shm/jaxsloth_export ;;
