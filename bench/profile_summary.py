@@ -53,12 +53,16 @@ def summarize(trace_dir: str, steps: int = 1) -> dict:
                and "stream" in threads.get((e["pid"], e.get("tid")), "").lower()]
     if not kernels:  # no stream threads: take every device event
         kernels = [e for e in ev if e.get("ph") == "X" and e.get("pid") in gpu]
-    by_class, by_name = collections.Counter(), collections.Counter()
+    by_class, by_name, by_hlo = collections.Counter(), collections.Counter(), collections.Counter()
     count = collections.Counter()
     for e in kernels:
         by_class[classify(e["name"])] += e["dur"]
         by_name[e["name"][:120]] += e["dur"]
         count[e["name"][:120]] += 1
+        args = e.get("args") or {}
+        hlo = args.get("hlo_op") or args.get("long_name") or args.get("tf_op")
+        if hlo:  # which HLO instruction launched the kernel (when the trace records it)
+            by_hlo[f"{classify(e['name'])}: {str(hlo)[:100]}"] += e["dur"]
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     busy, end = 0.0, -1e30
     for a, b in spans:
@@ -71,7 +75,8 @@ def summarize(trace_dir: str, steps: int = 1) -> dict:
             "wall_ms": ms(spans[-1][1] - spans[0][0]) if spans else 0, "busy_ms": ms(busy), "sum_ms": ms(total),
             "by_class_ms": {k: ms(v) for k, v in by_class.most_common()},
             "by_class_share": {k: round(v / total, 3) for k, v in by_class.most_common()} if total else {},
-            "top_kernels": [{"name": n, "ms": ms(v), "calls": count[n] // steps} for n, v in by_name.most_common(30)]}
+            "top_kernels": [{"name": n, "ms": ms(v), "calls": count[n] // steps} for n, v in by_name.most_common(30)],
+            "top_hlo_ops": [{"op": n, "ms": ms(v)} for n, v in by_hlo.most_common(30)]}
 
 
 def main(argv=None):

@@ -163,7 +163,7 @@ def main(argv=None):
 
                 prof = summarize(str(pdir), steps=2)
                 print(json.dumps({"preset": preset, "profile": {k2: prof[k2] for k2 in
-                                  ("wall_ms", "busy_ms", "sum_ms", "by_class_ms", "top_kernels")}}), flush=True)
+                                  ("wall_ms", "busy_ms", "sum_ms", "by_class_ms", "top_kernels", "top_hlo_ops")}}), flush=True)
             except (SystemExit, Exception) as e:  # noqa: BLE001 - the trace stays for offline reading
                 print(json.dumps({"preset": preset, "profile_error": str(e)[:300]}), flush=True)
         row = {"preset": preset, "s_per_step": round(dt, 4), "tokens_per_s": round(tokens / dt),

@@ -84,3 +84,28 @@ def test_throughput_presets_and_loss_sanity(tmp_path, capsys):
     assert last["results"][0]["first_loss"] == pytest.approx(last["results"][1]["first_loss"], rel=1e-5)
     s = last["sanity"]
     assert s["finite"] and len(s["losses"]) == 4 and s["last"] < s["first"]
+
+
+def test_profile_summary_sums_gpu_kernels_by_class(tmp_path):
+    """A synthetic trace in the layout jax.profiler writes: kernels on a GPU stream thread are
+    classed by name, overlapping kernels count once in busy time, host events are ignored."""
+    import gzip
+
+    from profile_summary import summarize
+
+    ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+          {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+          {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": 100, "name": "nvjet_sm90_tss_x", "args": {"hlo_op": "dot.1"}},
+          {"ph": "X", "pid": 1, "tid": 7, "ts": 50, "dur": 100, "name": "memcpy128", "args": {"hlo_op": "copy.3"}},
+          {"ph": "X", "pid": 1, "tid": 7, "ts": 300, "dur": 40, "name": "nf4_dequant__4"},
+          {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 5000, "name": "python"}]
+    (tmp_path / "t").mkdir()
+    with gzip.open(tmp_path / "t" / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    s = summarize(str(tmp_path), steps=2)
+    assert s["kernels"] == 3
+    assert s["busy_ms"] == pytest.approx(0.095) and s["wall_ms"] == pytest.approx(0.17)  # per step: /2
+    assert s["by_class_ms"]["matmul (cuBLAS/CUTLASS)"] == pytest.approx(0.05)
+    assert s["by_class_ms"]["nf4 dequant / matmul (Pallas)"] == pytest.approx(0.02)
+    assert [o["op"].split(": ")[1] for o in s["top_hlo_ops"]] == ["dot.1", "copy.3"]
