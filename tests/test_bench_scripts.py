@@ -108,4 +108,4 @@ def test_profile_summary_sums_gpu_kernels_by_class(tmp_path):
     assert s["busy_ms"] == pytest.approx(0.095) and s["wall_ms"] == pytest.approx(0.17)  # per step: /2
     assert s["by_class_ms"]["matmul (cuBLAS/CUTLASS)"] == pytest.approx(0.05)
     assert s["by_class_ms"]["nf4 dequant / matmul (Pallas)"] == pytest.approx(0.02)
-    assert [o["op"].split(": ")[1] for o in s["top_hlo_ops"]] == ["dot.1", "copy.3"]
+    assert [o["op"].rsplit(": ", 1)[1] for o in s["top_hlo_ops"]] == ["dot.1", "copy.3"]
