@@ -210,8 +210,9 @@ def build_step(model, preset: str, mesh, targs):
         ce._CHUNK_BYTES = new_bytes
         jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
     want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
-    if nm._dot is not want:
-        nm._dot = want
+    tie = kw.get("tie") == "1"
+    if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie:
+        nm._dot, nm.TIE_BACKWARD_TO_COTANGENT = want, tie
         jax.clear_caches()
     tx = make_optimizer(targs, targs.max_steps)
     lora = jax.tree_util.tree_map(jnp.copy, model.lora)

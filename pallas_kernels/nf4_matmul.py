@@ -451,10 +451,20 @@ def _matmul2d_fwd(x2, w, plan):
   return _forward(x2, w, plan), w
 
 
+# Experimental, off until measured: also tie W to dy in the backward's barrier, so the scheduler
+# cannot dequantize a layer's seven weights before their cotangents exist (all dense at once: 0.44
+# GiB for 8B, 1.7 GiB for 70B); each would be made when its matmul can run. bench/train_throughput.py
+# presets take "/tie=1" to A/B it.
+TIE_BACKWARD_TO_COTANGENT = False
+
+
 def _matmul2d_bwd(plan, w, dy2):
   # The barrier keeps XLA from merging (CSE) the backward's dequantization with the forward's when
   # both land in one program: that would keep the dense W alive from the forward to the backward.
-  wb = jax.lax.optimization_barrier(w)
+  if TIE_BACKWARD_TO_COTANGENT:
+    dy2, wb = jax.lax.optimization_barrier((dy2, w))
+  else:
+    wb = jax.lax.optimization_barrier(w)
   return _backward(dy2, wb, plan), jax.tree_util.tree_map(_zero_cotangent, w)
 
 

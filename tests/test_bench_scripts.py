@@ -76,10 +76,10 @@ def test_throughput_presets_and_loss_sanity(tmp_path, capsys):
     from sanity_data import main as write_ids
 
     write_ids(["--out", str(tmp_path / "ids.npy"), "--steps", "4", "--batch", "2", "--seq", "32", "--base-id", "100"])
-    train_throughput.main(["--tiny", "--workdir", str(tmp_path), "--presets", "full,offload/mlp=32/ce=16",
+    train_throughput.main(["--tiny", "--workdir", str(tmp_path), "--presets", "full,offload/mlp=32/ce=16/tie=1",
                            "--sanity", str(tmp_path / "ids.npy")])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [r["preset"] for r in last["results"]] == ["full", "offload/mlp=32/ce=16"]
+    assert [r["preset"] for r in last["results"]] == ["full", "offload/mlp=32/ce=16/tie=1"]
     # same data, same step: memory options change the schedule, not the loss
     assert last["results"][0]["first_loss"] == pytest.approx(last["results"][1]["first_loss"], rel=1e-5)
     s = last["sanity"]

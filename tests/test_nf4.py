@@ -383,3 +383,23 @@ def test_gpu_pallas_dequant_bit_identical():
   q = quantize_nf4(_weight(1024, 4096, dtype=jnp.bfloat16))
   np.testing.assert_array_equal(np.asarray(nf4_dequantize_pallas(q), np.float32),
                                 np.asarray(dequantize_nf4(q, jnp.bfloat16), np.float32))
+
+
+def test_backward_tied_to_the_cotangent_gives_the_same_gradient(monkeypatch):
+  """The experimental scheduling barrier (TIE_BACKWARD_TO_COTANGENT) only orders work: dx is identical."""
+  import pallas_kernels.nf4_matmul as nm
+
+  q = quantize_nf4(_weight(96, 128, seed=11))
+  x = jax.random.normal(jax.random.key(12), (33, 128), jnp.float32)
+  dy = jax.random.normal(jax.random.key(13), (33, 96), jnp.float32)
+
+  def dx():
+    jax.clear_caches()
+    return np.asarray(jax.vjp(jax.jit(lambda x: nf4_matmul(x, q, plan=PLANS["dequant-f32"])), x)[1](dy)[0])
+
+  plain = dx()
+  monkeypatch.setattr(nm, "TIE_BACKWARD_TO_COTANGENT", True)
+  tied = dx()
+  np.testing.assert_array_equal(tied, plain)
+  dx_ref = jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy)[0]
+  _check_close(jnp.asarray(tied), dx_ref)
