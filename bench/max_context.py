@@ -47,8 +47,9 @@ def probe(model, seq, args, key, run_step=True, mesh=None):
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000)
     preset = f"{args.remat}/group={args.remat_group}" + (f"/mlp={args.mlp_chunk}" if args.mlp_chunk else "")
     _, step, lora, opt, ctx = build_step(model, preset, mesh, targs)
-    # batch 1: on a mesh a single row cannot be split, so every device runs it (FSDP still splits
-    # the weights, LoRA and optimizer state: that is what frees memory for context)
+    # batch 1: on a mesh the one row enters replicated; inside the model each layer's activations
+    # are split along the sequence (jaxsloth.sharding.constrain_rows), and FSDP splits the weights,
+    # LoRA and optimizer state
     batch = random_batch(model.config.vocab_size, 1, seq, seed=seq)
     if mesh is not None:  # one row: replicated on every device (shard_batch wants rows per device)
         from jax.sharding import NamedSharding, PartitionSpec

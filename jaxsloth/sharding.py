@@ -288,15 +288,24 @@ def constrain_layer(tree):
 
 
 def constrain_rows(x):
-    """Activations [B, ...] with rows over every device (when the mesh size divides B)."""
+    """Activations [B, S, ...] with rows over every device (when the mesh size divides B).
+
+    When it does not (long context: batch 1 on an FSDP mesh) the sequence dim S is split instead,
+    so each device holds and computes 1/n of the tokens of every layer's token-wise work (norms,
+    projections, MLP, saved/offloaded layer inputs); attention, which needs every key, gets its
+    q/k/v gathered by GSPMD. Without this the one row would be replicated on every device."""
     mesh = _active_mesh()
     axes, _ = RULES["batch"]
     if mesh is None or x.ndim == 0:
         return x
     n = int(np.prod([mesh.shape[a] for a in axes]))
-    if n == 1 or x.shape[0] % n:
+    if n == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    if x.shape[0] % n == 0:
+        return jax.lax.with_sharding_constraint(x, P(axes))
+    if x.ndim >= 2 and x.shape[1] % n == 0:
+        return jax.lax.with_sharding_constraint(x, P(None, axes))
+    return x
 
 
 def per_device_token_loss(loss_fn, hidden, lm_head, labels):

@@ -66,6 +66,9 @@ def _child_parity(path):
     """Loss and LoRA gradients on one device vs meshes data=2,fsdp=4 and data=8, f32 and NF4 base."""
     import jax
 
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from jaxsloth.data import BatchStream
     from jaxsloth.sharding import activate, make_mesh, shard_batch, shard_model
     from jaxsloth.train import accumulated_loss_and_grads, data_parallel_loss_and_grads
@@ -102,6 +105,16 @@ def _child_parity(path):
                 "q_shard_shape": list(q.sharding.shard_shape(q.shape)), "q_shape": list(q.shape),
                 "lora_a_shard_shape": list(sm.lora["q"]["a"].sharding.shard_shape(sm.lora["q"]["a"].shape)),
             }
+        # batch 1 (long context): the row cannot be split, so the sequence is (constrain_rows)
+        one = jax.tree_util.tree_map(lambda a: a[:1, :1], batch)
+        l1, c1, g1b = fn(model.replace(lora=None), model.lora, one, key)
+        mesh = make_mesh("fsdp=8")
+        sm = shard_model(model, mesh)
+        with activate(mesh):
+            ls, cs, gs = fn(sm.replace(lora=None), sm.lora, jax.device_put(one, NamedSharding(mesh, P())), key)
+        out[f"{base} one row fsdp=8"] = {
+            "loss": float(ls), "loss_1dev": float(l1), "count_equal": int(cs) == int(c1), "loss_rel": _rel(ls, l1),
+            "grad_rel": max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(g1b)))}
     out["constraints"] = _child_constraints(model)
     return out
 
@@ -120,6 +133,7 @@ def _child_constraints(model):
     with activate(mesh):
         gathered = jax.jit(constrain_layer)(layer0)
         rows = jax.jit(lambda v: constrain_rows(v * 2))(x)
+        one_row = jax.jit(lambda v: constrain_rows(v * 2))(jax.numpy.zeros((1, 16, 64)))
     codes = gathered["q"].codes
     seen = []
 
@@ -138,7 +152,8 @@ def _child_constraints(model):
             "layer_replicated_after": all(leaf.sharding.is_fully_replicated
                                           for leaf in jax.tree_util.tree_leaves(gathered)),
             "codes_shape": list(codes.shape),
-            "rows_shard_shape": list(rows.sharding.shard_shape(rows.shape))}
+            "rows_shard_shape": list(rows.sharding.shard_shape(rows.shape)),
+            "one_row_shard_shape": list(one_row.sharding.shard_shape(one_row.shape))}
 
 
 def _child_checkpoints(path, fresh_dir, resume_dir):
@@ -175,7 +190,7 @@ def parity(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("base", ["f32", "nf4"])
-@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "shard_map data=8"])
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "shard_map data=8", "one row fsdp=8"])
 def test_sharded_loss_and_gradients_equal_single_device(parity, base, spec):
     r = parity[f"{base} {spec}"]
     assert parity["devices"] == 8
@@ -197,6 +212,7 @@ def test_layer_and_row_constraints_apply_under_a_mesh(parity):
     c = parity["constraints"]
     assert c["layer_sharded_before"] and c["layer_replicated_after"], c  # the per-layer FSDP gather
     assert c["rows_shard_shape"] == [1, 16, 64], c                       # 8 rows over 8 devices
+    assert c["one_row_shard_shape"] == [1, 2, 64], c                     # 1 row: its 16 tokens over 8
 
 
 def test_loss_is_taken_per_device_and_summed(parity):
