@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import jaxsloth  # noqa: E402
 from export_merged_8b import LLAMA3_8B, TINY, write_random_base  # noqa: E402
 from jaxsloth.train import TrainingArguments, _is_oom  # noqa: E402
-from train_throughput import build_step, random_batch  # noqa: E402
+from train_throughput import build_step, place_on_mesh, random_batch  # noqa: E402
 
 GiB = 2**30
 
@@ -117,18 +117,10 @@ def main(argv=None):
     model = jaxsloth.add_lora(model, r=32, lora_alpha=32)
     jax.block_until_ready(model.params)
     key = jax.random.PRNGKey(0)
-    mesh = None
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "preset": preset, "remat": args.remat, "remat_group": args.remat_group, "mlp_chunk": args.mlp_chunk,
             "build_s": round(time.perf_counter() - t_build, 1)}
-    if args.mesh:
-        from jaxsloth.sharding import describe, make_mesh, shard_model
-
-        mesh = make_mesh(args.mesh, model=model)
-        if mesh.shape["fsdp"] > 1 and model.implementation is None:
-            model = model.replace(implementation="xla")  # as the Trainer: GSPMD partitions XLA ops only
-        model = shard_model(model, mesh)
-        info["mesh"] = describe(mesh)
+    model, mesh = place_on_mesh(model, args.mesh, info)
     print(json.dumps(info), flush=True)
 
     t0, tries, lo, hi, last = time.perf_counter(), [], None, None, None

@@ -22,21 +22,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from convert.load import _NF4Stacks  # noqa: E402
+from export_merged_8b import LLAMA3_8B, TINY  # noqa: E402,F401  (the shapes the benches share)
 from jaxsloth.causal_lm import CausalLM  # noqa: E402
 from jaxsloth.config import LlamaConfig  # noqa: E402
 from jaxsloth.quant import nf4_nbytes, quantize_nf4  # noqa: E402
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8)
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                   num_attention_heads=64, num_key_value_heads=8)
-TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
 PRESETS = {"8b": LLAMA3_8B, "70b": LLAMA3_70B, "tiny": TINY}
 
 

@@ -13,6 +13,7 @@ ids[:, 1:] as labels: the same S predictions.
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 
@@ -65,8 +66,6 @@ def main(argv=None):
     ids = make_ids(args.steps, args.batch, args.seq, args.seed, args.base_id)
     tmp = args.out + ".tmp.npy"
     np.save(tmp, ids)
-    import os
-
     os.replace(tmp, args.out)
     print(f"wrote {args.out}: {ids.shape}, {len(WORDS)} distinct words")
 

@@ -41,12 +41,17 @@ def peak_gib():
     return round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
 
 
+def token_batch(ids):
+    """A training batch [A, B, S] from token ids [A, B, S + 1]: labels are the next tokens, one row each."""
+    ids = np.asarray(ids, np.int32)
+    labels = ids[..., 1:]
+    return {"input_ids": ids[..., :-1], "labels": labels, "segment_ids": np.ones_like(labels),
+            "position_ids": np.broadcast_to(np.arange(labels.shape[-1], dtype=np.int32), labels.shape).copy()}
+
+
 def random_batch(vocab, batch, seq, seed=0):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(1, batch, seq + 1), dtype=np.int32)
-    return {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-            "segment_ids": np.ones((1, batch, seq), np.int32),
-            "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
+    return token_batch(rng.integers(0, vocab, size=(1, batch, seq + 1), dtype=np.int32))
 
 
 def write_text_data(path: Path, n: int, words_per_example: int, seed=0):
@@ -102,23 +107,12 @@ def main(argv=None):
 
     if args.impl:
         model = model.replace(implementation=args.impl)
-    mesh = None
-    if args.mesh:
-        from jaxsloth.sharding import describe, make_mesh, shard_model
-
-        mesh = make_mesh(args.mesh, model=model)
-        if mesh.shape["fsdp"] > 1 and model.implementation is None:
-            model = model.replace(implementation="xla")  # as the Trainer does: GSPMD partitions XLA ops only
-        model = shard_model(model, mesh)
-        info["mesh"] = describe(mesh)
+    model, mesh = place_on_mesh(model, args.mesh, info)
     n_dev = 1 if mesh is None else mesh.size
     info["implementation"] = model.implementation or "default"
     batch = random_batch(model.config.vocab_size, args.batch * n_dev, args.seq)
     tokens = args.batch * n_dev * args.seq
     targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
-
-    def setup(preset):
-        return build_step(model, preset, mesh, targs)
 
     if mesh is not None:
         from jaxsloth.sharding import shard_batch
@@ -126,55 +120,53 @@ def main(argv=None):
         batch = shard_batch(batch, mesh)
     rows = []
     for k, preset in enumerate(args.presets.split(",")):
-        tx, step, lora, opt, ctx = setup(preset)
+        _, step, lora, opt, ctx = build_step(model, preset, mesh, targs)
         frozen = model.replace(lora=None)
         key = jax.random.PRNGKey(0)
-        ctx.__enter__()
-        t = time.perf_counter()
-        compiled = step.lower(lora, opt, frozen, batch, key).compile()
-        t_compile = time.perf_counter() - t
-        mem = compiled.memory_analysis()
-        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
-        try:
-            lora, opt, m = step(lora, opt, frozen, batch, key)
-            first_loss = float(m["loss"])
-        except Exception as e:  # noqa: BLE001 - report and go on with the next preset
-            print(json.dumps({"preset": preset, "error": str(e)[:300]}), flush=True)
-            ctx.__exit__(None, None, None)
-            continue
-        if k == 0:
-            info["checkpoint_to_first_step_s"] = round(time.perf_counter() - t0, 1)
-        for _ in range(args.warmup):
-            lora, opt, m = step(lora, opt, frozen, batch, key)
-        jax.block_until_ready(m["loss"])
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            lora, opt, m = step(lora, opt, frozen, batch, key)
-        loss = float(m["loss"])
-        dt = (time.perf_counter() - t) / args.steps
-        if args.profile:
-            pdir = Path(args.profile) / f"{k}"
-            with jax.profiler.trace(str(pdir), create_perfetto_trace=True):
-                for _ in range(2):
-                    lora, opt, m = step(lora, opt, frozen, batch, key)
-                jax.block_until_ready(m["loss"])
+        with ctx:  # the mesh, when there is one
+            t = time.perf_counter()
+            compiled = step.lower(lora, opt, frozen, batch, key).compile()
+            t_compile = time.perf_counter() - t
+            mem = compiled.memory_analysis()
+            temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
             try:
-                from profile_summary import summarize
+                lora, opt, m = step(lora, opt, frozen, batch, key)
+                first_loss = float(m["loss"])
+            except Exception as e:  # noqa: BLE001 - report and go on with the next preset
+                print(json.dumps({"preset": preset, "error": str(e)[:300]}), flush=True)
+                continue
+            if k == 0:
+                info["checkpoint_to_first_step_s"] = round(time.perf_counter() - t0, 1)
+            for _ in range(args.warmup):
+                lora, opt, m = step(lora, opt, frozen, batch, key)
+            jax.block_until_ready(m["loss"])
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                lora, opt, m = step(lora, opt, frozen, batch, key)
+            loss = float(m["loss"])
+            dt = (time.perf_counter() - t) / args.steps
+            if args.profile:
+                pdir = Path(args.profile) / f"{k}"
+                with jax.profiler.trace(str(pdir), create_perfetto_trace=True):
+                    for _ in range(2):
+                        lora, opt, m = step(lora, opt, frozen, batch, key)
+                    jax.block_until_ready(m["loss"])
+                try:
+                    from profile_summary import summarize
 
-                prof = summarize(str(pdir), steps=2)
-                print(json.dumps({"preset": preset, "profile": {k2: prof[k2] for k2 in
-                                  ("wall_ms", "busy_ms", "sum_ms", "by_class_ms", "top_kernels", "top_hlo_ops")}}), flush=True)
-            except (SystemExit, Exception) as e:  # noqa: BLE001 - the trace stays for offline reading
-                print(json.dumps({"preset": preset, "profile_error": str(e)[:300]}), flush=True)
-        row = {"preset": preset, "s_per_step": round(dt, 4), "tokens_per_s": round(tokens / dt),
-               "compile_s": round(t_compile, 1), "temp_gib": round(temp, 2), "peak_gib": peak_gib(),
-               "first_loss": round(first_loss, 4), "last_loss": round(loss, 4)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        ctx.__exit__(None, None, None)
+                    prof = summarize(str(pdir), steps=2)
+                    print(json.dumps({"preset": preset, "profile": {k2: prof[k2] for k2 in
+                                      ("wall_ms", "busy_ms", "sum_ms", "by_class_ms", "top_kernels", "top_hlo_ops")}}), flush=True)
+                except (SystemExit, Exception) as e:  # noqa: BLE001 - the trace stays for offline reading
+                    print(json.dumps({"preset": preset, "profile_error": str(e)[:300]}), flush=True)
+            row = {"preset": preset, "s_per_step": round(dt, 4), "tokens_per_s": round(tokens / dt),
+                   "compile_s": round(t_compile, 1), "temp_gib": round(temp, 2), "peak_gib": peak_gib(),
+                   "first_loss": round(first_loss, 4), "last_loss": round(loss, 4)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         del lora, opt
     if args.sanity:
-        info["sanity"] = loss_sanity(model, args.sanity, setup, args.sanity_preset, mesh)
+        info["sanity"] = loss_sanity(model, args.sanity, args.sanity_preset, mesh, targs)
     print(json.dumps({**info, "results": rows}), flush=True)
 
 
@@ -187,6 +179,20 @@ NF4_DOT = _nm._dot
 
 def _f32_dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def place_on_mesh(model, spec: str | None, info: dict):
+    """(model placed on the mesh ``spec``, mesh), or (model, None) without a spec; records the mesh in
+    ``info``. FSDP meshes run the XLA kernels, as the Trainer does (GSPMD partitions XLA ops only)."""
+    if not spec:
+        return model, None
+    from jaxsloth.sharding import describe, make_mesh, shard_model
+
+    mesh = make_mesh(spec, model=model)
+    if mesh.shape["fsdp"] > 1 and model.implementation is None:
+        model = model.replace(implementation="xla")
+    info["mesh"] = describe(mesh)
+    return shard_model(model, mesh), mesh
 
 
 def build_step(model, preset: str, mesh, targs):
@@ -230,21 +236,17 @@ def build_step(model, preset: str, mesh, targs):
     return tx, step, lora, init_opt_state(tx, lora, mesh), activate(mesh)
 
 
-def loss_sanity(model, path, setup, preset, mesh):
+def loss_sanity(model, path, preset, mesh, targs):
     """Fresh LoRA + AdamW (lr 1e-4, as the torch baselines) on bench/sanity_data.py's token ids."""
     data = np.load(path)
     if data.max() >= model.config.vocab_size:
         raise SystemExit(f"{path}: token id {data.max()} >= vocab_size {model.config.vocab_size} (use --base-id)")
-    _, step, lora, opt, ctx = setup(preset)
+    _, step, lora, opt, ctx = build_step(model, preset, mesh, targs)
     frozen, key, losses = model.replace(lora=None), jax.random.PRNGKey(0), []
     t = time.perf_counter()
     with ctx:
         for i in range(data.shape[0]):
-            ids = data[i][None]
-            b = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-                 "segment_ids": np.ones_like(ids[..., 1:]),
-                 "position_ids": np.broadcast_to(np.arange(ids.shape[-1] - 1, dtype=np.int32),
-                                                 ids[..., 1:].shape).copy()}
+            b = token_batch(data[i][None])
             if mesh is not None:
                 from jaxsloth.sharding import shard_batch
 

@@ -187,3 +187,13 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "llama3", *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def addition_records(n: int = 16, seed: int = 0) -> list[dict]:
+    """Alpaca-style records "a + b" -> "a+b" (small numbers): a tiny task for tests."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.integers(0, 60, 2)
+        out.append({"instruction": "Add.", "input": f"{a} + {b}", "output": str(a + b)})
+    return out

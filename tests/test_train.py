@@ -23,12 +23,9 @@ R, ALPHA = 4, 8
 
 
 def _records(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.integers(0, 60, 2)
-        out.append({"instruction": "Add.", "input": f"{a} + {b}", "output": str(a + b)})
-    return out
+    from jaxsloth.tiny import addition_records
+
+    return addition_records(n, seed)
 
 
 @pytest.fixture(scope="module")
