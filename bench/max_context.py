@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import jaxsloth  # noqa: E402
 from export_merged_8b import LLAMA3_8B, TINY, write_random_base  # noqa: E402
 from jaxsloth.train import TrainingArguments, _is_oom  # noqa: E402
-from train_throughput import build_step, place_on_mesh, random_batch  # noqa: E402
+from train_throughput import build_step, lora_to_host, place_on_mesh, random_batch  # noqa: E402
 
 GiB = 2**30
 
@@ -114,7 +114,7 @@ def main(argv=None):
         if not (base / "config.json").exists():
             write_random_base(base, shape, shard_bytes=int(5e9))
         model, _ = jaxsloth.load_model(base, dtype="bfloat16", load_in_4bit=True)
-    model = jaxsloth.add_lora(model, r=32, lora_alpha=32)
+    model = lora_to_host(jaxsloth.add_lora(model, r=32, lora_alpha=32))
     jax.block_until_ready(model.params)
     key = jax.random.PRNGKey(0)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),

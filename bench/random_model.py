@@ -63,8 +63,9 @@ def random_nf4_model(shape: dict, *, seed: int = 0, dtype: str = "bfloat16", std
     kn = jax.random.fold_in(key, 10**6)
     k_embed, k_head, k_norm = jax.random.split(kn, 3)
     params = {
-        "embed": jax.random.normal(k_embed, (cfg.vocab_size, d), jnp.float32).astype(dt),
-        "lm_head": (std * jax.random.normal(k_head, (cfg.vocab_size, d), jnp.float32)).astype(dt),
+        # drawn in the model dtype: an f32 draw of a 70B table would be a 4 GB transient on the device
+        "embed": jax.random.normal(k_embed, (cfg.vocab_size, d), dt),
+        "lm_head": std * jax.random.normal(k_head, (cfg.vocab_size, d), dt),
         "final_norm": jnp.ones((d,), dt),
         "layers": {"attn_norm": (1.0 + 0.1 * jax.random.normal(k_norm, (n_layers, d), jnp.float32)).astype(dt),
                    "mlp_norm": jnp.ones((n_layers, d), dt),

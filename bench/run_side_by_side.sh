@@ -2,7 +2,7 @@
 # One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
 # on the same random Llama-3 8B-shaped checkpoint.
 #   bash bench/run_side_by_side.sh PHASE...
-#   phases: info make data ours u_tp hf hf_std ours_8k u_8k hf_8k export dp ours_ctx u_ctx plot
+#   phases: info make data ours ours_fresh u_tp hf hf_std ours_8k u_8k hf_8k export dp ours_ctx u_ctx plot
 # Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
 # Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
 set -o pipefail
@@ -32,6 +32,10 @@ print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT
     data) python3 $REPO/bench/sanity_data.py --out "$SANITY" --steps 50 --batch 2 --seq 1024 ;;
     ours) stage ours 150 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${PRESETS:-offload,full,none} \
             --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
+    # one process per preset (FRESH_PRESETS, comma-separated): each peak is that preset's alone
+    ours_fresh) for p in ${FRESH_PRESETS//,/ }; do
+            stage "ours_$(echo "$p" | tr '/=' '__')" 60 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py \
+              --base "$MODEL" --presets "$p" --warmup 3 --steps 10; done ;;
     u_tp) stage u_tp 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_unsloth.py --model "$MODEL" --out "$OUT/unsloth_tp.json" \
             --max-seq-length 8192 --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
     hf)   stage hf 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" --out "$OUT/hf.json" --no-kbit-prep \

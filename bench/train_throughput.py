@@ -102,7 +102,7 @@ def main(argv=None):
     model, _ = jaxsloth.load_model(base, dtype="bfloat16", load_in_4bit=True)
     jax.block_until_ready(model.params)
     t_load = time.perf_counter() - t0
-    model = jaxsloth.add_lora(model, r=args.r, lora_alpha=args.r)
+    model = lora_to_host(jaxsloth.add_lora(model, r=args.r, lora_alpha=args.r))
     print(json.dumps({"load_quantize_s": round(t_load, 1), "peak_gib_after_load": peak_gib()}), flush=True)
 
     if args.impl:
@@ -181,6 +181,13 @@ def _f32_dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def lora_to_host(model):
+    """``model`` with its LoRA as host (numpy) arrays. Each preset's step gets a fresh device copy
+    (build_step) and donates it, so the device holds one copy of the adapters, as the PyTorch
+    baselines do (and the Trainer with ``donate_model_lora``)."""
+    return model.replace(lora=jax.device_get(model.lora))
+
+
 def place_on_mesh(model, spec: str | None, info: dict):
     """(model placed on the mesh ``spec``, mesh), or (model, None) without a spec; records the mesh in
     ``info``. FSDP meshes run the XLA kernels, as the Trainer does (GSPMD partitions XLA ops only)."""
@@ -192,7 +199,7 @@ def place_on_mesh(model, spec: str | None, info: dict):
     if mesh.shape["fsdp"] > 1 and model.implementation is None:
         model = model.replace(implementation="xla")
     info["mesh"] = describe(mesh)
-    return shard_model(model, mesh), mesh
+    return shard_model(model.replace(lora=None), mesh).replace(lora=model.lora), mesh
 
 
 def build_step(model, preset: str, mesh, targs):
@@ -221,8 +228,9 @@ def build_step(model, preset: str, mesh, targs):
         nm._dot, nm.TIE_BACKWARD_TO_COTANGENT = want, tie
         jax.clear_caches()
     tx = make_optimizer(targs, targs.max_steps)
-    lora = jax.tree_util.tree_map(jnp.copy, model.lora)
+    lora = model.lora  # host arrays (lora_to_host): placed below as a fresh copy the step may donate
     if mesh is None:
+        lora = jax.tree_util.tree_map(jnp.array, lora)
         return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()
     from jax.sharding import NamedSharding, PartitionSpec
 

@@ -30,7 +30,7 @@ def _train(args):
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s "
           f"({'NF4' if model.quantized else args.dtype} base, {jax.devices()[0].device_kind})")
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    targs = TrainingArguments(**{k: v for k, v in vars(args).items() if k in fields})
+    targs = TrainingArguments(**{k: v for k, v in vars(args).items() if k in fields}, donate_model_lora=True)
     model = train(model, args.data, targs, resume=args.resume)
     adapter = export_adapter(model, f"{args.output_dir}/adapter", overwrite=True)
     summary = {"adapter": str(adapter), "metrics": f"{args.output_dir}/metrics.jsonl",

@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsloth.config import LlamaConfig
 from jaxsloth.quant import NF4
-from jaxsloth.sharding import constrain_layer, constrain_rows
+from jaxsloth.sharding import constrain_heads, constrain_layer, constrain_rows, constrain_split, sequence_split
 from pallas_kernels.nf4_matmul import nf4_matmul
 from pallas_kernels.rmsnorm import rmsnorm
 from pallas_kernels.rope import apply_rope, rope_tables
@@ -200,7 +200,9 @@ def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, attention_mask, se
     k = proj("k", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     v = proj("v", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     q, k = apply_rope(q, k, cos, sin, implementation=impl)
-    attn = attention(q, k, v, attention_mask, segment_ids, attn_impl=attn_impl).reshape(b, s, cfg.q_dim)
+    q, k, v = constrain_heads(q), constrain_heads(k), constrain_heads(v)  # no-ops unless FSDP splits S
+    attn = constrain_rows(attention(q, k, v, attention_mask, segment_ids, attn_impl=attn_impl))
+    attn = attn.reshape(b, s, cfg.q_dim)
     x = x + proj("o", attn)
 
     h = rmsnorm(x, layer["mlp_norm"], cfg.rms_norm_eps, implementation=impl)
@@ -210,11 +212,18 @@ def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, attention_mask, se
 
     if not mlp_chunk or s <= mlp_chunk:
         return x + mlp(h)
-    n = -(-s // mlp_chunk)
-    hp = jnp.pad(h, ((0, 0), (0, n * mlp_chunk - s), (0, 0)))
-    chunks = hp.reshape(b, n, mlp_chunk, -1).swapaxes(0, 1)  # [n, B, c, D]
+    # nd devices hold S/nd tokens each when FSDP splits the sequence (else nd = 1): chunk i takes
+    # tokens [i*c, (i+1)*c) of every device's part, so each device works on its own tokens
+    nd = sequence_split(b, s)
+    local = s // nd
+    n = -(-local // mlp_chunk)
+    hp = jnp.pad(h.reshape(b, nd, local, -1), ((0, 0), (0, 0), (0, n * mlp_chunk - local), (0, 0)))
+    chunks = hp.reshape(b, nd, n, mlp_chunk, -1).transpose(2, 0, 1, 3, 4)  # [n, B, nd, c, D]
+    if nd > 1:
+        chunks = constrain_split(chunks, 2)
     out = jax.lax.map(lambda xs: jax.checkpoint(mlp)(*xs), (chunks, jnp.arange(n)))
-    return x + out.swapaxes(0, 1).reshape(b, n * mlp_chunk, -1)[:, :s]
+    out = out.transpose(1, 2, 0, 3, 4).reshape(b, nd, n * mlp_chunk, -1)[:, :, :local]
+    return x + out.reshape(b, s, -1)
 
 
 def _remat_policy(remat: str):

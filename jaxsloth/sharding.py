@@ -308,6 +308,40 @@ def constrain_rows(x):
     return x
 
 
+def sequence_split(b: int, s: int) -> int:
+    """How many devices ``constrain_rows`` splits the sequence of a [b, s, ...] activation over: the
+    batch-axes size when it cannot split the b rows but divides s (long context on FSDP), else 1."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return 1
+    n = int(np.prod([mesh.shape[a] for a in RULES["batch"][0]]))
+    return n if n > 1 and b % n and s % n == 0 else 1
+
+
+def constrain_split(x, dim: int):
+    """``x`` split over the batch axes along ``dim`` (for activations laid out per device by the caller,
+    e.g. MLP chunks [n, B, devices, chunk, D] under a sequence split); a no-op without a mesh."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return x
+    axes, _ = RULES["batch"]
+    return jax.lax.with_sharding_constraint(x, P(*([None] * dim), axes))
+
+
+def constrain_heads(x):
+    """q/k/v [B, S, N, H] for attention. Where the sequence is split (``sequence_split``) attention
+    needs every key: the heads are split over the devices instead (an all-to-all), so each device
+    runs causal attention over the whole sequence for N/n of the heads (cuDNN's partitioning supports
+    head sharding; a sequence-sharded call would be gathered and run whole on every device). No-op
+    otherwise, or when the devices do not divide N."""
+    b, s, n_heads = x.shape[:3]
+    n = sequence_split(b, s)
+    if n == 1 or n_heads % n:
+        return x
+    axes, _ = RULES["batch"]
+    return jax.lax.with_sharding_constraint(x, P(None, None, axes))
+
+
 def per_device_token_loss(loss_fn, hidden, lm_head, labels):
     """(loss_sum, count) of ``loss_fn(hidden [T, D], lm_head, labels [T])`` over hidden [B, S, D].
 
@@ -320,7 +354,13 @@ def per_device_token_loss(loss_fn, hidden, lm_head, labels):
     mesh = _active_mesh()
     axes, _ = RULES["batch"]
     n = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
-    if n == 1 or hidden.shape[0] % n:
+    if n == 1:
+        return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
+    if hidden.shape[0] % n == 0:
+        spec = P(axes)
+    elif hidden.shape[1] % n == 0:  # one long row (FSDP, long context): each device takes its tokens
+        spec = P(None, axes)
+    else:
         return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
 
     def local(h, w, lab):
@@ -329,7 +369,7 @@ def per_device_token_loss(loss_fn, hidden, lm_head, labels):
 
     # sums leave the shard_map as [n] arrays and are added by XLA: no psum inside, so the gradient
     # needs no replication bookkeeping (check_vma off: pallas_call has no replication rule)
-    loss_sum, count = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), P(axes)),
+    loss_sum, count = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), spec),
                                     out_specs=(P(axes), P(axes)), check_vma=False)(hidden, lm_head, labels)
     return loss_sum.sum(), count.sum()
 

@@ -66,6 +66,11 @@ class TrainingArguments:
     # Used only when more than one device is present; the global batch is then
     # per_device_train_batch_size x the number of devices.
     mesh: str | None = None
+    # Train the model's own LoRA arrays in place: the step donates them, so the device holds one copy
+    # of the adapters (as PyTorch trainers do) instead of the caller's plus the trained one (0.31 GiB
+    # for 8B at r=32, 1.5 GiB for 70B). The model passed in then must not be used again: its LoRA
+    # arrays are deleted; use the model train() returns. The CLI sets it (it owns its model).
+    donate_model_lora: bool = False
 
     def validate(self):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
@@ -300,7 +305,9 @@ class Trainer:
     def train(self, resume: bool = False):
         args, model = self.args, self.model
         self.out.mkdir(parents=True, exist_ok=True)
-        lora = jax.tree_util.tree_map(jnp.copy, model.lora)  # the step donates its input; keep the caller's
+        caller_lora = model.lora
+        # the step donates its input: train a copy unless the caller gave its adapters up
+        lora = caller_lora if args.donate_model_lora else jax.tree_util.tree_map(jnp.copy, caller_lora)
         if self.mesh is None:
             opt_state = self.tx.init(lora)
         else:
@@ -320,6 +327,12 @@ class Trainer:
         start = 0
         if resume:
             start, lora, opt_state = self._restore(mngr, lora, opt_state)
+        if args.donate_model_lora:  # sharded or restored copies replaced them: free the caller's now
+            kept = {id(x) for x in jax.tree_util.tree_leaves(lora)}
+            for x in jax.tree_util.tree_leaves(caller_lora):
+                if id(x) not in kept and not x.is_deleted():
+                    x.delete()
+        del caller_lora
         metrics_path = self.out / "metrics.jsonl"
         if start == 0:
             metrics_path.unlink(missing_ok=True)

@@ -112,6 +112,13 @@ def _child_parity(path):
         out[f"{base} one row fsdp=8"] = {
             "loss": float(ls), "loss_1dev": float(l1), "count_equal": int(cs) == int(c1), "loss_rel": _rel(ls, l1),
             "grad_rel": max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(g1b)))}
+        # the same row with the MLP in 8-token chunks laid out per device (model.decoder_layer)
+        fc = jax.jit(lambda m, lo, b, k: accumulated_loss_and_grads(m, lo, b, k, remat="full", mlp_chunk=8))
+        with activate(mesh):
+            ls, cs, gs = fc(sm.replace(lora=None), sm.lora, jax.device_put(one, NamedSharding(mesh, P())), key)
+        out[f"{base} one row fsdp=8 mlp_chunk"] = {
+            "loss": float(ls), "loss_1dev": float(l1), "count_equal": int(cs) == int(c1), "loss_rel": _rel(ls, l1),
+            "grad_rel": max(_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(g1b)))}
     out["constraints"] = _child_constraints(model)
     return out
 
@@ -120,8 +127,8 @@ def _child_constraints(model):
     """Under activate(mesh), constrain_layer gathers one layer (NF4 leaves too), constrain_rows splits rows."""
     import jax
 
-    from jaxsloth.sharding import (activate, constrain_layer, constrain_rows, make_mesh, per_device_token_loss,
-                                   shard_model)
+    from jaxsloth.sharding import (activate, constrain_heads, constrain_layer, constrain_rows, make_mesh,
+                                   per_device_token_loss, sequence_split, shard_model)
 
     mesh = make_mesh("data=2,fsdp=4")
     layers = shard_model(model, mesh).params["layers"]
@@ -132,6 +139,11 @@ def _child_constraints(model):
         rows = jax.jit(lambda v: constrain_rows(v * 2))(x)
         one_row = jax.jit(lambda v: constrain_rows(v * 2))(jax.numpy.zeros((1, 16, 64)))
     codes = gathered["q"].codes
+    one_mesh = make_mesh("fsdp=8")
+    with activate(one_mesh):  # one row of 16 tokens, 8 heads: the sequence is split, attention by heads
+        split = sequence_split(1, 16)
+        heads = jax.jit(lambda v: constrain_heads(v * 2))(jax.numpy.zeros((1, 16, 8, 4)))
+        heads_odd = jax.jit(lambda v: constrain_heads(v * 2))(jax.numpy.zeros((1, 16, 6, 4)))
     seen = []
 
     def token_loss(h, w, labels):  # what one device sees: its own 8 / 8 = 1 row of 16 tokens
@@ -143,7 +155,14 @@ def _child_constraints(model):
     labels = jax.numpy.zeros((8, 16), jax.numpy.int32)
     with activate(mesh):
         loss_sum, count = jax.jit(lambda *a: per_device_token_loss(token_loss, *a))(x, w, labels)
+    xo, lo = x[:1], labels[:1]  # one row: each device takes its 2 of the 16 tokens
+    with activate(one_mesh):
+        one_sum, one_count = jax.jit(lambda *a: per_device_token_loss(token_loss, *a))(xo, w, lo)
     return {"per_device_tokens": list(seen[0]), "per_device_count": int(count),
+            "one_row_per_device_tokens": list(seen[1]), "one_row_count": int(one_count),
+            "one_row_loss_rel": _rel(one_sum, (xo @ w.T).sum()),
+            "sequence_split": split, "heads_shard_shape": list(heads.sharding.shard_shape(heads.shape)),
+            "heads_odd_replicated": heads_odd.sharding.is_fully_replicated,
             "per_device_loss_rel": _rel(loss_sum, (x @ w.T).sum()),
             "layer_sharded_before": not layer0["q"].codes.sharding.is_fully_replicated,
             "layer_replicated_after": all(leaf.sharding.is_fully_replicated
@@ -187,7 +206,8 @@ def parity(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("base", ["f32", "nf4"])
-@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "shard_map data=8", "one row fsdp=8"])
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "shard_map data=8", "one row fsdp=8",
+                                  "one row fsdp=8 mlp_chunk"])
 def test_sharded_loss_and_gradients_equal_single_device(parity, base, spec):
     r = parity[f"{base} {spec}"]
     assert parity["devices"] == 8
@@ -217,6 +237,16 @@ def test_loss_is_taken_per_device_and_summed(parity):
     assert c["per_device_tokens"] == [16, 64], c  # one row of 16 tokens on each of 8 devices
     assert c["per_device_count"] == 8 * 16, c
     assert c["per_device_loss_rel"] <= TOL, c
+    assert c["one_row_per_device_tokens"] == [2, 64], c  # one row: 2 of its 16 tokens per device
+    assert c["one_row_count"] == 16, c
+    assert c["one_row_loss_rel"] <= TOL, c
+
+
+def test_attention_is_split_by_heads_when_the_sequence_is(parity):
+    c = parity["constraints"]
+    assert c["sequence_split"] == 8, c
+    assert c["heads_shard_shape"] == [1, 16, 1, 4], c  # 8 heads over 8 devices, whole sequence each
+    assert c["heads_odd_replicated"], c                 # 6 heads do not split 8 ways: left to GSPMD
 
 
 def test_constraints_are_no_ops_without_a_mesh():
