@@ -254,3 +254,23 @@ def test_bad_memory_settings_are_refused(setup, tmp_path):
         Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), remat="none", remat_group=2))
     with pytest.raises(ValueError, match="mlp_chunk"):
         Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), mlp_chunk=0))
+
+
+def test_donated_adapters_train_the_same_and_free_the_callers_copy(setup, tmp_path):
+    """donate_model_lora: the step takes the model's own LoRA arrays (one device copy, as in torch):
+    the same curve as the default copy, and the caller's arrays are gone afterwards (not silently
+    kept alive beside the trained ones)."""
+    _, model, rows = setup
+    kw = dict(per_device_train_batch_size=2, learning_rate=3e-3, max_steps=3, seed=3, progress=False, remat="full")
+    kept = Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path / "a"), **kw), log=lambda *_: None)
+    kept_model = kept.train()
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(model.lora))  # default: the caller's stays
+    mine = jax.tree_util.tree_map(jnp.copy, model.lora)  # a model this test may give away
+    given = model.replace(lora=mine)
+    donated = Trainer(given, rows, TrainingArguments(output_dir=str(tmp_path / "b"), donate_model_lora=True, **kw),
+                      log=lambda *_: None)
+    trained = donated.train()
+    np.testing.assert_allclose([h["loss"] for h in donated.history], [h["loss"] for h in kept.history], rtol=1e-6)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(mine))
+    for a, b in zip(jax.tree_util.tree_leaves(trained.lora), jax.tree_util.tree_leaves(kept_model.lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
