@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-# JAX's GPU allocator takes 75% of the card unless told otherwise: a long-context step needs the card
-# (70B at 102,400 tokens failed to get its 23.8 GiB of temporaries at 0.75). Set before jax starts.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxsloth.gpu_env import use_whole_gpu  # noqa: E402
+
+GPU_ENV = use_whole_gpu()  # the card and the pinned host pool for offload, before jax starts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,7 +125,7 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "preset": preset, "remat": args.remat, "remat_group": args.remat_group, "mlp_chunk": args.mlp_chunk,
-            "build_s": round(time.perf_counter() - t_build, 1)}
+            "build_s": round(time.perf_counter() - t_build, 1), **GPU_ENV}
     model, mesh = place_on_mesh(model, args.mesh, info)
     print(json.dumps(info), flush=True)
 

@@ -16,6 +16,9 @@ def _demo(args):
 
 
 def _train(args):
+    from jaxsloth.gpu_env import use_whole_gpu
+
+    use_whole_gpu()  # the card and the offload pool, as PyTorch would have them (values set by the user stay)
     import jax
 
     import jaxsloth

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -365,7 +366,8 @@ class Trainer:
                             f"out of GPU memory at step {step + 1} (batch {args.per_device_train_batch_size} x "
                             f"{self.rows.input_ids.shape[1]} tokens): try a shorter max_seq_length, "
                             "remat='offload', or a smaller per_device_train_batch_size with more "
-                            "gradient_accumulation_steps") from e
+                            "gradient_accumulation_steps; JAX uses XLA_PYTHON_CLIENT_MEM_FRACTION of the card "
+                            f"({os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75 by default')})") from e
                     raise
                 if not bool(m["finite"]):
                     where = f"; the last good checkpoint is step {last_good}" if mngr and last_good else ""
