@@ -170,11 +170,9 @@ def main(argv=None):
     print(json.dumps({**info, "results": rows}), flush=True)
 
 
-import pallas_kernels.cross_entropy as _ce  # noqa: E402
 import pallas_kernels.nf4_matmul as _nm  # noqa: E402
 
-CE_CHUNK_BYTES = _ce._CHUNK_BYTES  # the library defaults, restored between presets
-NF4_DOT = _nm._dot
+NF4_DOT = _nm._dot  # the library default, restored between presets
 
 
 def _f32_dot(a, b):
@@ -210,18 +208,12 @@ def build_step(model, preset: str, mesh, targs):
     dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B).
     On a mesh with fsdp=1 the step is the shard_map data-parallel one, else GSPMD (as the Trainer).
     """
-    import pallas_kernels.cross_entropy as ce
     import pallas_kernels.nf4_matmul as nm
 
     remat, *opts = preset.split("/")
     kw = dict(o.split("=") for o in opts)
     mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
-           "remat_group": int(kw.get("group", 1))}
-    # tokens per loss chunk through the default-size rule's byte cap (read when the step is traced)
-    new_bytes = int(kw["ce"]) * model.config.vocab_size * 2 * 2 if "ce" in kw else CE_CHUNK_BYTES
-    if new_bytes != ce._CHUNK_BYTES:
-        ce._CHUNK_BYTES = new_bytes
-        jax.clear_caches()  # the loss's own jit keeps its traced chunk size otherwise
+           "remat_group": int(kw.get("group", 1)), "loss_chunk": int(kw["ce"]) if "ce" in kw else None}
     want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
     tie = kw.get("tie") == "1"
     if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie:

@@ -73,6 +73,9 @@ def _add_train_command(sub):
                         "for one more forward recompute per layer")
     p.add_argument("--mlp_chunk", type=int, default=d.mlp_chunk,
                    help="run the MLP over this many tokens at a time (very long sequences)")
+    p.add_argument("--loss_chunk", type=int, default=d.loss_chunk,
+                   help="tokens per chunk of the fused lm_head + loss (default: 1024 for Llama-3); 256 with "
+                        "--mlp_chunk 2048 and --remat offload is the leanest small-batch setting")
     p.add_argument("--packing", action="store_true", help="pack several examples per row")
     p.add_argument("--train_on_responses_only", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
                    help="loss on responses only (default: on for chat data, off otherwise)")

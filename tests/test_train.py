@@ -254,9 +254,11 @@ def test_bad_memory_settings_are_refused(setup, tmp_path):
         Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), remat="none", remat_group=2))
     with pytest.raises(ValueError, match="mlp_chunk"):
         Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), mlp_chunk=0))
+    with pytest.raises(ValueError, match="loss_chunk"):
+        Trainer(model, rows, TrainingArguments(output_dir=str(tmp_path), loss_chunk=-1))
 
 
-def test_donated_adapters_train_the_same_and_free_the_callers_copy(setup, tmp_path):
+def test_donated_adapters_and_small_chunks_train_the_same(setup, tmp_path):
     """donate_model_lora: the step takes the model's own LoRA arrays (one device copy, as in torch):
     the same curve as the default copy, and the caller's arrays are gone afterwards (not silently
     kept alive beside the trained ones)."""
@@ -267,10 +269,11 @@ def test_donated_adapters_train_the_same_and_free_the_callers_copy(setup, tmp_pa
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(model.lora))  # default: the caller's stays
     mine = jax.tree_util.tree_map(jnp.copy, model.lora)  # a model this test may give away
     given = model.replace(lora=mine)
-    donated = Trainer(given, rows, TrainingArguments(output_dir=str(tmp_path / "b"), donate_model_lora=True, **kw),
-                      log=lambda *_: None)
+    # the leanest memory options ride along: they change the schedule of the step, not its values
+    donated = Trainer(given, rows, TrainingArguments(output_dir=str(tmp_path / "b"), donate_model_lora=True,
+                                                     loss_chunk=16, mlp_chunk=8, **kw), log=lambda *_: None)
     trained = donated.train()
-    np.testing.assert_allclose([h["loss"] for h in donated.history], [h["loss"] for h in kept.history], rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in donated.history], [h["loss"] for h in kept.history], rtol=1e-5)
     assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(mine))
     for a, b in zip(jax.tree_util.tree_leaves(trained.lora), jax.tree_util.tree_leaves(kept_model.lora)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
