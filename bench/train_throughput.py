@@ -27,6 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from jaxsloth.gpu_env import use_whole_gpu  # noqa: E402
+
+use_whole_gpu()  # as `jaxsloth train` runs (and torch has the whole card): 95% of it, not JAX's 75%
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
