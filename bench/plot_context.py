@@ -35,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--ref", action="append", default=[],
                     help="LABEL=SEQ: a maximum context measured elsewhere, drawn as a dashed vertical line")
     ap.add_argument("--top", type=float, default=80.0, help="the card's memory (GiB): a horizontal line")
+    ap.add_argument("--series", action="append", default=[],
+                    help="LABEL=PATH[,PATH...]: more of our max_context JSONs drawn as one series (steps that "
+                         "ran: filled; compile-only footprints: hollow; failed probes are not drawn)")
     args = ap.parse_args(argv)
     import matplotlib
 
@@ -58,6 +61,16 @@ def main(argv=None):
         if pts:
             ax.plot([x / 1000 for x, _ in pts], [y for _, y in pts], marker="o", linestyle=":", fillstyle="none",
                     label="jaxsloth, compiled footprint (not run)")
+    for spec in args.series:
+        label, paths = spec.split("=", 1)
+        tries = [t for p in paths.split(",") for t in json.loads(Path(p).read_text()).get("tries", [])]
+        ran = sorted((t["seq"], t["footprint_gib"]) for t in tries if t.get("ok") and "footprint_gib" in t)
+        comp = sorted({(t["seq"], t["footprint_gib"]) for t in tries if "footprint_gib" in t and not t.get("ok") is False})
+        line, = ax.plot([x / 1000 for x, _ in comp], [y for _, y in comp], linestyle=":", marker="o",
+                        fillstyle="none", label=f"{label} (compiled footprint)")
+        if ran:
+            ax.scatter([x / 1000 for x, _ in ran], [y for _, y in ran], color=line.get_color(), zorder=3,
+                       label=f"{label}: step ran")
     for ref in args.ref:
         label, seq = ref.rsplit("=", 1)
         ax.axvline(int(seq) / 1000, linestyle="--", linewidth=1, color="gray")

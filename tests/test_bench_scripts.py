@@ -109,3 +109,15 @@ def test_profile_summary_sums_gpu_kernels_by_class(tmp_path):
     assert s["by_class_ms"]["matmul (cuBLAS/CUTLASS)"] == pytest.approx(0.05)
     assert s["by_class_ms"]["nf4 dequant / matmul (Pallas)"] == pytest.approx(0.02)
     assert [o["op"].rsplit(": ", 1)[1] for o in s["top_hlo_ops"]] == ["dot.1", "copy.3"]
+
+
+def test_plot_context_draws_extra_series(tmp_path):
+    from plot_context import main
+
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"tries": [{"seq": 1000, "footprint_gib": 10.0, "ok": True},
+                                       {"seq": 2000, "footprint_gib": 20.0, "ok": None, "compiled_only": True},
+                                       {"seq": 4000, "ok": False, "error": "OOM"}]}))
+    out = tmp_path / "p.png"
+    main(["--series", f"one GPU={a},{a}", "--ref", "target=3000", "--out", str(out)])
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
