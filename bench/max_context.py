@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,11 +27,9 @@ from jaxsloth.gpu_env import use_whole_gpu  # noqa: E402
 
 GPU_ENV = use_whole_gpu()  # the card and the pinned host pool for offload, before jax starts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 import jaxsloth  # noqa: E402
 from export_merged_8b import LLAMA3_8B, TINY, write_random_base  # noqa: E402

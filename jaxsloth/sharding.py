@@ -287,35 +287,40 @@ def constrain_layer(tree):
     return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
 
 
+def _token_split(shape):
+    """(mesh, spec, n) for an activation of ``shape`` [B, S, ...] under the active mesh: ``spec`` puts
+    the rows over the n devices of the batch axes when n divides B, else the sequence when n divides
+    S; None when nothing is split (no mesh, one device, or neither dim divisible)."""
+    mesh = _active_mesh()
+    if mesh is None or len(shape) == 0:
+        return mesh, None, 1
+    axes, _ = RULES["batch"]
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    if n == 1:
+        return mesh, None, 1
+    if shape[0] % n == 0:
+        return mesh, P(axes), n
+    if len(shape) >= 2 and shape[1] % n == 0:
+        return mesh, P(None, axes), n
+    return mesh, None, n
+
+
 def constrain_rows(x):
     """Activations [B, S, ...] with rows over every device (when the mesh size divides B).
 
     When it does not (long context: batch 1 on an FSDP mesh) the sequence dim S is split instead,
     so each device holds and computes 1/n of the tokens of every layer's token-wise work (norms,
-    projections, MLP, saved/offloaded layer inputs); attention, which needs every key, gets its
-    q/k/v gathered by GSPMD. Without this the one row would be replicated on every device."""
-    mesh = _active_mesh()
-    axes, _ = RULES["batch"]
-    if mesh is None or x.ndim == 0:
-        return x
-    n = int(np.prod([mesh.shape[a] for a in axes]))
-    if n == 1:
-        return x
-    if x.shape[0] % n == 0:
-        return jax.lax.with_sharding_constraint(x, P(axes))
-    if x.ndim >= 2 and x.shape[1] % n == 0:
-        return jax.lax.with_sharding_constraint(x, P(None, axes))
-    return x
+    projections, MLP, saved/offloaded layer inputs); attention is split by heads (constrain_heads).
+    Without this the one row would be replicated on every device."""
+    _, spec, _ = _token_split(x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def sequence_split(b: int, s: int) -> int:
     """How many devices ``constrain_rows`` splits the sequence of a [b, s, ...] activation over: the
     batch-axes size when it cannot split the b rows but divides s (long context on FSDP), else 1."""
-    mesh = _active_mesh()
-    if mesh is None:
-        return 1
-    n = int(np.prod([mesh.shape[a] for a in RULES["batch"][0]]))
-    return n if n > 1 and b % n and s % n == 0 else 1
+    _, spec, n = _token_split((b, s))
+    return n if spec is not None and spec[0] is None else 1
 
 
 def constrain_split(x, dim: int):
@@ -351,17 +356,11 @@ def per_device_token_loss(loss_fn, hidden, lm_head, labels):
     call at all), so every device would compute the whole batch's loss. lm_head enters whole.
     """
     d = hidden.shape[-1]
-    mesh = _active_mesh()
+    # rows per device, or for one long row (FSDP, long context) each device's part of the sequence
+    mesh, spec, _ = _token_split(hidden.shape)
+    if spec is None:
+        return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
     axes, _ = RULES["batch"]
-    n = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
-    if n == 1:
-        return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
-    if hidden.shape[0] % n == 0:
-        spec = P(axes)
-    elif hidden.shape[1] % n == 0:  # one long row (FSDP, long context): each device takes its tokens
-        spec = P(None, axes)
-    else:
-        return loss_fn(hidden.reshape(-1, d), lm_head, labels.reshape(-1))
 
     def local(h, w, lab):
         loss_sum, count = loss_fn(h.reshape(-1, d), w, lab.reshape(-1))

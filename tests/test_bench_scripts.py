@@ -121,3 +121,24 @@ def test_plot_context_draws_extra_series(tmp_path):
     out = tmp_path / "p.png"
     main(["--series", f"one GPU={a},{a}", "--ref", "target=3000", "--out", str(out)])
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baseline_max_context_search_grows_then_bisects(monkeypatch):
+    """bench/baselines' search: along the schedule until the first OOM, then halving down to the
+    granularity; a non-OOM error stops it (fake probes: OOM above 40,000 tokens)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "baselines"))
+    import bench_common
+
+    def fake(model, opt, seq, device="cuda"):
+        if seq > 40_000:
+            return {"seq": seq, "ok": False, "error": "OOM"}
+        return {"seq": seq, "ok": True, "s_per_step": 0.0}
+
+    monkeypatch.setattr(bench_common, "try_len", fake)
+    out = bench_common.search_max_ctx(None, None, [16384, 32768, 65536, 131072], 4096, 60, log=lambda *_: None,
+                                      device="cpu")
+    assert [t["seq"] for t in out["tries"]] == [16384, 32768, 65536, 49152, 40960, 36864]
+    assert (out["lo_ok"], out["hi_fail"], out["stopped_early"]) == (36864, 40960, None)
+    monkeypatch.setattr(bench_common, "try_len", lambda *a, **k: {"seq": a[2], "ok": False, "error": "boom"})
+    assert bench_common.search_max_ctx(None, None, [1024, 2048], 512, 60, log=lambda *_: None,
+                                       device="cpu")["stopped_early"] == "non-OOM error"
