@@ -73,6 +73,7 @@ def probe(model, seq, args, key, run_step=True, mesh=None):
             if not run_step:  # the compiler's footprint only: no step run (too slow for the job)
                 rec.update(ok=None, compiled_only=True)
                 return rec
+            print(json.dumps({"seq": seq, "compile_s": rec["compile_s"], "running_step": True}), flush=True)
             t = time.perf_counter()
             _, _, m = compiled(lora, opt, model.replace(lora=None), batch, key)
             rec.update(ok=True, s_per_step=round(time.perf_counter() - t, 2), loss=round(float(m["loss"]), 4))

@@ -116,44 +116,73 @@ class JaxBench:
       else:
         op = lambda x, w: mod.nf4_matmul(x, w, implementation=None if impl == "ours" else impl)
     res = {}
+    # Small ops (M <= 256) run `inner` times in a loop inside the jit: one dispatch per call, so
+    # the host's per-call cost (~20 us per op with 4 copies) does not hide the device time. Each
+    # iteration feeds a zero-weighted piece of its outputs into the next x (a tiny fused add), so
+    # nothing is hoisted or dropped; large M keeps one op per copy and call.
+    inner = 1 if m > 256 else (20 if m <= 16 else 5)
+
+    def looped(one, feed):
+      """jit of `one` over the copies; looped: `feed(outputs)` (an [M, 1] or [M, K] piece,
+      behind an optimization barrier so no slice is pushed into a dot) joins the next x."""
+      if inner == 1:
+        return jax.jit(lambda xs, *rest: [one(x, *r) for x, *r in zip(xs, *rest)])
+
+      def call(xs, *rest):
+        def it(i, xs):
+          outs = [feed(jax.lax.optimization_barrier(one(x, *r))) for x, *r in zip(xs, *rest)]
+          return [x + jnp.where(i < 0, o, 0).astype(x.dtype) for x, o in zip(xs, outs)]
+        return jax.lax.fori_loop(0, inner, it, list(xs))
+      return jax.jit(call)
+
     if "fwd" in passes:
-      f = jax.jit(lambda xs, ws: [op(x, w) for x, w in zip(xs, ws)])
-      res["fwd"] = _time_calls(jax, f, (xs, weights), r)
+      f = looped(op, lambda y: y[:, :1])
+      res["fwd"] = _time_calls(jax, f, (xs, weights), r * inner)
     if "fwd+bwd" in passes:
-      def fb(xs, ws, dys):
-        outs = []
-        for x, w, dy in zip(xs, ws, dys):
-          y, vjp = jax.vjp(lambda x: op(x, w), x)
-          outs.append((y, vjp(dy)[0]))
-        return outs
-      res["fwd+bwd"] = _time_calls(jax, jax.jit(fb), (xs, weights, dys), r)
+      def fb(x, w, dy):
+        y, vjp = jax.vjp(lambda x: op(x, w), x)
+        return y, vjp(dy)[0]
+      f = looped(fb, lambda o: o[1] + o[0][:, :1])   # y is used: the forward is not dropped
+      res["fwd+bwd"] = _time_calls(jax, f, (xs, weights, dys), r * inner)
     return res
 
 
 def _sweep_plans(mod):
   """(bucket, pass, plan) candidates. Buckets: m1 (M=1), small (M=16), large (M=4096)."""
   P = mod.Plan
-  fwd16 = dict(decode="select", bn=128, unroll=1)
+  tc16 = dict(decode="select", bn=128, unroll=1)       # session 1's M=16 winner
+  gemv1 = dict(decode="pair", gemv=True, bn=16, chunk=8, unroll=1)
   # bwd candidates all run the same fused fwd, so no dequant is shared (CSE) between the passes
   out = [("m1", "fwd", P("xla", "xla")), ("small", "fwd", P("xla", "xla")),
-         ("m1", "fwd+bwd", P("fused", "xla", gemv=True, **fwd16)),
-         ("small", "fwd+bwd", P("fused", "xla", **fwd16)),
-         ("large", "fwd", P("xla", "xla"))]
-  for decode, bn in (("select", 128), ("select", 256), ("pair", 128)):
-    out.append(("m1", "fwd", P("fused", "xla", decode=decode, bn=bn, gemv=True, unroll=2)))
-    out.append(("m1", "fwd+bwd", P("fused", "fused", gemv=True, bwd_bn=bn,
-                                   **dict(fwd16, decode=decode))))
+         ("large", "fwd", P("xla", "xla")),
+         ("m1", "fwd+bwd", P("fused", "xla", **gemv1)),
+         ("small", "fwd+bwd", P("fused", "xla", **tc16))]
+  # M=1: CUDA-core GEMV, [bn, chunk, 32] code tiles, scales decoded in the kernel; pf: the next
+  # step's tiles are loaded before this step's math
+  for decode, bn, chunk, warps, pf in (
+      ("pair", 8, 16, 4, False), ("f32", 8, 16, 4, False), ("pair", 8, 32, 4, False),
+      ("pair", 8, 16, 4, True), ("f32", 8, 16, 4, True), ("pair", 8, 8, 4, True),
+      ("pair", 16, 8, 4, True), ("pair", 4, 16, 4, True), ("pair", 8, 32, 8, True),
+      ("f32", 16, 8, 4, True), ("pair", 4, 32, 4, True), ("pair", 8, 4, 4, True),
+      ("pair", 16, 16, 8, True), ("f32", 4, 16, 2, True)):
+    out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, bn=bn, chunk=chunk,
+                               unroll=1, num_warps=warps, prefetch=pf)))
+  for bwd_bn in (64, 128):
+    for decode in ("select", "pair"):
+      out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode, **gemv1)))
+  # M=16: tensor-core dots over [bn, chunk * 32] tiles (x split into even/odd columns by XLA)
+  for decode, bn, chunk, warps, pf in (
+      ("select", 128, 4, 8, False), ("select", 128, 4, 8, True), ("select", 64, 4, 4, True),
+      ("select", 128, 2, 8, True), ("select", 128, 8, 8, False), ("pair", 128, 4, 8, True),
+      ("select", 64, 2, 4, True), ("select", 256, 2, 8, True)):
+    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, chunk=chunk, unroll=1,
+                                  x_split=True, num_warps=warps, prefetch=pf)))
   for decode in ("select", "pair"):
     for bn in (64, 128):
-      for x_split in (False, True):
-        out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, unroll=1,
-                                      x_split=x_split)))
-      out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn,
-                                        **dict(fwd16, decode=decode))))
-    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=128, unroll=1,
-                                  x_split=True, num_warps=8)))
+      out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
+  # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
   for decode in ("select", "f32"):
-    for dq_bn, dq_blocks in ((16, 4), (32, 8)):
+    for dq_bn, dq_blocks in ((16, 4), (32, 8), (16, 8)):
       out.append(("large", "fwd", P("dequant", "dequant", decode=decode, dq_bn=dq_bn,
                                     dq_blocks=dq_blocks)))
   return out
@@ -163,13 +192,16 @@ SWEEP_SHAPE = (14336, 4096)
 SWEEP_MS = {"m1": 1, "small": 16, "large": 4096}
 
 
-def run_sweep(fh, deadline):
-  """Time the candidates on the 8B gate/up weight; write the winners to tuned.json."""
+def run_sweep(fh, deadline, buckets=None):
+  """Time the candidates on the 8B gate/up weight; write the winners to tuned.json (buckets not
+  swept keep the dispatch in the code)."""
   b = JaxBench()
   n, k = SWEEP_SHAPE
   cands = _sweep_plans(b.mod)
   results = []
   for bucket, m in SWEEP_MS.items():
+    if buckets and bucket not in buckets:
+      continue
     ops = b.operands(n, k, m)
     for bkt, p, plan in cands:
       if bkt != bucket:
@@ -188,6 +220,9 @@ def run_sweep(fh, deadline):
     del ops
   tuned = {}
   for bucket in SWEEP_MS:
+    if buckets and bucket not in buckets:
+      tuned[bucket] = dataclasses.asdict(b.mod.TUNED[bucket])
+      continue
     fwd = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd")
     fb = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd+bwd")
     if not fwd:
@@ -375,8 +410,9 @@ def sweep_report(recs) -> str:
   for key, v in sorted(best.items()):
     v.sort(key=lambda t: t[0])
     for ms, plan in v[:3] + [t for t in v if t[1]["fwd"] == "xla"][:1]:
-      short = {k: plan[k] for k in ("fwd", "bwd", "decode", "bn", "unroll", "bwd_bn", "x_split",
-                                    "gemv", "num_warps", "dq_bn", "dq_blocks")}
+      short = {k: plan.get(k) for k in ("fwd", "bwd", "decode", "bn", "chunk", "unroll",
+                                        "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
+                                        "num_warps", "dq_bn", "dq_blocks")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:
@@ -426,6 +462,7 @@ def main():
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
+  ap.add_argument("--buckets", default="", help="sweep only these dispatch buckets (m1,small,large)")
   ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
   ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()
@@ -441,7 +478,7 @@ def main():
     path = os.path.join(args.out, f"results_{args.section}.jsonl")
     with open(path, "a") as fh:
       if args.section == "sweep":
-        run_sweep(fh, deadline)
+        run_sweep(fh, deadline, args.buckets.split(",") if args.buckets else None)
       elif args.section == "table":
         run_table(fh, deadline, args.impls.split(","), models, ms)
       elif args.section == "torch":
@@ -458,7 +495,8 @@ def main():
   with open(log, "a") as fh:
     fh.write(env_report() + "\n")
   me = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--models", args.models,
-        "--ms", args.ms, "--impls", args.impls] + (["--tiny"] if args.tiny else [])
+        "--ms", args.ms, "--impls", args.impls, "--buckets", args.buckets] + (
+            ["--tiny"] if args.tiny else [])
   # shares of the remaining budget, in order; torch gets a fixed slot at the end
   share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.2, "table": 1.0, "torch": 1.0}
   for kv in filter(None, args.shares.split(",")):

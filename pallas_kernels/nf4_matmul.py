@@ -10,23 +10,28 @@ integer leaves) cotangents. Dequantized weights are never saved for the backward
 Implementations (`implementation=`):
   "xla"     dequantize in XLA through a 256-entry byte -> (hi, lo) table, then a cuBLAS dot.
             The reference path and the default off-GPU.
-  "pallas"  portable Pallas kernels (Triton lowering on GPU, interpreter on CPU):
+  "pallas"  portable Pallas kernels (Triton lowering on GPU, interpreter on CPU). Every kernel
+            reads the stored absmax (uint8 + double-quant state) and decodes the scales of its
+            tile in registers: no XLA pass writes an f32 absmax first.
             - fused (small M): reads 4-bit codes, decodes in registers, never writes W:
-              fwd grid (N / bn, split-K), each program loops over its K range one quantization
-              block at a time: x's even/odd columns (strided loads) @ the high/low nibble tiles.
-              bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
-              Variants (Plan): decode by select tree / bf16-pair table / f32 table; x split into
-              even/odd columns in XLA; a GEMV form for M == 1 (CUDA-core multiply + reductions).
+              fwd grid (N / bn, split-K), each program loops over its K range `chunk`
+              quantization blocks per step ([bn, chunk, P] code tiles, optionally the next
+              step's tiles prefetched): tensor-core dots of x's even/odd columns with the
+              decoded high/low-nibble tiles, or (gemv, M <= 16) CUDA-core multiplies and row
+              sums. bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
+              Decode by select tree / bf16-pair table / f32 table (Plan).
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
               cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
   None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
-Where it stands (H100, bench/RESULTS.md "NF4 matmul"): M=16384 fwd 1.00x the bf16 dot, M=4096 1.14x
-(the dequant pass moves 42 MB per 4096x4096 weight); M<=16 the fused kernel beats XLA dequant+dot
-(0.030 vs 0.039 ms) but is 1.8x slower than the bf16 dot: decode-bound at 0.32 TB/s. A Mosaic GPU
-(wgmma, decode in registers) kernel is the missing piece for both targets.
+Where it stands (H100, session 4, bench/RESULTS.md "NF4 matmul"): fwd at M=16384 0.84-1.04x the
+bf16 dot, M=4096 1.08-1.12x (1.19x for 8B k/v), M=2048 1.18-1.25x: the dequant pass is a fixed cost
+per call that only a fused wgmma kernel (not written) removes. M=1: the GEMV runs 1.2-1.6x faster
+than the bf16 dot on the 8B/70B q/o, gate/up and down weights (slower on 8B k/v), at ~1.2 TB/s of
+4-bit data: instruction-bound (decode + reductions), not at HBM speed. M=16: 1.7-2.8x slower than
+the bf16 dot (tensor-core path through Triton, ~0.3 TB/s).
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ class Plan:
                              # two bf16-rounded values per byte; "select": a where-tree, no lookup
   bn: int = 64               # fused fwd: rows of W per program
   split: int = 0             # fused fwd split-K / bwd split-N (0: enough programs for 2 per SM)
-  unroll: int = 2            # quantization blocks per loop step
+  chunk: int = 1             # fused fwd: quantization blocks per loop step (one [bn, chunk, P] tile)
+  unroll: int = 2            # fused fwd: loop steps unrolled
+  prefetch: bool = False     # fused fwd: load step t+1's tiles before step t's math
   bwd_bn: int = 64           # fused bwd: rows of W per loop step
   dq_bn: int = 32            # dequant kernel: rows per program
   dq_blocks: int = 8         # dequant kernel: quantization blocks per program
@@ -80,7 +87,8 @@ class Plan:
   num_stages: int = 3
   x_split: bool = False      # fused fwd: x's even/odd columns split in XLA (contiguous loads)
                              # instead of stride-2 loads in the kernel
-  gemv: bool = False         # fused, M == 1: multiply + row reductions, no tensor-core dot
+  gemv: bool = False         # fused, M <= GEMV_MAX_M (bwd: M == 1): CUDA-core multiplies and
+                             # reductions, no tensor-core dot
   bwd_decode: str | None = None     # the fused bwd's own decode / num_warps (None: as the fwd)
   bwd_num_warps: int | None = None
 
@@ -89,16 +97,18 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
-# Measured 2026-11-26 on an H100 (bench/RESULTS.md, "NF4 matmul"), 8B 4096x4096 weight: at M=16
-# the fused fwd with the select-tree decode, bn=128 took 0.030 ms (XLA dequant+dot 0.039 ms;
-# the f32-table decode 0.053-0.079 ms); the fused bwd with the (hi, lo) bf16-pair table and 64-row
-# steps beat the others; at M=4096 the Pallas dequant (f32 table, 16 rows x 4 blocks per program)
-# + cuBLAS tied XLA's dequant (0.215 vs 0.220 ms) and won at M=16384 (0.802 vs 0.858 ms).
+# Sweep of 2026-11-27 (session 4, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
+# M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, f32-table decode, the next tile prefetched,
+# 0.0287 ms (bf16 dot 0.043; the tensor-core fused kernel 0.117; XLA dequant+dot 0.125; the
+# pair-table decode and no prefetch within 1-7%). M=16: tensor-core dots over [128, 4 x 32] tiles,
+# select-tree decode, x split by XLA, 8 warps, 0.096 ms (XLA 0.127; prefetch slower here: 0.17).
+# Backward (fwd+bwd at M=1 and 16): 128-row steps with the bf16-pair table. M > 16: the Pallas
+# dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096.
 TUNED: dict[str, Plan] = {
-    "m1": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64,
-               bwd_decode="pair"),
-    "small": Plan("fused", "fused", decode="select", bn=128, unroll=1, bwd_bn=64,
-                  bwd_decode="pair"),
+    "m1": Plan("fused", "fused", decode="f32", gemv=True, bn=16, chunk=8, unroll=1, prefetch=True,
+               bwd_bn=128, bwd_decode="pair"),
+    "small": Plan("fused", "fused", decode="select", bn=128, chunk=4, unroll=1, x_split=True,
+                  num_warps=8, bwd_bn=128, bwd_decode="pair", bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 
@@ -190,23 +200,65 @@ def _check_kernel_blocksize(w: NF4):
                      f"got {bs}; use implementation='xla'")
 
 
+# ----------------------------------------------------------------------------- scales (absmax)
+# Every kernel takes the absmax as stored (uint8 codes with double quant, else f32) plus the
+# double-quant state, and decodes the tile it needs in registers: no separate XLA pass writes an
+# f32 absmax for the whole weight before each call (a kernel launch and 4 bytes per block each way).
+
+def _scale_inputs(w: NF4, rows: int):
+  """(absmax [rows, B], dynamic map [256] f32, nested absmax [>=1] f32, offset [1] f32)."""
+  absmax = _pad_rows(w.absmax, rows)
+  if w.double_quant:
+    return (absmax, jnp.asarray(_quant().DYNAMIC_MAP, jnp.float32),
+            w.nested_absmax.astype(jnp.float32), w.absmax_offset.reshape(1).astype(jnp.float32))
+  zero = jnp.zeros((1,), jnp.float32)
+  return absmax.astype(jnp.float32), zero, zero, zero
+
+
+def _scales(sc, r0, bn: int, b0, c: int, nb: int, dq: bool):
+  """f32 absmax [bn, c] of rows r0.. and blocks b0.. (double quant undone as in dequantize_absmax)."""
+  return _scale_values(sc, sc[0][pl.ds(r0, bn), pl.ds(b0, c)], r0, bn, b0, c, nb, dq)
+
+
+def _scale_values(sc, a, r0, bn: int, b0, c: int, nb: int, dq: bool):
+  """_scales from the already loaded stored absmax tile `a` [bn, c]."""
+  _, dmap_ref, nested_ref, off_ref = sc
+  if not dq:
+    return a.astype(jnp.float32)
+  code = dmap_ref[a.astype(jnp.int32)]
+  flat = ((r0 + jax.lax.broadcasted_iota(jnp.int32, (bn, c), 0)) * nb
+          + b0 + jax.lax.broadcasted_iota(jnp.int32, (bn, c), 1))
+  # padded rows (N up to the row tile) would index past the nested state: clamp (they are cut off)
+  idx = jnp.minimum(jax.lax.shift_right_logical(flat, 8), nested_ref.shape[0] - 1)
+  scaled = code * nested_ref[idx]
+  scaled = jnp.where(code >= -2, scaled, jnp.float32(0))   # no FMA contraction: see quant.py
+  return scaled + off_ref[0]
+
+
 def _prepared(w: NF4, rows: int):
-  """(codes [rows, K/2] u8, absmax [rows, B] f32) with N padded to `rows` (zeros decode to 0)."""
-  return _pad_rows(w.codes, rows), _pad_rows(_quant().dequantize_absmax(w), rows)
+  """(codes [rows, K/2] u8, scale inputs) with N padded to `rows` (padded rows are cut off)."""
+  return _pad_rows(w.codes, rows), _scale_inputs(w, rows)
 
 
 def _n_programs_target():
   return 264  # 2 per SM on an H100 (132 SMs)
 
 
+def _split_for(programs: int, steps: int, split: int) -> int:
+  """Split-K factor: `split` if given, else enough to reach the program target; divides steps."""
+  return _largest_divisor(steps, split or max(1, _n_programs_target() // programs))
+
+
 # ----------------------------------------------------------------------------- dequant kernel
 
-def _dequant_kernel(codes_ref, absmax_ref, lut_ref, o_ref, *, bn, nblk, p, decode, dtype):
-  rows = pl.ds(pl.program_id(0) * bn, bn)
+def _dequant_kernel(codes_ref, *refs, bn, nblk, p, nb, dq, decode, dtype):
+  *sc, lut_ref, o_ref = refs
+  r0 = pl.program_id(0) * bn
+  rows = pl.ds(r0, bn)
   for u in range(nblk):
     b = pl.program_id(1) * nblk + u
     c = codes_ref[rows, pl.ds(b * p, p)]
-    a = absmax_ref[rows, pl.ds(b, 1)]
+    a = _scales(sc, r0, bn, b, 1, nb, dq)
     hi, lo = _decode(c, lut_ref, decode)
     o_ref[rows, pl.ds(b * p, p), :] = jnp.stack([(hi * a).astype(dtype), (lo * a).astype(dtype)],
                                                 axis=-1)
@@ -222,76 +274,94 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
   bn = min(plan.dq_bn, _common.next_pow2(n))
   nblk = _largest_divisor(nb, plan.dq_blocks)
   n_pad = -(-n // bn) * bn
-  codes, absmax = _prepared(w, n_pad)
-  kernel = functools.partial(_dequant_kernel, bn=bn, nblk=nblk, p=p, decode=plan.decode,
-                             dtype=jnp.dtype(dtype))
+  codes, sc = _prepared(w, n_pad)
+  kernel = functools.partial(_dequant_kernel, bn=bn, nblk=nblk, p=p, nb=nb, dq=w.double_quant,
+                             decode=plan.decode, dtype=jnp.dtype(dtype))
   out = _call(kernel, jax.ShapeDtypeStruct((n_pad, k // 2, 2), dtype), (n_pad // bn, nb // nblk),
-              plan, "nf4_dequant")(codes, absmax, _tables(plan.decode))
+              plan, "nf4_dequant")(codes, *sc, _tables(plan.decode))
   return out.reshape(n_pad, k)[:n]
 
 
 # ----------------------------------------------------------------------------- fused kernels
+# Forward, both bodies: grid (N / bn, split-K); a program owns bn rows of W and loops over its
+# share of K, `chunk` quantization blocks per step, codes loaded as a [bn, chunk, P] tile.
 
-def _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, *, m, bn, p, blocks_per_prog, unroll,
-                    decode, cdtype):
-  """acc[m, bn] over this program's K blocks; ``load_x(b) -> (x_even, x_odd)`` of block b."""
-  rows = pl.ds(pl.program_id(0) * bn, bn)
+def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype, gemv, m,
+                      x_split, prefetch):
+  """y[:, rows] over this program's K range.
+
+  gemv=False: tensor-core dots of x's even/odd columns with the decoded high/low-nibble tiles
+    (x [Mp, K] read with stride 2, or split into even/odd columns by XLA when x_split).
+  gemv=True: CUDA-core multiplies and row sums, one accumulator per row of x (M <= GEMV_MAX_M);
+    x is [M * B, blocksize] (row i * B + b: block b of x's row i), read with stride 2.
+  """
+  if x_split:
+    xe_ref, xo_ref, codes_ref, *refs = refs
+  else:
+    x_ref, codes_ref, *refs = refs
+  *sc, lut_ref, o_ref = refs
+  r0 = pl.program_id(0) * bn
   s = pl.program_id(1)
   dims = (((1,), (1,)), ((), ()))
+  width = chunk * p
 
-  def step(t, acc):
-    for u in range(unroll):
-      b = s * blocks_per_prog + t * unroll + u
-      c = codes_ref[rows, pl.ds(b * p, p)]
-      a = absmax_ref[rows, pl.ds(b, 1)]
-      hi, lo = _decode(c, lut_ref, decode)
-      xe, xo = load_x(b)
-      acc += jax.lax.dot_general(xe, (hi * a).astype(cdtype), dims,
-                                 preferred_element_type=jnp.float32)
-      acc += jax.lax.dot_general(xo, (lo * a).astype(cdtype), dims,
-                                 preferred_element_type=jnp.float32)
+  def tile(t):
+    """Step t's raw operands: codes [bn, chunk, P] and stored absmax [bn, chunk]."""
+    b0 = (s * steps + t) * chunk
+    return (codes_ref[pl.ds(r0, bn), pl.ds(b0, chunk), :],
+            sc[0][pl.ds(r0, bn), pl.ds(b0, chunk)])
+
+  def compute(t, acc, c, a_raw):
+    b0 = (s * steps + t) * chunk
+    hi, lo = _decode(c, lut_ref, decode)
+    a = _scale_values(sc, a_raw, r0, bn, b0, chunk, nb, dq)            # [bn, chunk] f32
+    if gemv:
+      new = []
+      for i in range(m):
+        xb = pl.ds(i * nb + b0, chunk)
+        xe = x_ref[xb, pl.ds(0, p, stride=2)].astype(jnp.float32)
+        xo = x_ref[xb, pl.ds(1, p, stride=2)].astype(jnp.float32)
+        part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
+        new.append(acc[i] + jnp.sum(part * a, axis=1))
+      return tuple(new)
+    a = a[:, :, None]
+    we = (hi * a).reshape(bn, width).astype(cdtype)
+    wo = (lo * a).reshape(bn, width).astype(cdtype)
+    if x_split:
+      xe, xo = xe_ref[:, pl.ds(b0 * p, width)], xo_ref[:, pl.ds(b0 * p, width)]
+    else:
+      xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
+      xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
+    acc += jax.lax.dot_general(xe, we, dims, preferred_element_type=jnp.float32)
+    acc += jax.lax.dot_general(xo, wo, dims, preferred_element_type=jnp.float32)
     return acc
 
-  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step, jnp.zeros((m, bn), jnp.float32))
-  o_ref[s, :, rows] = acc
+  def loop(acc):
+    if prefetch:   # the next step's loads are issued before this step's math: latency hidden
+      def body(t, carry):
+        acc, c, a_raw = carry
+        nxt = tile(jnp.minimum(t + 1, steps - 1))
+        return (compute(t, acc, c, a_raw),) + nxt
+      return jax.lax.fori_loop(0, steps, body, (acc,) + tile(0))[0]
+
+    def body(t, acc):
+      for u in range(unroll):
+        acc = compute(t * unroll + u, acc, *tile(t * unroll + u))
+      return acc
+    return jax.lax.fori_loop(0, steps // unroll, body, acc)
+
+  rows = pl.ds(r0, bn)
+  if gemv:
+    acc = loop(tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+    for i in range(m):
+      o_ref[s, i, rows] = acc[i].astype(o_ref.dtype)
+  else:
+    mp = (xe_ref if x_split else x_ref).shape[0]
+    acc = loop(jnp.zeros((mp, bn), jnp.float32))
+    o_ref[s, :, rows] = acc.astype(o_ref.dtype)
 
 
-def _fused_fwd_kernel(x_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, p, **kw):
-  """x as one [M, K] array: even/odd columns read with stride 2."""
-  def load_x(b):
-    return (x_ref[:, pl.ds(b * 2 * p, p, stride=2)], x_ref[:, pl.ds(b * 2 * p + 1, p, stride=2)])
-
-  _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, m=x_ref.shape[0], p=p, **kw)
-
-
-def _fused_fwd_split_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, p, **kw):
-  """x split into even/odd columns by XLA beforehand: contiguous loads."""
-  def load_x(b):
-    return xe_ref[:, pl.ds(b * p, p)], xo_ref[:, pl.ds(b * p, p)]
-
-  _fused_fwd_body(load_x, codes_ref, absmax_ref, lut_ref, o_ref, m=xe_ref.shape[0], p=p, **kw)
-
-
-def _gemv_fwd_kernel(xe_ref, xo_ref, codes_ref, absmax_ref, lut_ref, o_ref, *, bn, p,
-                     blocks_per_prog, unroll, decode):
-  """M == 1: y[n] = sum_k W[n, k] x[k] with CUDA-core multiplies and row sums (no MMA)."""
-  rows = pl.ds(pl.program_id(0) * bn, bn)
-  s = pl.program_id(1)
-
-  def step(t, acc):
-    for u in range(unroll):
-      b = s * blocks_per_prog + t * unroll + u
-      c = codes_ref[rows, pl.ds(b * p, p)]
-      a = absmax_ref[rows, b]
-      hi, lo = _decode(c, lut_ref, decode)
-      xe = jax.lax.broadcast_in_dim(xe_ref[0, pl.ds(b * p, p)].astype(jnp.float32), (bn, p), (1,))
-      xo = jax.lax.broadcast_in_dim(xo_ref[0, pl.ds(b * p, p)].astype(jnp.float32), (bn, p), (1,))
-      part = jnp.sum(hi * xe + lo * xo, axis=1)
-      acc += part * a
-    return acc
-
-  acc = jax.lax.fori_loop(0, blocks_per_prog // unroll, step, jnp.zeros((bn,), jnp.float32))
-  o_ref[s, 0, rows] = acc
+GEMV_MAX_M = 16     # the CUDA-core body keeps one accumulator per row of x
 
 
 def _fused_fwd(x2, w: NF4, plan: Plan):
@@ -300,34 +370,41 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   n = w.shape[0]
   p = w.blocksize // 2
   nb = k // w.blocksize
-  mp = max(16, _common.next_pow2(m))
-  bn = min(plan.bn, max(16, _common.next_pow2(n)))
+  gemv = plan.gemv and m <= GEMV_MAX_M
+  bn = min(plan.bn, max(16 if not gemv else 1, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
-  split = plan.split or max(1, _n_programs_target() // (n_pad // bn))
-  split = _largest_divisor(nb, split)
-  blocks_per_prog = nb // split
-  unroll = _largest_divisor(blocks_per_prog, plan.unroll)
-  codes, absmax = _prepared(w, n_pad)
-  common = dict(bn=bn, p=p, blocks_per_prog=blocks_per_prog, unroll=unroll, decode=plan.decode)
-  if plan.gemv and m == 1:
-    mp = 1
-    kernel = functools.partial(_gemv_fwd_kernel, **common)
-    xs = (x2[:, 0::2], x2[:, 1::2])
-  elif plan.x_split or plan.gemv:
-    xp = _pad_rows(x2, mp)
-    kernel = functools.partial(_fused_fwd_split_kernel, cdtype=x2.dtype, **common)
-    xs = (xp[:, 0::2], xp[:, 1::2])
+  chunk = _largest_divisor(nb, plan.chunk)
+  split = _split_for(n_pad // bn, nb // chunk, plan.split)
+  steps = nb // chunk // split
+  unroll = _largest_divisor(steps, plan.unroll)
+  codes, sc = _prepared(w, n_pad)
+  codes = codes.reshape(n_pad, nb, p)
+  x_split = plan.x_split and not gemv
+  if gemv:
+    mp = m
+    xs = (x2.reshape(m * nb, 2 * p),)
   else:
-    kernel = functools.partial(_fused_fwd_kernel, cdtype=x2.dtype, **common)
-    xs = (_pad_rows(x2, mp),)
-  part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), jnp.float32),
-               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, absmax,
+    mp = max(16, _common.next_pow2(m))
+    xp = _pad_rows(x2, mp)
+    xs = (xp[:, 0::2], xp[:, 1::2]) if x_split else (xp,)
+  kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
+                             unroll=unroll, dq=w.double_quant, decode=plan.decode,
+                             cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
+                             prefetch=plan.prefetch)
+  # one K split: the program writes y in x's dtype; else f32 partials that XLA sums
+  out_dtype = x2.dtype if split == 1 else jnp.float32
+  part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), out_dtype),
+               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
                                                                     _tables(plan.decode))
-  return part.sum(0)[:m, :n].astype(x2.dtype)
+  y = part[0] if split == 1 else part.sum(0)
+  return y[:m, :n].astype(x2.dtype)
 
 
-def _fused_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *, bn, p,
-                      rows_per_prog, decode, cdtype):
+def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, decode, cdtype,
+                      gemv):
+  """dx's even/odd columns of quantization block b (program_id 0), looping over this program's
+  rows of W: tensor-core dots, or (gemv, M == 1) CUDA-core multiplies and column sums."""
+  *sc, lut_ref, oe_ref, oo_ref = refs
   b = pl.program_id(0)
   s = pl.program_id(1)
   cols = pl.ds(b * p, p)
@@ -337,40 +414,25 @@ def _fused_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *,
     acc_e, acc_o = carry
     r0 = s * rows_per_prog + t * bn
     c = codes_ref[pl.ds(r0, bn), cols]
-    a = absmax_ref[pl.ds(r0, bn), pl.ds(b, 1)]
+    a = _scales(sc, r0, bn, b, 1, nb, dq)                                # [bn, 1]
     hi, lo = _decode(c, lut_ref, decode)
+    if gemv:
+      g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
+      ga = g[:, None] * a
+      return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
     g = dy_ref[:, pl.ds(r0, bn)]
     acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
     acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
     return acc_e, acc_o
 
-  zeros = jnp.zeros((mp, p), jnp.float32)
+  zeros = jnp.zeros((p,) if gemv else (mp, p), jnp.float32)
   acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
-  oe_ref[s, :, cols] = acc_e
-  oo_ref[s, :, cols] = acc_o
-
-
-def _gemv_bwd_kernel(dy_ref, codes_ref, absmax_ref, lut_ref, oe_ref, oo_ref, *, bn, p,
-                     rows_per_prog, decode):
-  """M == 1: dx[k] = sum_n dy[n] W[n, k] with CUDA-core multiplies and column sums."""
-  b = pl.program_id(0)
-  s = pl.program_id(1)
-  cols = pl.ds(b * p, p)
-
-  def step(t, carry):
-    acc_e, acc_o = carry
-    r0 = s * rows_per_prog + t * bn
-    c = codes_ref[pl.ds(r0, bn), cols]
-    a = absmax_ref[pl.ds(r0, bn), b]
-    hi, lo = _decode(c, lut_ref, decode)
-    g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
-    ga = jax.lax.broadcast_in_dim(g * a, (bn, p), (0,))
-    return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
-
-  zeros = jnp.zeros((p,), jnp.float32)
-  acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
-  oe_ref[s, 0, cols] = acc_e
-  oo_ref[s, 0, cols] = acc_o
+  if gemv:
+    oe_ref[s, 0, cols] = acc_e
+    oo_ref[s, 0, cols] = acc_o
+  else:
+    oe_ref[s, :, cols] = acc_e
+    oo_ref[s, :, cols] = acc_o
 
 
 def _fused_bwd(dy2, w: NF4, plan: Plan):
@@ -379,26 +441,20 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
   k = w.shape[1]
   p = w.blocksize // 2
   nb = k // w.blocksize
-  mp = max(16, _common.next_pow2(m))
+  gemv = plan.gemv and m == 1
+  mp = 1 if gemv else max(16, _common.next_pow2(m))
   bn = min(plan.bwd_bn, max(16, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
-  chunks = n_pad // bn
-  split = plan.split or max(1, _n_programs_target() // nb)
-  split = _largest_divisor(chunks, split)
-  codes, absmax = _prepared(w, n_pad)
+  split = _split_for(nb, n_pad // bn, plan.split)
+  codes, sc = _prepared(w, n_pad)
   decode = plan.bwd_decode or plan.decode
   plan = dataclasses.replace(plan, num_warps=plan.bwd_num_warps or plan.num_warps)
-  if plan.gemv and m == 1:
-    mp = 1
-    kernel = functools.partial(_gemv_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
-                               decode=decode)
-  else:
-    kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, rows_per_prog=n_pad // split,
-                               decode=decode, cdtype=dy2.dtype)
+  kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, nb=nb, rows_per_prog=n_pad // split,
+                             dq=w.double_quant, decode=decode, cdtype=dy2.dtype, gemv=gemv)
   g = jnp.pad(dy2, ((0, mp - m), (0, n_pad - n)))
   shape = jax.ShapeDtypeStruct((split, mp, k // 2), jnp.float32)
   oe, oo = _call(kernel, (shape, shape), (nb, split), plan, "nf4_matmul_fused_bwd")(
-      g, codes, absmax, _tables(decode))
+      g, codes, *sc, _tables(decode))
   dx = jnp.stack([oe.sum(0), oo.sum(0)], axis=-1).reshape(mp, k)
   return dx[:m].astype(dy2.dtype)
 

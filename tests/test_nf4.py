@@ -210,6 +210,16 @@ PLANS = {
     "dequant-f32": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=2),
     "gemv-select": Plan("fused", "fused", decode="select", gemv=True, bn=32, bwd_bn=16),
     "split-pair": Plan("fused", "fused", decode="pair", x_split=True, bn=16, bwd_bn=16),
+    # several quantization blocks per loop step ([bn, chunk, P] tiles); CUDA-core GEMV for M > 1
+    "chunk-select": Plan("fused", "fused", decode="select", bn=16, chunk=2, unroll=1,
+                         bwd_bn=16),
+    "gemv-pair-chunk": Plan("fused", "fused", decode="pair", gemv=True, bn=8, chunk=2,
+                            bwd_bn=16),
+    # next step's tiles loaded before this step's math (carried through the loop)
+    "gemv-prefetch": Plan("fused", "fused", decode="f32", gemv=True, bn=8, chunk=1,
+                          prefetch=True, bwd_bn=16),
+    "chunk-prefetch": Plan("fused", "fused", decode="pair", bn=16, chunk=1, prefetch=True,
+                           x_split=True, bwd_bn=16),
 }
 # (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
 SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
@@ -223,7 +233,7 @@ def _check_close(got, ref):
 
 # every plan on the odd shape, the main plans on all (interpret mode is slow: keep CI < 2 min)
 CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("fused-f32", "dequant-f32")
-         or s == SHAPES[1] or (p == "gemv-select" and s[0] == 1)]
+         or s == SHAPES[1] or (p.startswith("gemv") and s[0] == 1)]
 
 
 @pytest.mark.parametrize("plan,mnk", CASES, ids=lambda v: v if isinstance(v, str) else
@@ -250,6 +260,27 @@ def test_f32_inputs_and_leading_dims(plan):
   y = nf4_matmul(x, q, plan=PLANS[plan])
   assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
   _check_close(y, nf4_matmul_reference(x, q))
+
+
+@pytest.mark.parametrize("plan", ["dequant-f32", "chunk-select", "gemv-pair-chunk"])
+def test_kernels_without_double_quant(plan):
+  """f32 absmax (no double-quant state) goes through the same in-kernel scale path."""
+  q = quantize_nf4(_weight(40, 256, seed=8), double_quant=False)
+  x = jax.random.normal(jax.random.key(9), (3, 256), jnp.bfloat16)
+  _check_close(nf4_matmul(x, q, plan=PLANS[plan]), nf4_matmul_reference(x, q))
+
+
+@pytest.mark.parametrize("plan", [p for p in PLANS if p != "xla"])
+def test_kernels_lower_for_the_gpu(plan, monkeypatch):
+  """The Triton lowering (not the interpreter) accepts every kernel, fwd and bwd: catches Pallas
+  ops without a Triton rule on a CPU machine (Triton's own compile still needs the GPU)."""
+  monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
+  q = quantize_nf4(_weight(96, 256, seed=10))
+  m = 1 if plan.startswith("gemv") else 7
+  f = jax.jit(lambda x, dy: jax.vjp(lambda x: nf4_matmul(x, q, plan=PLANS[plan]), x)[1](dy))
+  args = (jnp.ones((m, 256), jnp.bfloat16), jnp.ones((m, 96), jnp.bfloat16))
+  text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text          # the kernels went through Triton, not the interpreter
 
 
 def test_pallas_dequant_is_bit_identical_to_xla():
@@ -362,7 +393,9 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["fused-select", "gemv-select", "split-pair", "dequant-f32"])
+@pytest.mark.parametrize("plan", ["fused-select", "gemv-select", "split-pair", "dequant-f32",
+                                  "chunk-select", "gemv-pair-chunk", "gemv-prefetch",
+                                  "chunk-prefetch"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
