@@ -4,6 +4,7 @@ Run on the GPU machine, in three processes so JAX and PyTorch never share the ca
   python bench/kernels.py jax   --out DIR [--ops rmsnorm,rope,ce] [--sweep ce]  # ours vs XLA, copy BW, CE memory
   python bench/kernels.py torch --out DIR [--ops ...]   # HF eager, torch.compile, Unsloth (when importable)
   python bench/kernels.py report --out DIR              # merges DIR/*.json into DIR/kernels.md
+  python bench/kernels.py jax --ops none --sweep rope --out DIR  # only the RoPE variants sweep (~1 min)
 Shapes: Llama-3 8B (D=4096, 32/8 heads, H=128) and 70B (D=8192, 64/8 heads), V=128256, bf16,
 tokens 2K..64K. RMSNorm and RoPE times (ms) are per step of a chain of 10 steps (4 for carries of
 >= 512 MiB) inside one jit, with optimization barriers between steps: no dispatch cost, no fusion
@@ -15,6 +16,8 @@ each output written once). Budget: the whole set takes ~8 min on an H100; split 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import os
 import statistics
@@ -24,6 +27,8 @@ import time
 MODELS = {"8B": dict(d=4096, n=32, m=8, h=128), "70B": dict(d=8192, n=64, m=8, h=128)}
 VOCAB = 128256
 TOKENS = [2048, 16384, 65536]
+ROPE_SWEEP_TOKENS = [16384, 65536]  # --sweep rope: forward of every variant at these sizes,
+ROPE_SWEEP_TOP = 3                  # then fwd+bwd of base, XLA and this many fastest variants
 CE_TOKENS = [2048, 16384, 65536]
 T0 = time.time()
 
@@ -39,7 +44,7 @@ def save(out, name, rows):
 
 # ============================================================================================ JAX
 
-def run_jax(out, sweep, budget_s, ops):
+def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rope_threads=8):
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax
   import jax.numpy as jnp
@@ -106,8 +111,171 @@ def run_jax(out, sweep, budget_s, ops):
   del x
 
   rn_default = (RN.BLOCK_ELEMS, RN.NUM_WARPS)
-  rp_default = (RP.BLOCK_ELEMS, RP.NUM_WARPS)
   ce_default = (CE.BLOCK_V, CE.NUM_WARPS, CE.NUM_STAGES, CE.PROGRAMS)
+
+  def rope_sweep():
+    """Every rope.VARIANTS entry against XLA and a plain copy of the same q and k (x+1), at 8B and
+    70B x ROPE_SWEEP_TOKENS, bf16: forward for all, then fwd+bwd for XLA, base and the
+    ROPE_SWEEP_TOP fastest. Times are per step of a chain of steps in one jit with optimization
+    barriers (as timeit_loop), with the carry donated so that aliasing variants need no copy of a
+    non-donated argument (every row is timed this way). % = GB/s over the run's x+1 copy bandwidth;
+    bytes = q, k read + written and f32 cos, sin read, the same count for every row ("positions"
+    rows read no tables), so % ranks by time; the copy row counts q, k only. No new variant starts
+    after rope_budget_s; skipped ones are listed."""
+    t_start = time.time()
+    names = rope_variants.split(",") if rope_variants else list(RP.VARIANTS)
+    unknown = [v for v in names if v not in RP.VARIANTS]
+    if unknown:
+      raise ValueError(f"--rope-variants: unknown {unknown}; known: {list(RP.VARIANTS)}")
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    shapes = [(model, t_) for model in MODELS for t_ in ROPE_SWEEP_TOKENS]
+
+    def lower_chain(step, carry, tabs):
+      """(lowered jit of n chained steps, n). The carry is donated; the tables are arguments, not
+      closed-over constants (XLA would embed them in the program and could fold table-only math)."""
+      n = 10 if sum(a.nbytes for a in jax.tree.leaves(carry)) < 2**29 else 4
+      def chain(c, tb):
+        for _ in range(n):
+          c = jax.lax.optimization_barrier(step(c, tb))
+        return c
+      return jax.jit(chain, donate_argnums=0).lower(carry, tabs), n
+
+    def run_chain(compiled, n, carry, tabs):
+      """ms per step: best of 2 x 3 calls after one warm-up call (as timeit_loop)."""
+      carry = jax.block_until_ready(compiled(jax.tree.map(jnp.copy, carry), tabs))
+      best = float("inf")
+      for _ in range(2):
+        t = time.perf_counter()
+        for _ in range(3):
+          carry = compiled(carry, tabs)
+        jax.block_until_ready(carry)
+        best = min(best, (time.perf_counter() - t) * 1e3 / 3)
+      del carry
+      return best / n
+
+    data = {}
+    for model, t_ in shapes:
+      cfg = MODELS[model]
+      q = jax.random.normal(key, (1, t_, cfg["n"], cfg["h"]), jnp.bfloat16)
+      k = jax.random.normal(jax.random.PRNGKey(1), (1, t_, cfg["m"], cfg["h"]), jnp.bfloat16)
+      pos = jnp.arange(t_, dtype=jnp.int32)[None]
+      cos, sin = RP.rope_tables(pos, cfg["h"], 500000.0, scaling)
+      inv = jnp.asarray(RP.rope_inv_freq(cfg["h"], 500000.0, scaling))
+      data[model, t_] = (q, k, pos, cos, sin, inv,
+                         2 * (q.nbytes + k.nbytes) + cos.nbytes + sin.nbytes)
+
+    def rotate(name, q, k, tabs):
+      pos, cos, sin, inv = tabs
+      if name == "xla":
+        return RP.apply_rope(q, k, cos, sin, implementation="xla")
+      if name == "xla_positions":
+        return RP.apply_rope_positions(q, k, pos, inv, implementation="xla")
+      v = RP.VARIANTS[name]
+      if v.tables == "positions":
+        return RP.apply_rope_positions(q, k, pos, inv, implementation="pallas", config=v)
+      return RP.apply_rope(q, k, cos, sin, implementation="pallas", config=v)
+
+    res = {}  # (name, "fwd" | "fwdbwd", model, tokens) -> ms per step
+
+    def nbytes(name, what, model, t_):
+      q, k, *_, nb = data[model, t_]
+      return 2 * (q.nbytes + k.nbytes) if name == "copy" else nb * (1 if what == "fwd" else 2)
+
+    def measure(names_, what):
+      """Lower every (name, shape) chain, compile them on rope_threads threads, then time them
+      one after another."""
+      jobs = []
+      for name in names_:
+        if name in RP.VARIANTS and name != "base" and time.time() - t_start > rope_budget_s:
+          skipped.append(f"{name} ({what})")
+          continue
+        for model, t_ in shapes:
+          q, k, pos, cos, sin, inv, _ = data[model, t_]
+          rot = functools.partial(rotate, name)
+          if name == "copy":
+            step, carry = (lambda c, tb: (c[0] + 1, c[1] + 1)), (q, k)
+          elif what == "fwd":
+            step, carry = (lambda c, tb, rot=rot: rot(c[0], c[1], tb)), (q, k)
+          else:
+            def step(c, tb, rot=rot):
+              out, vjp = jax.vjp(lambda u, v: rot(u, v, tb), c[0], c[1])
+              return out + vjp((c[2], c[3]))
+            carry = (q, k, q, k)
+          tabs = (pos, cos, sin, inv)
+          try:
+            jobs.append((name, model, t_, carry, tabs, *lower_chain(step, carry, tabs)))
+          except Exception as e:  # one failing variant must not lose the others
+            record(op="sweep_rope", variant=name, what=what, model=model, tokens=t_,
+                   error=f"{type(e).__name__}: {str(e)[:300]}")
+
+      def compile_(job):
+        try:
+          return job[5].compile()
+        except Exception as e:  # noqa: BLE001
+          return e
+      with concurrent.futures.ThreadPoolExecutor(max(1, rope_threads)) as pool:
+        compiled = list(pool.map(compile_, jobs))
+      log(f"rope sweep: {len(jobs)} {what} chains compiled")
+      for (name, model, t_, carry, tabs, _, n), comp in zip(jobs, compiled):
+        kw = dict(op="sweep_rope", variant=name, what=what, model=model, tokens=t_)
+        if isinstance(comp, Exception):
+          record(error=f"{type(comp).__name__}: {str(comp)[:300]}", **kw)
+          continue
+        def one():
+          ms = run_chain(comp, n, carry, tabs)
+          res[name, what, model, t_] = ms
+          gbs = nbytes(name, what, model, t_) / ms / 1e6
+          record(ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs, **kw,
+                 **({"config": RP.VARIANTS[name].describe()} if name in RP.VARIANTS else {}))
+        safe(one, **kw)
+      del jobs, compiled
+
+    skipped = []
+    measure(["copy", "xla", "xla_positions"] + names, "fwd")
+
+    def vs_xla(name, what):
+      r = [res[name, what, *s_] / res["xla", what, *s_] for s_ in shapes
+           if (name, what, *s_) in res and ("xla", what, *s_) in res]
+      return statistics.geometric_mean(r) if len(r) == len(shapes) else float("inf")
+
+    ranked = sorted((v for v in names if vs_xla(v, "fwd") < float("inf")),
+                    key=lambda v: vs_xla(v, "fwd"))
+    measure(list(dict.fromkeys(["xla"] + [v for v in ["base"] if v in names] +
+                               ranked[:ROPE_SWEEP_TOP])), "fwdbwd")
+
+    # ---- compact table: ms (% of copy bandwidth) per shape; last column: time / XLA's (geo mean)
+    cols = [f"{m} {t_ // 1024}K" if t_ >= 1024 else f"{m} {t_}" for m, t_ in shapes]
+    w = max(map(len, ["xla_positions"] + names)) + 1
+    lines = [f"RoPE sweep, bf16: ms per step (% of x+1 copy {copy_gbs:.0f} GB/s); "
+             f"/xla = time over XLA's, geo mean"]
+    for what in ("fwd", "fwdbwd"):
+      lines.append(f"{what:<{w}}" + "".join(f"{c:>18}" for c in cols) + f"{'/xla':>7}")
+      for name in ["copy", "xla", "xla_positions"] + names:
+        if not any((name, what, *s_) in res for s_ in shapes):
+          continue
+        cells = []
+        for model, t_ in shapes:
+          ms = res.get((name, what, model, t_))
+          pct = 100 * nbytes(name, what, model, t_) / ms / 1e6 / copy_gbs if ms else 0
+          cells.append("-" if ms is None else f"{ms:.3f} ({pct:3.0f}%)")
+        r = vs_xla(name, what)
+        lines.append(f"{name:<{w}}" + "".join(f"{c:>18}" for c in cells) +
+                     (f"{r:7.3f}" if r < float("inf") else f"{'-':>7}"))
+    if skipped:
+      lines.append(f"skipped (--rope-budget {rope_budget_s:.0f} s): {', '.join(skipped)}")
+    if ranked:
+      best = ranked[0]
+      lines.append(f"best forward: {best} ({RP.VARIANTS[best].describe()}): "
+                   f"{vs_xla(best, 'fwd'):.3f}x XLA's "
+                   f"time fwd, {vs_xla(best, 'fwdbwd'):.3f}x fwd+bwd")
+      record(op="rope_sweep_best", variant=best, config=RP.VARIANTS[best].describe(),
+             fwd_vs_xla=vs_xla(best, "fwd"), fwdbwd_vs_xla=vs_xla(best, "fwdbwd"))
+    log(f"rope sweep: {time.time() - t_start:.1f} s")
+    print("\n".join(lines), flush=True)
+    with open(os.path.join(out, "rope_sweep.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    del data
 
   def sweeps():
     t_, d = (16384, 4096) if VOCAB == 128256 else (64, 256)
@@ -125,19 +293,9 @@ def run_jax(out, sweep, budget_s, ops):
                  fwd_gbs=2 * xs.nbytes / tf / 1e6, bwd_gbs=3 * xs.nbytes / tb / 1e6)
         safe(one, op="sweep_rmsnorm", elems=elems, warps=warps)
     RN.BLOCK_ELEMS, RN.NUM_WARPS = rn_default
-    q = jax.random.normal(key, (t_, max(1, d // 128), 128), jnp.bfloat16)
-    k = jax.random.normal(key, (t_, max(1, d // 512), 128), jnp.bfloat16)
-    c = jnp.ones((t_, 128), jnp.float32)
-    nb = 2 * (q.nbytes + k.nbytes) + 2 * c.nbytes
-    for elems in (4096, 8192, 16384, 32768) if "rope" in which else ():
-      for warps in (4, 8, 16):
-        RP.BLOCK_ELEMS, RP.NUM_WARPS = elems, warps
-        def one():
-          tf = timeit(jax.jit(RP._apply_pallas), q, k, c, c)
-          record(op="sweep_rope", elems=elems, warps=warps, fwd_ms=tf, fwd_gbs=nb / tf / 1e6)
-        safe(one, op="sweep_rope", elems=elems, warps=warps)
-    RP.BLOCK_ELEMS, RP.NUM_WARPS = rp_default
-    del xs, q, k
+    if "rope" in which:
+      rope_sweep()
+    del xs
     lg = jax.random.normal(key, (min(1024, t_), VOCAB), jnp.bfloat16)
     lb = jax.random.randint(key, (min(1024, t_),), 0, VOCAB)
     configs = [(2048, 4, 2, None), (4096, 8, 3, None)] + [
@@ -563,15 +721,29 @@ def main():
   ap.add_argument("--no-compile", action="store_true")
   ap.add_argument("--small", action="store_true", help="tiny shapes: CPU smoke test of this script")
   ap.add_argument("--budget", type=float, default=200.0, help="seconds after which sizes are skipped")
+  ap.add_argument("--models", default="", help="comma list of 8B,70B (default: both)")
+  ap.add_argument("--tokens", default="", help="comma list of token counts for RMSNorm/RoPE and CE")
+  ap.add_argument("--rope-variants", default="",
+                  help="comma list of pallas_kernels.rope.VARIANTS for --sweep rope (default: all)")
+  ap.add_argument("--rope-budget", type=float, default=50.0,
+                  help="seconds into --sweep rope after which no further variant starts")
+  ap.add_argument("--rope-threads", type=int, default=8,
+                  help="threads compiling the --sweep rope chains (1: one after another)")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
   if a.small:
-    global VOCAB, TOKENS, CE_TOKENS
+    global VOCAB, TOKENS, CE_TOKENS, ROPE_SWEEP_TOKENS
     MODELS.clear()
     MODELS.update({"tiny": dict(d=256, n=4, m=2, h=128)})
-    VOCAB, TOKENS, CE_TOKENS = 1000, [64], [64]
+    VOCAB, TOKENS, CE_TOKENS, ROPE_SWEEP_TOKENS = 1000, [64], [64], [64]
+  if a.models:
+    for name in [m for m in MODELS if m not in a.models.split(",")]:
+      del MODELS[name]
+  if a.tokens:
+    TOKENS[:] = CE_TOKENS[:] = [int(t) for t in a.tokens.split(",")]
   if a.part == "jax":
-    run_jax(a.out, a.sweep, a.budget, set(a.ops.split(",")))
+    run_jax(a.out, a.sweep, a.budget, set(a.ops.split(",")), a.rope_variants, a.rope_budget,
+            a.rope_threads)
   elif a.part == "torch":
     run_torch(a.out, a.budget, set(a.ops.split(",")), compile_too=not a.no_compile)
   else:

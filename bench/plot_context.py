@@ -79,7 +79,7 @@ def main(argv=None):
     ax.set_xlabel("sequence length (thousand tokens)")
     ax.set_ylabel("GPU memory (GiB)")
     ax.set_title(args.title)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -142,3 +142,23 @@ def test_baseline_max_context_search_grows_then_bisects(monkeypatch):
     monkeypatch.setattr(bench_common, "try_len", lambda *a, **k: {"seq": a[2], "ok": False, "error": "boom"})
     assert bench_common.search_max_ctx(None, None, [1024, 2048], 512, 60, log=lambda *_: None,
                                        device="cpu")["stopped_early"] == "non-OOM error"
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("kernels.py", ["jax", "--small", "--ops", "rope,ce", "--sweep", "rope"], "rope_sweep.txt"),
+    ("nf4_matmul.py", ["--section", "sweep", "--tiny", "--buckets", "m1"], "tuned.json"),
+])
+def test_kernel_benchmarks_run_on_tiny_shapes(tmp_path, script, args, expect):
+    """The GPU kernel benchmarks (sweeps included) run end to end on CPU with tiny shapes and write
+    their results: a broken candidate or report would otherwise first show up on the GPU."""
+    import subprocess
+
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / expect).exists() and (out / expect).stat().st_size > 0
+    if script == "nf4_matmul.py":
+        recs = [json.loads(line) for line in (out / "results_sweep.jsonl").read_text().splitlines()]
+        assert not [r for r in recs if "error" in r]
+        assert json.loads((out / expect).read_text())["m1"]["fwd"] in ("xla", "fused")

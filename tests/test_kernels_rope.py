@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rope import apply_rope, apply_rope_reference, rope_inv_freq, rope_tables
+from pallas_kernels import rope as R
+from pallas_kernels.rope import (RopeConfig, apply_rope, apply_rope_positions, apply_rope_reference,
+                                 rope_inv_freq, rope_tables)
 
 IMPLS = ["xla", "pallas"]
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -62,8 +64,8 @@ def test_unknown_rope_type_is_an_error():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-# H=96 (halves of 48, not a power of two) exercises the fallback to XLA; 16 tokens of 32 heads
-# fill whole kernel blocks (the unmasked path), the others end in a masked tail.
+# H=96 (halves of 48 = 32 + 16) and 3 heads (2 + 1) exercise the power-of-two chunks; 16 tokens of
+# 32 heads fill whole kernel blocks (the unmasked path), the others end in a masked tail.
 @pytest.mark.parametrize("dims", [(2, 6, 4, 2, 16), (1, 5, 3, 1, 96), (1, 16, 32, 8, 128)])
 def test_apply_matches_reference(impl, dtype, dims):
   b, s, n, m, h = dims
@@ -132,3 +134,178 @@ def test_gpu_kernel_matches_reference(dtype, dims):
           q, k, cos, sin, implementation=impl, backward=bw)), (0, 1))(q, k)
   for g, w in zip(f("pallas", "kernel"), f("xla", "reference")):
     _close(g, w, TOL[dtype])
+
+
+# ------------------------------------------------------------------------------ kernel variants
+
+def _run_fast(fn):
+  """jit + run fn() with XLA's cheap CPU codegen: interpreted kernels compile ~2x faster."""
+  opts = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+          if jax.default_backend() == "cpu" else {})
+  return jax.jit(fn).lower().compile(compiler_options=opts)()
+
+
+def _rotate(name, q, k, pos, h, scaling=LLAMA31, **kw):
+  """The variant `name` of R.VARIANTS through its entry point (tables or positions)."""
+  cfg = R.VARIANTS[name]
+  if cfg.tables == "positions":
+    inv = jnp.asarray(rope_inv_freq(h, 500000.0, scaling))
+    return apply_rope_positions(q, k, pos, inv, implementation="pallas", config=cfg, **kw)
+  cos, sin = rope_tables(pos, h, 500000.0, scaling)
+  return apply_rope(q, k, cos, sin, implementation="pallas", config=cfg, **kw)
+
+
+@pytest.mark.parametrize("name", list(R.VARIANTS))
+def test_variant_matches_reference(name):
+  """Each variant: bf16 forward with H=96 (pair chunks 32 + 16), GQA 2/1 and a masked token tail;
+  f32 forward and jax.vjp (the kernel's in-kernel adjoint rotation) with random cotangents at
+  H=16, GQA 12/4 (head chunks 8 + 4, or two head groups of 8, the second masked); packed
+  positions in both. (num_warps, num_stages and evict do not change the interpreted program.)"""
+  q96, k96 = _qk(1, 5, 2, 1, 96, jnp.bfloat16)
+  pos96 = _packed_positions(1, 5) + 20000  # low-frequency pairs (inv_freq ~2e-5) turn too
+  q, k = _qk(2, 6, 12, 4, 16, jnp.float32, seed=1)
+  cot = _qk(2, 6, 12, 4, 16, jnp.float32, seed=2)
+  pos = _packed_positions(2, 6)
+
+  def run():  # one program: the vjp's backward kernel would otherwise run op by op
+    fwd96 = _rotate(name, q96, k96, pos96, 96)
+    out, vjp = jax.vjp(lambda a, b: _rotate(name, a, b, pos, 16), q, k)
+    return fwd96, out + vjp(cot)
+
+  got96, got = _run_fast(run)
+  cos, sin = rope_tables(pos96, 96, 500000.0, LLAMA31)
+  for g, w, x in zip(got96, apply_rope_reference(q96, k96, cos, sin), (q96, k96)):
+    assert g.shape == x.shape and g.dtype == x.dtype
+    _close(g, w, TOL[jnp.bfloat16])
+  cos, sin = rope_tables(pos, 16, 500000.0, LLAMA31)
+  want, vjp_ref = jax.vjp(lambda a, b: apply_rope_reference(a, b, cos, sin), q, k)
+  for g, w in zip(got, want + vjp_ref(cot)):
+    _close(g, w, TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("cfg", [
+    RopeConfig(programs=3, block_tokens=2),                      # 2-3 loop trips, masked tail
+    RopeConfig(block_heads=2, block_tokens=4, programs=2, load="rows", tables="half"),
+    RopeConfig(block_heads=1, block_tokens=8, split_qk=True, alias=True),
+])
+def test_config_corners(cfg):
+  """Persistent loops of several trips, head groups smaller than the head count, 13 tokens."""
+  q, k = _qk(1, 13, 5, 3, 32, jnp.float32)
+  pos = _packed_positions(1, 13)
+  cos, sin = rope_tables(pos, 32, 10000.0)
+  cot = _qk(1, 13, 5, 3, 32, jnp.float32, seed=4)
+
+  def run():
+    out, vjp = jax.vjp(lambda a, b: apply_rope(a, b, cos, sin, implementation="pallas", config=cfg),
+                       q, k)
+    return out + vjp(cot)
+
+  want, vjp_ref = jax.vjp(lambda a, b: apply_rope_reference(a, b, cos, sin), q, k)
+  for g, w in zip(_run_fast(run), want + vjp_ref(cot)):
+    _close(g, w, 1e-5)
+
+
+def test_variants_lower_to_triton(monkeypatch):
+  """Every variant, forward and backward, through the Triton lowering for "cuda" (on any machine):
+  catches primitives or hints (eviction policies) that only the GPU path uses. 8B heads, bf16."""
+  monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
+  jax.clear_caches()  # no interpreted trace of apply_rope may be reused (nor leak out below)
+  try:
+    q = jax.ShapeDtypeStruct((1, 40, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 40, 8, 128), jnp.bfloat16)
+    pos = jnp.zeros((1, 40), jnp.int32)
+    for name, cfg in R.VARIANTS.items():
+      def fb(a, b):
+        out, vjp = jax.vjp(lambda u, v: _rotate(name, u, v, pos, 128), a, b)
+        return out + vjp(out)
+      text = jax.jit(fb).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+      assert text.count("@__gpu$xla.gpu.triton(") == (4 if cfg.split_qk else 2), name
+  finally:
+    jax.clear_caches()
+
+
+def test_half_tables_read_the_first_half_only():
+  """tables="half" assumes equal halves (rope_tables'); with unequal halves it must differ from
+  "full" exactly as the reference with the first half duplicated does."""
+  q, k = _qk(1, 4, 2, 2, 16, jnp.float32)
+  ang = jax.random.uniform(jax.random.PRNGKey(3), (1, 4, 16), jnp.float32, 0.0, 6.0)
+  cos, sin = jnp.cos(ang), jnp.sin(ang)  # halves differ
+  dup = lambda t: jnp.concatenate([t[..., :8], t[..., :8]], axis=-1)
+  full, vjp = jax.vjp(lambda a, b: apply_rope(a, b, cos, sin, implementation="pallas"), q, k)
+  half = apply_rope(q, k, cos, sin, implementation="pallas", config=RopeConfig(tables="half"))
+  for f, h, w_full, w_half in zip(full, half, apply_rope_reference(q, k, cos, sin),
+                                  apply_rope_reference(q, k, dup(cos), dup(sin))):
+    _close(f, w_full, 1e-5)
+    _close(h, w_half, 1e-5)
+    assert np.abs(np.asarray(h) - np.asarray(w_full)).max() > 0.1
+  # Unequal halves also tell the adjoint (-swap_halves(sin)) from a plain -sin.
+  _, vjp_ref = jax.vjp(lambda a, b: apply_rope_reference(a, b, cos, sin), q, k)
+  for g, w in zip(vjp((q, k)), vjp_ref((q, k))):
+    _close(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("backward", ["kernel", "reference"])
+def test_positions_xla_matches_tables(backward):
+  q, k = _qk(2, 6, 4, 2, 16, jnp.float32)
+  pos = _packed_positions(2, 6)
+  inv = jnp.asarray(rope_inv_freq(16, 10000.0))
+  cos, sin = rope_tables(pos, 16, 10000.0)
+  f = lambda a, b: apply_rope_positions(a, b, pos, inv, implementation="xla", backward=backward)
+  got, vjp = jax.vjp(f, q, k)
+  want, vjp_ref = jax.vjp(lambda a, b: apply_rope_reference(a, b, cos, sin), q, k)
+  for g, w in zip(got + vjp((q, k)), want + vjp_ref((q, k))):
+    _close(g, w, 1e-5)
+
+
+def test_pow2_chunks():
+  assert R._pow2_chunks(64) == [(0, 64)]
+  assert R._pow2_chunks(48) == [(0, 32), (32, 16)]
+  assert R._pow2_chunks(3) == [(0, 2), (2, 1)]
+  assert R._pow2_chunks(7) == [(0, 4), (4, 2), (6, 1)]
+
+
+@pytest.mark.parametrize("kw", [dict(block_tokens=3), dict(block_heads=0), dict(num_warps=3),
+                                dict(num_stages=0), dict(tables="bf16"), dict(load="gather"),
+                                dict(programs=0)])
+def test_bad_config_is_an_error(kw):
+  with pytest.raises(ValueError, match="RopeConfig: bad " + next(iter(kw))):
+    RopeConfig(**kw)
+
+
+def test_bad_inputs_are_errors():
+  q, k = _qk(1, 4, 2, 1, 16, jnp.float32)
+  pos = _packed_positions(1, 4)
+  cos, sin = rope_tables(pos, 16, 10000.0)
+  inv = jnp.asarray(rope_inv_freq(16, 10000.0))
+  with pytest.raises(ValueError, match="apply_rope_positions"):
+    apply_rope(q, k, cos, sin, implementation="pallas", config=RopeConfig(tables="positions"))
+  with pytest.raises(ValueError, match="does not fit"):
+    apply_rope_positions(q, k, pos, inv, implementation="pallas", config=RopeConfig())
+  with pytest.raises(ValueError, match="RopeConfig or None"):
+    apply_rope(q, k, cos, sin, implementation="pallas", config="half")
+  with pytest.raises(ValueError, match="integer position_ids"):
+    apply_rope_positions(q, k, pos.astype(jnp.float32), inv)
+  with pytest.raises(ValueError, match="inv_freq"):
+    apply_rope_positions(q, k, pos, inv[:4])
+  with pytest.raises(ValueError, match="even"):
+    apply_rope(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15])
+  with pytest.raises(ValueError, match="cos/sin"):
+    apply_rope(q, k, cos[:, :3], sin[:, :3])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", list(R.VARIANTS))
+@pytest.mark.parametrize("dims", [(2, 2048, 32, 8, 128), (1, 77, 3, 1, 96)])
+def test_gpu_variant_matches_reference(name, dims):
+  """The Triton-compiled variants, bf16, values and gradients (the adjoint kernel)."""
+  b, s, n, m, h = dims
+  q, k = _qk(b, s, n, m, h, jnp.bfloat16)
+  pos = _packed_positions(b, s)
+  cos, sin = rope_tables(pos, h, 500000.0, LLAMA31)
+  got, vjp = jax.vjp(lambda a, c: _rotate(name, a, c, pos, h), q, k)
+  want, vjp_ref = jax.vjp(lambda a, c: apply_rope_reference(a, c, cos, sin), q, k)
+  # the reference computes (and so takes cotangents) in f32; ours keeps bf16
+  cts_ref = tuple(t.astype(w.dtype) for t, w in zip((q, k), want))
+  for g, w in zip(got + vjp((q, k)), want + vjp_ref(cts_ref)):
+    _close(g, w, TOL[jnp.bfloat16])

@@ -412,6 +412,20 @@ def test_gpu_kernels_match_reference(plan, mnk):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 300])
+def test_gpu_measured_dispatch_matches_reference(m):
+  """The default plans (TUNED: GEMV at M=1, tensor-core fused at M<=16, dequant+cuBLAS above)."""
+  q = quantize_nf4(_weight(4096, 4096, seed=m, dtype=jnp.bfloat16))
+  x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+  f = jax.jit(lambda x: nf4_matmul(x, q))
+  _check_close(f(x), nf4_matmul_reference(x, q))
+  dy = jax.random.normal(jax.random.key(m + 1), (m, 4096), jnp.bfloat16)
+  dx = jax.vjp(f, x)[1](dy)[0]
+  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_pallas_dequant_bit_identical():
   q = quantize_nf4(_weight(1024, 4096, dtype=jnp.bfloat16))
   np.testing.assert_array_equal(np.asarray(nf4_dequantize_pallas(q), np.float32),
