@@ -65,3 +65,24 @@ def test_sharded_and_single_file_checkpoints_load_identically(tiny_checkpoint):
     sharded, _ = jaxsloth.load_model(tiny_checkpoint("llama3", shard_bytes=60_000), dtype="float32")
     ids = np.arange(20)[None] % single.config.vocab_size
     np.testing.assert_array_equal(np.asarray(single(ids)), np.asarray(sharded(ids)))
+
+
+@pytest.mark.parametrize("preset", ["llama3", "odd"])
+def test_pallas_kernel_path_matches_transformers(tiny_checkpoint, preset):
+    """implementation="pallas" (interpreted on CPU): RMSNorm, the model's RoPE variant (half tables,
+    aliased outputs) and, with NF4, the dispatch's kernels give the same logits as transformers /
+    the XLA path, padding included."""
+    path = tiny_checkpoint(preset)
+    model, _ = jaxsloth.load_model(path, dtype="float32")
+    ids, mask = _batch(model.config.vocab_size, np.random.default_rng(3))
+    ours = np.asarray(model.replace(implementation="pallas")(ids, mask))
+    ref = _torch_logits(path, ids, mask)
+    real = mask.astype(bool)
+    rel = np.abs(ours - ref)[real].max() / np.abs(ref[real]).max()
+    assert rel <= 1e-5, f"{preset}: max|diff|/max|ref| = {rel:.2e}"
+    if preset == "odd":  # its in-features (200) are not a multiple of NF4's block of 64
+        return
+    q4, _ = jaxsloth.load_model(path, dtype="float32", load_in_4bit=True)
+    a = np.asarray(q4.replace(implementation="pallas")(ids, mask))[real]
+    b = np.asarray(q4.replace(implementation="xla")(ids, mask))[real]
+    assert np.abs(a - b).max() / np.abs(b).max() <= 1e-5
