@@ -73,16 +73,20 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
       del out
     return best
 
-  def timeit_loop(step, carry, n=None):
-    """ms per step: n steps chained inside one jit (unrolled: a while loop would add carry copies
-    after custom calls), so no per-call dispatch is counted. Optimization barriers stop XLA from
-    fusing one step into the next."""
-    if n is None:
-      n = 10 if sum(a.nbytes for a in jax.tree.leaves(carry)) < 2**29 else 4
-    def chain(c):
+  def chained(step, carry):
+    """(chain(c, *args): n calls of step(c, *args) unrolled, each behind an optimization barrier so
+    XLA cannot fuse one step into the next (a while loop would add carry copies after custom calls),
+    n): 10 steps, 4 for carries of >= 512 MiB."""
+    n = 10 if sum(a.nbytes for a in jax.tree.leaves(carry)) < 2**29 else 4
+    def chain(c, *args):
       for _ in range(n):
-        c = jax.lax.optimization_barrier(step(c))
+        c = jax.lax.optimization_barrier(step(c, *args))
       return c
+    return chain, n
+
+  def timeit_loop(step, carry):
+    """ms per step of a chain inside one jit: no per-call dispatch is counted."""
+    chain, n = chained(step, carry)
     return timeit(jax.jit(chain), carry, reps=3, warmup=1) / n
 
   def reps_for(nbytes):
@@ -132,13 +136,9 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
     shapes = [(model, t_) for model in MODELS for t_ in ROPE_SWEEP_TOKENS]
 
     def lower_chain(step, carry, tabs):
-      """(lowered jit of n chained steps, n). The carry is donated; the tables are arguments, not
+      """(lowered jit of the chained steps, n). The carry is donated; the tables are arguments, not
       closed-over constants (XLA would embed them in the program and could fold table-only math)."""
-      n = 10 if sum(a.nbytes for a in jax.tree.leaves(carry)) < 2**29 else 4
-      def chain(c, tb):
-        for _ in range(n):
-          c = jax.lax.optimization_barrier(step(c, tb))
-        return c
+      chain, n = chained(step, carry)
       return jax.jit(chain, donate_argnums=0).lower(carry, tabs), n
 
     def run_chain(compiled, n, carry, tabs):

@@ -32,6 +32,7 @@ from export_merged_8b import LLAMA3_8B, TINY  # noqa: E402,F401  (the shapes the
 from jaxsloth.causal_lm import CausalLM  # noqa: E402
 from jaxsloth.config import LlamaConfig  # noqa: E402
 from jaxsloth.quant import nf4_nbytes, quantize_nf4  # noqa: E402
+from jaxsloth.sharding import _frozen_bytes  # noqa: E402  (the model's parameter bytes)
 
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                   num_attention_heads=64, num_key_value_heads=8)
@@ -74,13 +75,6 @@ def random_nf4_model(shape: dict, *, seed: int = 0, dtype: str = "bfloat16", std
     return CausalLM(config=cfg, params=params, dtype=jnp.dtype(dt).name, quantized="nf4-random")
 
 
-def model_nbytes(model: CausalLM) -> int:
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(model.params):
-        total += leaf.size * leaf.dtype.itemsize
-    return total
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -90,7 +84,7 @@ def main(argv=None):
     jax.block_until_ready(model.params)
     q = model.params["layers"]["q"]
     print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind,
-                      "build_s": round(time.perf_counter() - t, 1), "gib": round(model_nbytes(model) / 2**30, 2),
+                      "build_s": round(time.perf_counter() - t, 1), "gib": round(_frozen_bytes(model) / 2**30, 2),
                       "q_nf4_gib": round(nf4_nbytes(q) / 2**30, 3)}))
     return 0
 

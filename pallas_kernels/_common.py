@@ -78,13 +78,15 @@ def next_pow2(n: int) -> int:
 
 
 def pallas_call(kernel, *, out_shape, grid, num_warps: int = 4, num_stages: int = 1,
-                name: str | None = None):
+                name: str | None = None, input_output_aliases=None):
   """`pl.pallas_call` on the Triton lowering (GPU) or the interpreter (CPU)."""
+  common = dict(out_shape=out_shape, grid=grid, name=name,
+                input_output_aliases=input_output_aliases or {})
   if interpret():
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=True, name=name)
+    return pl.pallas_call(kernel, interpret=True, **common)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, name=name,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+      kernel, compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      **common)
 
 
 def tail_mask(shape, bounds):
@@ -103,11 +105,14 @@ def tail_mask(shape, bounds):
   return mask
 
 
-def load(ref, mask=None, other=0):
+def load(ref, mask=None, other=0, eviction_policy=None):
+  """Masked (mask=None: unmasked) load; the L2 eviction hint applies on the GPU only."""
+  kw = {} if eviction_policy is None or interpret() else {"eviction_policy": eviction_policy}
   if mask is None:
-    return pltriton.load(ref)
-  return pltriton.load(ref, mask=mask, other=other)
+    return pltriton.load(ref, **kw)
+  return pltriton.load(ref, mask=mask, other=other, **kw)
 
 
-def store(ref, value, mask=None):
-  pltriton.store(ref, value, mask=mask)
+def store(ref, value, mask=None, eviction_policy=None):
+  kw = {} if eviction_policy is None or interpret() else {"eviction_policy": eviction_policy}
+  pltriton.store(ref, value, mask=mask, **kw)

@@ -77,7 +77,7 @@ class Plan:
                              # two bf16-rounded values per byte; "select": a where-tree, no lookup
   bn: int = 64               # fused fwd: rows of W per program
   split: int = 0             # fused fwd split-K / bwd split-N (0: enough programs for 2 per SM)
-  chunk: int = 1             # fused fwd: quantization blocks per loop step (one [bn, chunk, P] tile)
+  chunk: int = 1             # fused fwd: quantization blocks per loop step ([bn, chunk, P] tile)
   unroll: int = 2            # fused fwd: loop steps unrolled
   prefetch: bool = False     # fused fwd: load step t+1's tiles before step t's math
   bwd_bn: int = 64           # fused bwd: rows of W per loop step
@@ -175,13 +175,8 @@ def _decode(c, lut_ref, decode: str):
 
 
 def _call(kernel, out_shape, grid, plan: Plan, name: str):
-  if _common.interpret():
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=True, name=name)
-  from jax.experimental.pallas import triton as pltriton
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, name=name,
-      compiler_params=pltriton.CompilerParams(num_warps=plan.num_warps,
-                                              num_stages=plan.num_stages))
+  return _common.pallas_call(kernel, out_shape=out_shape, grid=grid, num_warps=plan.num_warps,
+                             num_stages=plan.num_stages, name=name)
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -216,7 +211,7 @@ def _scale_inputs(w: NF4, rows: int):
 
 
 def _scales(sc, r0, bn: int, b0, c: int, nb: int, dq: bool):
-  """f32 absmax [bn, c] of rows r0.. and blocks b0.. (double quant undone as in dequantize_absmax)."""
+  """f32 absmax [bn, c] of rows r0.. and blocks b0.. (double quant undone as dequantize_absmax)."""
   return _scale_values(sc, sc[0][pl.ds(r0, bn), pl.ds(b0, c)], r0, bn, b0, c, nb, dq)
 
 

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import _common
 
@@ -168,19 +167,6 @@ VARIANTS = {
 }
 
 
-def _load(ref, mask, evict):
-  """Masked load (None: unmasked) with an optional eviction policy (GPU only)."""
-  if evict is None or _common.interpret():
-    return _common.load(ref, mask)
-  return pltriton.load(ref, mask=mask, other=None if mask is None else 0, eviction_policy=evict)
-
-
-def _store(ref, value, mask, evict):
-  if evict is None or _common.interpret():
-    return _common.store(ref, value, mask)
-  return pltriton.store(ref, value, mask=mask, eviction_policy=evict)
-
-
 def _pow2_chunks(n: int):
   """[(start, size)] covering range(n), power-of-two sizes, largest first: 48 -> (0,32),(32,16)."""
   out, start = [], 0
@@ -195,13 +181,14 @@ def _load_tables(t_refs, t0, bt, tok_bound, half, tables, transposed, evict):
   """Per frequency chunk (c0, cw) of the H/2 pairs: (c0, cw, c1, c2, s1, s2), each [bt, cw] f32,
   such that out_lo = x_lo*c1 - x_hi*s1 and out_hi = x_hi*c2 + x_lo*s2. transposed: the adjoint
   rotation (the backward), i.e. s1, s2 -> -s2, -s1."""
+  load = functools.partial(_common.load, eviction_policy=evict)
   out = []
   rows = pl.ds(t0, bt)
   for c0, cw in _pow2_chunks(half):
     if tables == "positions":
       pos_ref, inv_ref = t_refs
-      pos = _load(pos_ref.at[rows], _common.tail_mask((bt,), (tok_bound,)), evict)
-      inv = _load(inv_ref.at[pl.ds(c0, cw)], None, evict)
+      pos = load(pos_ref.at[rows], _common.tail_mask((bt,), (tok_bound,)))
+      inv = load(inv_ref.at[pl.ds(c0, cw)], None)
       ang = pos.astype(jnp.float32)[:, None] * inv[None, :]    # as rope_tables: one f32 product
       c1 = c2 = jnp.cos(ang)
       s1 = s2 = jnp.sin(ang)
@@ -209,44 +196,46 @@ def _load_tables(t_refs, t0, bt, tok_bound, half, tables, transposed, evict):
       cos_ref, sin_ref = t_refs
       mask = _common.tail_mask((bt, cw), (tok_bound, None))
       lo = (rows, pl.ds(c0, cw))
-      c1 = _load(cos_ref.at[lo], mask, evict)
-      s1 = _load(sin_ref.at[lo], mask, evict)
+      c1 = load(cos_ref.at[lo], mask)
+      s1 = load(sin_ref.at[lo], mask)
       if tables == "half":
         c2, s2 = c1, s1
       else:
         hi = (rows, pl.ds(half + c0, cw))
-        c2 = _load(cos_ref.at[hi], mask, evict)
-        s2 = _load(sin_ref.at[hi], mask, evict)
+        c2 = load(cos_ref.at[hi], mask)
+        s2 = load(sin_ref.at[hi], mask)
     if transposed:
       s1, s2 = -s2, -s1
     out.append((c0, cw, c1, c2, s1, s2))
   return out
 
 
-def _rotate(x_ref, o_ref, t0, bt, tok_bound, h0, hc, head_bound, half, tabs, load, evict):
+def _rotate(x_ref, o_ref, t0, bt, tok_bound, h0, hc, head_bound, half, tabs, load_mode, evict):
   """o[t0:t0+bt, h0:h0+hc] = x there rotated (hc a power of two; head_bound masks heads >= N)."""
+  load = functools.partial(_common.load, eviction_policy=evict)
+  store = functools.partial(_common.store, eviction_policy=evict)
   rows, heads = pl.ds(t0, bt), pl.ds(h0, hc)
-  if load == "rows" and len(tabs) == 1:
+  if load_mode == "rows" and len(tabs) == 1:
     _, _, c1, c2, s1, s2 = tabs[0]
     mask = _common.tail_mask((bt, hc, 2 * half), (tok_bound, head_bound, None))
     idx = (rows, heads, pl.ds(0, 2 * half))
-    x1, x2 = jnp.split(_load(x_ref.at[idx], mask, evict).astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(load(x_ref.at[idx], mask).astype(jnp.float32), 2, axis=-1)
     o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
     o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
     # [bt, hc, half, 2] -> [bt, hc, 2, half] -> [bt, hc, H]: o1 then o2 along the row.
     o = jnp.swapaxes(jnp.stack([o1, o2], axis=-1), -1, -2).reshape(bt, hc, 2 * half)
-    _store(o_ref.at[idx], o.astype(o_ref.dtype), mask, evict)
+    store(o_ref.at[idx], o.astype(o_ref.dtype), mask)
     return
   for c0, cw, c1, c2, s1, s2 in tabs:
     mask = _common.tail_mask((bt, hc, cw), (tok_bound, head_bound, None))
     lo = (rows, heads, pl.ds(c0, cw))
     hi = (rows, heads, pl.ds(half + c0, cw))
-    x1 = _load(x_ref.at[lo], mask, evict).astype(jnp.float32)
-    x2 = _load(x_ref.at[hi], mask, evict).astype(jnp.float32)
+    x1 = load(x_ref.at[lo], mask).astype(jnp.float32)
+    x2 = load(x_ref.at[hi], mask).astype(jnp.float32)
     o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
     o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
-    _store(o_ref.at[lo], o1.astype(o_ref.dtype), mask, evict)
-    _store(o_ref.at[hi], o2.astype(o_ref.dtype), mask, evict)
+    store(o_ref.at[lo], o1.astype(o_ref.dtype), mask)
+    store(o_ref.at[hi], o2.astype(o_ref.dtype), mask)
 
 
 def _rope_kernel(*refs, n_x, heads, n_tokens, n_blocks, bt, half, cfg, transposed):
@@ -288,16 +277,6 @@ def _rope_kernel(*refs, n_x, heads, n_tokens, n_blocks, bt, half, cfg, transpose
     jax.lax.fori_loop(0, (n_blocks - p + n_prog - 1) // n_prog, body, 0)
 
 
-def _pallas_call(kernel, *, out_shape, grid, num_warps, num_stages, aliases, name):
-  """`_common.pallas_call` plus input_output_aliases."""
-  if _common.interpret():
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=True, name=name,
-                          input_output_aliases=aliases)
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, name=name, input_output_aliases=aliases,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-
-
 def _apply_pallas(q3, k3, t1, t2, config=None, transposed=False):
   """q3 [T,N,H], k3 [T,M,H]; t1, t2 = cos, sin [T,H] f32, or positions [T] int32 and inv_freq
   [H/2] f32 for config.tables == "positions". transposed: rotate by the adjoint (the backward)."""
@@ -316,9 +295,9 @@ def _apply_pallas(q3, k3, t1, t2, config=None, transposed=False):
     warps = cfg.num_warps or (NUM_WARPS if bt * per_program * h_p >= 4096 else 4)
     kernel = functools.partial(_rope_kernel, n_x=len(xs), heads=heads, n_tokens=n_tokens,
                                n_blocks=n_blocks, bt=bt, half=half, cfg=cfg, transposed=transposed)
-    outs += _pallas_call(
+    outs += _common.pallas_call(
         kernel, grid=grid, num_warps=warps, num_stages=cfg.num_stages, name="rope",
-        aliases={i: i for i in range(len(xs))} if cfg.alias else {},
+        input_output_aliases={i: i for i in range(len(xs))} if cfg.alias else None,
         out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs))(*xs, t1, t2)
   return tuple(outs)
 
