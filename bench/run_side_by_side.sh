@@ -2,7 +2,7 @@
 # One GPU job, everything side by side on the same card (issue 7): the PyTorch baselines and ours
 # on the same random Llama-3 8B-shaped checkpoint.
 #   bash bench/run_side_by_side.sh PHASE...
-#   phases: info make data ours ours_fresh u_tp hf hf_std ours_8k u_8k hf_8k export dp ours_ctx u_ctx plot
+#   phases: info make loadprof data ours ours_fresh u_tp hf hf_std ours_8k u_8k hf_8k export dp ours_ctx u_ctx plot
 # Carry .whl/site (bench/baselines/prepare_wheels.sh builds it: bitsandbytes, unsloth, datasets, ...).
 # Each phase is skipped when the job's deadline (DEADLINE_S, default 570 s) would be passed.
 set -o pipefail
@@ -28,6 +28,8 @@ for ph in "$@"; do
             python3 -c "import jax, sys; sys.path.insert(0, '$B'); import bench_common as b, json; \
 print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT/info.txt" ;;
     make) stage make 120 python3 $B/make_model.py --out "$MODEL" ;;
+    # where loading the checkpoint (read + NF4 quantize) spends its time
+    loadprof) stage loadprof 90 python3 $REPO/bench/load_profile.py --base "$MODEL" ;;
     # loss sanity: the same 50 steps of generated English (bs 2 x 1024) for every framework
     data) python3 $REPO/bench/sanity_data.py --out "$SANITY" --steps 50 --batch 2 --seq 1024 ;;
     ours) stage ours 150 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" --presets ${PRESETS:-offload,full,none} \
@@ -42,7 +44,8 @@ print(json.dumps({**b.versions(), 'jax': jax.__version__}))"; } 2>&1 | tee "$OUT
             --bs 2 --seq 2048 --warmup 3 --steps 10 $( [ -f "$SANITY" ] && echo --sanity "$SANITY" ) ;;
     # bs 1 x 8192 (issue 7's second shape), same frameworks
     ours_8k) stage ours_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $REPO/bench/train_throughput.py --base "$MODEL" \
-            --presets ${PRESETS_8K:-offload,full} --batch 1 --seq 8192 --warmup 3 --steps 10 ;;
+            --presets ${PRESETS_8K:-offload,full} --batch 1 --seq 8192 --warmup 3 --steps 10 \
+            ${PROFILE:+--profile "$PROFILE"} ;;
     u_8k) stage u_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_unsloth.py --model "$MODEL" \
             --out "$OUT/unsloth_8k.json" --max-seq-length 8192 --bs 1 --seq 8192 --warmup 3 --steps 10 ;;
     hf_8k) stage hf_8k 150 env CUDA_VISIBLE_DEVICES=0 python3 $B/bench_hf_bnb.py --model "$MODEL" \

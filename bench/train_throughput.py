@@ -177,6 +177,9 @@ def main(argv=None):
 import pallas_kernels.nf4_matmul as _nm  # noqa: E402
 
 NF4_DOT = _nm._dot  # the library default, restored between presets
+import pallas_kernels.rope as rope_mod  # noqa: E402
+
+ROPE_DEFAULT = rope_mod._DEFAULT_ON_GPU
 
 
 def _f32_dot(a, b):
@@ -209,7 +212,8 @@ def build_step(model, preset: str, mesh, targs):
 
     preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
     (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk;
-    dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B).
+    dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B;
+    rope=pallas|xla: the RoPE implementation the model uses when it leaves the choice to the op).
     On a mesh with fsdp=1 the step is the shard_map data-parallel one, else GSPMD (as the Trainer).
     """
     import pallas_kernels.nf4_matmul as nm
@@ -220,8 +224,9 @@ def build_step(model, preset: str, mesh, targs):
            "remat_group": int(kw.get("group", 1)), "loss_chunk": int(kw["ce"]) if "ce" in kw else None}
     want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
     tie = kw.get("tie") == "1"
-    if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie:
-        nm._dot, nm.TIE_BACKWARD_TO_COTANGENT = want, tie
+    rope_impl = kw.get("rope", ROPE_DEFAULT)
+    if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie or rope_mod._DEFAULT_ON_GPU != rope_impl:
+        nm._dot, nm.TIE_BACKWARD_TO_COTANGENT, rope_mod._DEFAULT_ON_GPU = want, tie, rope_impl
         jax.clear_caches()
     tx = make_optimizer(targs, targs.max_steps)
     lora = model.lora  # host arrays (lora_to_host): placed below as a fresh copy the step may donate
