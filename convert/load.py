@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from jaxsloth.config import CheckpointError, LlamaConfig, read_json
 from jaxsloth.model import HF_PROJECTION_NAMES, PROJECTIONS
@@ -86,42 +87,164 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"{model_dir}: no *.safetensors weight files found")
     files = {}
     for shard in shards:
-        with _open(shard) as handle:
-            for name in handle.keys():
-                files[name] = shard
+        for name in SafetensorsFile(shard).keys():
+            files[name] = shard
     return files
 
 
-def _open(path: Path):
-    _check_complete(path)
-    try:
-        return safe_open(str(path), framework="numpy")
-    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+# safetensors dtype names -> numpy dtypes (bf16/fp8 via ml_dtypes, which JAX depends on)
+_ST_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+              "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+              "F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": ml_dtypes.bfloat16,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
-def _read(handle, path: Path, name: str) -> np.ndarray:
-    try:
-        return handle.get_tensor(name)
-    except Exception as e:
-        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); is the file truncated?") from None
+class SafetensorsFile:
+    """One safetensors file's header, validated up front, and whole-tensor reads into fresh arrays.
 
+    The reads are plain ``readinto`` calls at the header's offsets: unlike ``safe_open(...,
+    "numpy").get_tensor`` (a copy out of a memory map that holds the GIL), they release the GIL and
+    avoid a page fault per 4 KiB, so a reader thread overlaps with the device work and with the
+    tokenizer's imports (bench/load_profile.py; bench/RESULTS.md "Checkpoint to first step").
+    """
 
-def _check_complete(path: Path):
-    """A truncated shard can still have an intact header: compare the data size it promises."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: file is truncated (shorter than a safetensors header)")
-        n = int.from_bytes(head, "little")
+    def __init__(self, path: Path):
+        self.path = Path(path)
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
-    size = path.stat().st_size
-    if size < 8 + n + end:
-        raise CheckpointError(f"{path}: file is truncated ({size} bytes, header promises {8 + n + end})")
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: file is truncated (shorter than a safetensors header)")
+                n = int.from_bytes(head, "little")
+                try:
+                    header = json.loads(f.read(n))
+                    if not isinstance(header, dict):
+                        raise ValueError("not a JSON object")
+                except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                    raise CheckpointError(f"{self.path}: corrupt safetensors header") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file ({e})") from None
+        self.data_start = 8 + n
+        self.tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
+                shape = tuple(int(d) for d in meta["shape"])
+                begin, end = (int(o) for o in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a corrupt or unsupported header entry "
+                                      f"{meta!r} (expected dtype one of {sorted(_ST_DTYPES)}, shape, "
+                                      "data_offsets)") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensor {name!r} has "
+                                      f"data_offsets {[begin, end]} for shape {list(shape)} {meta['dtype']}")
+            self.tensors[name] = (dtype, shape, begin, end)
+        end = max((t[3] for t in self.tensors.values()), default=0)
+        size = self.path.stat().st_size
+        if size < self.data_start + end:
+            raise CheckpointError(f"{self.path}: file is truncated ({size} bytes, header promises "
+                                  f"{self.data_start + end})")
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self.tensors[name]
+        return end - begin
+
+    def read(self, name: str, f=None) -> np.ndarray:
+        """Tensor ``name`` as a new array; ``f``: an open binary handle on the file to reuse."""
+        dtype, shape, begin, end = self.tensors[name]
+        out = np.empty(shape, dtype)
+        try:
+            if f is None:
+                with open(self.path, "rb") as g:
+                    got = _read_at(g, self.data_start + begin, out)
+            else:
+                got = _read_at(f, self.data_start + begin, out)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read ({e})") from None
+        if got != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read (got {got} of {end - begin} "
+                                  "bytes); is the file truncated?")
+        return out
+
+
+def _read_at(f, offset: int, out: np.ndarray) -> int:
+    f.seek(offset)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return got
+
+
+class _Prefetcher:
+    """Reads (file, tensor) pairs in order on a background thread, at most ``budget`` bytes ahead
+    of the consumer (one tensor always: a tensor larger than the budget is read alone), so that
+    reading the next tensors overlaps with placing and quantizing the current one on the device
+    while host RAM holds only a bounded window of the checkpoint."""
+
+    def __init__(self, items: list[tuple[SafetensorsFile, str]], budget: int = 512 << 20):
+        self.items, self.budget = items, budget
+        self.cond = threading.Condition()
+        self.ready: dict[int, np.ndarray] = {}
+        self.in_flight = 0     # bytes read and not yet taken
+        self.error: BaseException | None = None
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="jaxsloth-safetensors-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        handles: dict[Path, object] = {}
+        try:
+            for i, (sf, name) in enumerate(self.items):
+                size = sf.nbytes(name)
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stop or self.in_flight == 0
+                                       or self.in_flight + size <= self.budget)
+                    if self.stop:
+                        return
+                    self.in_flight += size
+                if sf.path not in handles:
+                    for h in handles.values():
+                        h.close()
+                    handles = {sf.path: open(sf.path, "rb")}
+                arr = sf.read(name, handles[sf.path])
+                with self.cond:
+                    self.ready[i] = arr
+                    self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+        finally:
+            for h in handles.values():
+                h.close()
+
+    def get(self, i: int) -> np.ndarray:
+        with self.cond:
+            self.cond.wait_for(lambda: i in self.ready or self.error is not None)
+            if i not in self.ready:
+                raise self.error
+            arr = self.ready.pop(i)
+            self.in_flight -= arr.nbytes
+            self.cond.notify_all()
+            return arr
+
+    def close(self):
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        self.thread.join()
 
 
 def _set_layer(stack, i, value):
@@ -202,47 +325,56 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
         for short, shape in cfg.linear_shapes().items():
             dense_stacks[short] = jnp.zeros((L, *shape), dt)
 
-    by_file: dict[Path, list[str]] = {}
+    # every header is parsed and every shape and dtype checked before any tensor is read
+    headers: dict[Path, SafetensorsFile] = {}
+    items: list[tuple[SafetensorsFile, str]] = []
     for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
+        if IGNORED_TENSORS.match(name):
+            continue
+        sf = headers.get(path) or headers.setdefault(path, SafetensorsFile(path))
+        if name not in sf.tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in the file")
+        if _owner_linear(name, bnb_linears) is None:
+            dtype, shape = sf.tensors[name][:2]
+            if shape != expected[name]:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, but config.json "
+                                      f"implies {list(expected[name])}")
+            if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, expected a float type "
+                                      "(a 4-bit tensor needs a bitsandbytes quantization_config)")
+        items.append((sf, name))
+    items.sort(key=lambda it: (str(it[0].path), it[0].tensors[it[1]][2]))   # file order: sequential reads
 
     pbar = None
     if progress:
         from tqdm import tqdm
         pbar = tqdm(total=len(expected), desc="loading", unit="tensor")
     pending_bnb: dict[str, dict[str, np.ndarray]] = {}
-    for path, names in by_file.items():
-        with _open(path) as handle:
-            for name in names:
-                if IGNORED_TENSORS.match(name):
-                    continue
-                base_linear = _owner_linear(name, bnb_linears)
-                if base_linear is not None:
-                    from convert.bnb import nf4_from_bnb_tensors
-                    prefix = base_linear[: -len(".weight")]
-                    bucket = pending_bnb.setdefault(prefix, {})
-                    bucket[name] = _read(handle, path, name)
-                    if set(bucket) == bnb_key_sets[base_linear]:
-                        i, short = linear_names[base_linear]
-                        nf4_layers.set(short, i, nf4_from_bnb_tensors(
-                            prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
-                        if pbar:
-                            pbar.update()
-                    continue
-                shape = expected[name]
-                meta_shape = tuple(handle.get_slice(name).get_shape())
-                if meta_shape != shape:
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape {list(meta_shape)}, but config.json "
-                                          f"implies {list(shape)}")
-                host = _read(handle, path, name)
-                if not np.issubdtype(host.dtype, np.floating) and host.dtype.name != "bfloat16":
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {host.dtype}, expected a float type "
-                                          "(a 4-bit tensor needs a bitsandbytes quantization_config)")
-                _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize,
-                       blocksize, double_quant)
-                del host
-                if pbar:
-                    pbar.update()
+    reader = _Prefetcher(items)
+    try:
+        for k, (sf, name) in enumerate(items):
+            path = sf.path
+            host = reader.get(k)
+            base_linear = _owner_linear(name, bnb_linears)
+            if base_linear is not None:
+                from convert.bnb import nf4_from_bnb_tensors
+                prefix = base_linear[: -len(".weight")]
+                bucket = pending_bnb.setdefault(prefix, {})
+                bucket[name] = host
+                if set(bucket) == bnb_key_sets[base_linear]:
+                    i, short = linear_names[base_linear]
+                    nf4_layers.set(short, i, nf4_from_bnb_tensors(
+                        prefix, pending_bnb.pop(prefix), cfg.linear_shapes()[short], source=str(path)))
+                    if pbar:
+                        pbar.update()
+                continue
+            _place(params, dense_stacks, nf4_layers, name, host, dt, linear_names, quantize,
+                   blocksize, double_quant)
+            del host
+            if pbar:
+                pbar.update()
+    finally:
+        reader.close()
     if pbar:
         pbar.close()
     if pending_bnb:

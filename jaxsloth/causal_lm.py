@@ -103,10 +103,20 @@ def load_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, max_se
     (embeddings, norms and lm_head stay in ``dtype``); a bitsandbytes 4-bit checkpoint is read
     as NF4 whatever this flag says.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from convert.load import load_checkpoint, load_tokenizer
 
-    cfg, params, meta = load_checkpoint(path, dtype=dtype, load_in_4bit=load_in_4bit, progress=progress)
-    tokenizer = load_tokenizer(path)
+    # The tokenizer (transformers, and with it torch where installed: ~20 s of imports on the GPU
+    # machine, bench/RESULTS.md) loads on a thread while the weights stream in: the reads and the
+    # device work release the GIL, so the imports run in their shadow.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="jaxsloth-tokenizer")
+    try:
+        tok_future = pool.submit(load_tokenizer, path)
+        cfg, params, meta = load_checkpoint(path, dtype=dtype, load_in_4bit=load_in_4bit, progress=progress)
+        tokenizer = tok_future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a weights error is raised without waiting
     model = CausalLM(config=cfg, params=params, dtype=meta["dtype"], tokenizer=tokenizer,
                      max_seq_length=max_seq_length, source=meta["source"], quantized=meta["quantized"],
                      implementation=implementation)

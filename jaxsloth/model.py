@@ -240,7 +240,8 @@ def _remat_policy(remat: str):
 def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, position_ids=None,
                   segment_ids=None, lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16,
                   impl: str | None = None, attn_impl: str = "xla", remat: str = "none", remat_group: int = 1,
-                  mlp_chunk: int | None = None, lora_dropout: float = 0.0, dropout_key=None):
+                  mlp_chunk: int | None = None, lora_dropout: float = 0.0, dropout_key=None,
+                  layer_unroll: int = 1):
     """Final-normed hidden states [B, S, D] (the input of lm_head).
 
     ``attention_mask`` [B, S] marks real tokens; with right padding only it may be left None,
@@ -249,6 +250,9 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     groups of g, each group under ``jax.checkpoint`` and each layer inside it again, so the saved
     activations shrink g-fold for one more forward recompute per layer (beyond ~350K tokens the
     offloaded layer inputs of an 8B model no longer fit 128 GB of host RAM at g=1).
+    ``layer_unroll`` u unrolls the scan over layers (groups) u-fold (``jax.lax.scan(unroll=u)``);
+    u >= the number of layers (groups) replaces the scan by a Python loop: straight-line code, no
+    stacked per-layer residual buffers filled by dynamic-update-slice, for a longer compile.
     """
     bsz, seq = input_ids.shape
     if position_ids is None:
@@ -284,7 +288,14 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
 
     if remat != "none":
         step = jax.checkpoint(step, policy=_remat_policy(remat), prevent_cse=False)
-    x, _ = jax.lax.scan(step, x, xs)
+    if layer_unroll < 1:
+        raise ValueError(f"layer_unroll must be >= 1, got {layer_unroll}")
+    steps = L // remat_group
+    if layer_unroll >= steps:   # straight-line code: each layer's residuals are their own buffers
+        for i in range(steps):
+            x, _ = step(x, jax.tree_util.tree_map(lambda a: a[i], xs))
+    else:
+        x, _ = jax.lax.scan(step, x, xs, unroll=layer_unroll)
     return rmsnorm(x, params["final_norm"], cfg.rms_norm_eps, implementation=impl)
 
 

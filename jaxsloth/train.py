@@ -66,6 +66,8 @@ class TrainingArguments:
     # logits stay under 640 MiB, 1024 for Llama-3's vocabulary). Smaller chunks lower the peak of a
     # small batch (8B, bs 2 x 2048, remat="offload": 512 -> -0.5 GiB, no measurable time cost).
     loss_chunk: int | None = None
+    # unroll the scan over layers this many times (model.hidden_states); 1 compiles fastest
+    layer_unroll: int = 1
     shuffle: bool = True
     progress: bool = True
     # device mesh "data=2,fsdp=1" (jaxsloth.sharding); None: the default for the devices present.
@@ -91,6 +93,8 @@ class TrainingArguments:
                              f"remat_group={self.remat_group} with remat={self.remat!r}")
         if self.mlp_chunk is not None and self.mlp_chunk < 1:
             raise ValueError(f"mlp_chunk must be a positive number of tokens, got {self.mlp_chunk}")
+        if self.layer_unroll < 1:
+            raise ValueError(f"layer_unroll must be >= 1, got {self.layer_unroll}")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be a positive number of tokens, got {self.loss_chunk}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -133,7 +137,7 @@ def make_optimizer(args: TrainingArguments, total_steps: int):
 
 
 def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=False, remat_group=1, mlp_chunk=None,
-                     loss_chunk=None):
+                     loss_chunk=None, layer_unroll=1):
     """(summed token loss f32, label count) of one micro-batch; batch arrays are [B, S]."""
     cfg = model.config
     dtype = jnp.dtype(model.dtype)
@@ -143,7 +147,7 @@ def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=Fals
         batch["segment_ids"] if packing else None,  # unpacked rows are right-padded: causal is exact
         lora, lora_scaling=model.lora_scaling, dtype=dtype, impl=model.implementation,
         attn_impl=default_attention_impl(dtype), remat=remat, remat_group=remat_group, mlp_chunk=mlp_chunk,
-        lora_dropout=drop,
+        lora_dropout=drop, layer_unroll=layer_unroll,
         dropout_key=key if drop > 0 else None)
     head = llama.lm_head_weight(cfg, model.params).astype(dtype)
     # on a mesh (jaxsloth.sharding.activate) each device takes the loss of its own rows
@@ -208,7 +212,8 @@ def data_parallel_loss_and_grads(mesh, model, lora, batch, key, *, remat="none",
 
 
 def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None, remat_group: int = 1,
-                    mlp_chunk: int | None = None, loss_chunk: int | None = None, data_parallel=None):
+                    mlp_chunk: int | None = None, loss_chunk: int | None = None, data_parallel=None,
+                    layer_unroll: int = 1):
     """jit(step)(model, opt_state, batch, key) -> (lora, opt_state, metrics). LoRA/opt state are donated.
 
     A non-finite loss or gradient leaves the adapters and optimizer unchanged (metrics say so).
@@ -216,7 +221,8 @@ def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None, remat_
     ``data_parallel``: a mesh with fsdp=1 on which the loss and gradients are taken per device
     (``data_parallel_loss_and_grads``) instead of by GSPMD partitioning of the whole step.
     """
-    memory = dict(remat=remat, packing=packing, remat_group=remat_group, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk)
+    memory = dict(remat=remat, packing=packing, remat_group=remat_group, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk,
+                  layer_unroll=layer_unroll)
 
     def step(lora, opt_state, model, batch, key):
         if data_parallel is None:
@@ -267,7 +273,7 @@ class Trainer:
         self.tx = make_optimizer(args, self.total_steps)
         self.schedule = lr_schedule(args, self.total_steps)
         memory = dict(remat=args.remat, packing=args.packing, remat_group=args.remat_group, mlp_chunk=args.mlp_chunk,
-                      loss_chunk=args.loss_chunk)
+                      loss_chunk=args.loss_chunk, layer_unroll=args.layer_unroll)
         if self.mesh is None:
             self.step_fn = make_train_step(self.tx, **memory)
         else:

@@ -114,3 +114,78 @@ def test_unsupported_rope_type(ckpt):
     _edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(CheckpointError, match="rope_scaling type 'yarn'"):
         jaxsloth.load_model(ckpt)
+
+
+def _rewrite_header(path, fn):
+    """Apply fn to the parsed JSON header of a safetensors file, keeping its data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    new = json.dumps(header).encode()
+    new += b" " * ((-len(new)) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def test_header_offsets_disagree_with_shape(ckpt):
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def bad(h):
+        begin, end = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [begin, end - 2]
+    _rewrite_header(ckpt / "model.safetensors", bad)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header: tensor "
+                                               r"'model\.layers\.0\.mlp\.up_proj\.weight' has data_offsets"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_unknown_dtype_in_header(ckpt):
+    def bad(h):
+        h["model.norm.weight"]["dtype"] = "F4"
+    _rewrite_header(ckpt / "model.safetensors", bad)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has a corrupt "
+                                               r"or unsupported header entry"):
+        jaxsloth.load_model(ckpt)
+
+
+def test_reader_equals_safetensors_and_prefetch_budget_bounds_reads(ckpt):
+    """SafetensorsFile reads exactly what safetensors does (every dtype the tiny file has), and the
+    prefetcher hands tensors over in order whatever its byte budget (1 byte: one tensor at a time)."""
+    from convert.load import SafetensorsFile, _Prefetcher
+
+    path = ckpt / "model.safetensors"
+    ref = load_file(path)
+    extra = {"u8": np.arange(7, dtype=np.uint8), "i32": np.arange(-3, 3, dtype=np.int32).reshape(2, 3),
+             "f32": np.linspace(-1, 1, 10, dtype=np.float32)}
+    save_file({**ref, **extra}, path)
+    sf = SafetensorsFile(path)
+    names = sorted(sf.keys())
+    for budget in (1, 1 << 30):
+        pf = _Prefetcher([(sf, n) for n in names], budget=budget)
+        try:
+            for i, n in enumerate(names):
+                got = pf.get(i)
+                want = {**ref, **extra}[n]
+                assert got.dtype == want.dtype and got.shape == want.shape, n
+                np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+                assert pf.in_flight <= max(budget, max(sf.nbytes(m) for m in names))
+        finally:
+            pf.close()
+
+
+def test_prefetch_error_reaches_the_consumer(ckpt):
+    """A file that shrinks after its header was checked: the reader thread's error is raised by
+    get(), naming the file and tensor, and close() does not hang."""
+    from convert.load import SafetensorsFile, _Prefetcher
+
+    path = ckpt / "model.safetensors"
+    sf = SafetensorsFile(path)
+    last = max(sf.keys(), key=lambda n: sf.tensors[n][2])
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    pf = _Prefetcher([(sf, last)])
+    try:
+        with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{last}' cannot be read"):
+            pf.get(0)
+    finally:
+        pf.close()

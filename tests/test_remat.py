@@ -34,6 +34,9 @@ def _loss_and_grads(model, ids, **kw):
     dict(remat="offload", remat_group=2),
     dict(mlp_chunk=16),              # 37 tokens: two full chunks and a padded one
     dict(remat="full", mlp_chunk=8),
+    dict(layer_unroll=2),            # a scan unrolled twice
+    dict(layer_unroll=64),           # a Python loop over the layers
+    dict(remat="full", remat_group=2, layer_unroll=8),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_preset_gives_the_same_loss_and_lora_gradients(model, kw):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 37)))
@@ -50,6 +53,8 @@ def test_bad_remat_group_is_refused(model):
         llama.hidden_states(model.config, model.params, ids, remat="full", remat_group=3)
     with pytest.raises(ValueError, match="remat_group must"):
         llama.hidden_states(model.config, model.params, ids, remat="none", remat_group=2)
+    with pytest.raises(ValueError, match="layer_unroll must"):
+        llama.hidden_states(model.config, model.params, ids, layer_unroll=0)
 
 
 @pytest.mark.parametrize("with_mask", ["none", "padding", "packed"])
