@@ -265,12 +265,14 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, L)
     xs = (params["layers"], lora, layer_keys)
 
-    def layer_step(carry, xs):
+    consts = (cos, sin, attention_mask, segment_ids)
+
+    def layer_step(carry, xs, consts):
         layer, layer_lora, key = xs
         # under a mesh (jaxsloth.sharding.activate): FSDP gathers this layer's 4-bit leaves, not the
         # dequantized weights, and activations stay split by rows; no-ops without a mesh
         layer, layer_lora = constrain_layer((layer, layer_lora))
-        out = layer_fn(constrain_rows(carry), layer, layer_lora, cos, sin, attention_mask, segment_ids, key)
+        out = layer_fn(constrain_rows(carry), layer, layer_lora, *consts, key)
         return constrain_rows(out), None
 
     if remat_group < 1 or (remat_group > 1 and (remat == "none" or L % remat_group)):
@@ -280,22 +282,27 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
         inner = jax.checkpoint(layer_step, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         xs = jax.tree_util.tree_map(lambda a: a.reshape(L // remat_group, remat_group, *a.shape[1:]), xs)
 
-        def step(carry, group):
-            return jax.lax.scan(inner, checkpoint_name(carry, "layer_input"), group)[0], None
+        def step(carry, group, consts):
+            body = lambda c, g: inner(c, g, consts)  # noqa: E731
+            return jax.lax.scan(body, checkpoint_name(carry, "layer_input"), group)[0], None
     else:
-        def step(carry, layer_xs):
-            return layer_step(checkpoint_name(carry, "layer_input"), layer_xs)
+        def step(carry, layer_xs, consts):
+            return layer_step(checkpoint_name(carry, "layer_input"), layer_xs, consts)
 
     if remat != "none":
         step = jax.checkpoint(step, policy=_remat_policy(remat), prevent_cse=False)
     if layer_unroll < 1:
         raise ValueError(f"layer_unroll must be >= 1, got {layer_unroll}")
     steps = L // remat_group
-    if layer_unroll >= steps:   # straight-line code: each layer's residuals are their own buffers
+    if layer_unroll >= steps:
+        # Straight-line code: each layer's residuals are buffers of their own (no stacking by
+        # dynamic-update-slice, no loop-carry copies). Each step is one jitted function, traced once
+        # and lowered once (its Pallas kernels too) and called per layer; XLA inlines the calls.
+        step_fn = jax.jit(step)
         for i in range(steps):
-            x, _ = step(x, jax.tree_util.tree_map(lambda a: a[i], xs))
+            x, _ = step_fn(x, jax.tree_util.tree_map(lambda a: a[i], xs), consts)
     else:
-        x, _ = jax.lax.scan(step, x, xs, unroll=layer_unroll)
+        x, _ = jax.lax.scan(lambda c, layer_xs: step(c, layer_xs, consts), x, xs, unroll=layer_unroll)
     return rmsnorm(x, params["final_norm"], cfg.rms_norm_eps, implementation=impl)
 
 
