@@ -44,7 +44,7 @@ def save(out, name, rows):
 
 # ============================================================================================ JAX
 
-def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rope_threads=8):
+def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rope_threads=8, rope_rounds=1):
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax
   import jax.numpy as jnp
@@ -125,7 +125,8 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
     non-donated argument (every row is timed this way). % = GB/s over the run's x+1 copy bandwidth;
     bytes = q, k read + written and f32 cos, sin read, the same count for every row ("positions"
     rows read no tables), so % ranks by time; the copy row counts q, k only. No new variant starts
-    after rope_budget_s; skipped ones are listed."""
+    after rope_budget_s; skipped ones are listed. rope_rounds > 1 times every chain that many times,
+    the chains interleaved round by round, and reports the median."""
     t_start = time.time()
     names = rope_variants.split(",") if rope_variants else list(RP.VARIANTS)
     unknown = [v for v in names if v not in RP.VARIANTS]
@@ -217,18 +218,26 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
       with concurrent.futures.ThreadPoolExecutor(max(1, rope_threads)) as pool:
         compiled = list(pool.map(compile_, jobs))
       log(f"rope sweep: {len(jobs)} {what} chains compiled")
-      for (name, model, t_, carry, tabs, _, n), comp in zip(jobs, compiled):
+      rounds = {}   # job index -> ms of each round; rounds interleave the jobs (drift hits all alike)
+      for _ in range(max(1, rope_rounds)):
+        for j, ((name, model, t_, carry, tabs, _, n), comp) in enumerate(zip(jobs, compiled)):
+          if isinstance(comp, Exception):
+            continue
+          def one():
+            rounds.setdefault(j, []).append(run_chain(comp, n, carry, tabs))
+          safe(one, op="sweep_rope", variant=name, what=what, model=model, tokens=t_)
+      for j, ((name, model, t_, *_), comp) in enumerate(zip(jobs, compiled)):
         kw = dict(op="sweep_rope", variant=name, what=what, model=model, tokens=t_)
         if isinstance(comp, Exception):
           record(error=f"{type(comp).__name__}: {str(comp)[:300]}", **kw)
           continue
-        def one():
-          ms = run_chain(comp, n, carry, tabs)
-          res[name, what, model, t_] = ms
-          gbs = nbytes(name, what, model, t_) / ms / 1e6
-          record(ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs, **kw,
-                 **({"config": RP.VARIANTS[name].describe()} if name in RP.VARIANTS else {}))
-        safe(one, **kw)
+        if j not in rounds:
+          continue
+        ms = statistics.median(rounds[j])
+        res[name, what, model, t_] = ms
+        gbs = nbytes(name, what, model, t_) / ms / 1e6
+        record(ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs, rounds_ms=rounds[j], **kw,
+               **({"config": RP.VARIANTS[name].describe()} if name in RP.VARIANTS else {}))
       del jobs, compiled
 
     skipped = []
@@ -727,6 +736,8 @@ def main():
                   help="comma list of pallas_kernels.rope.VARIANTS for --sweep rope (default: all)")
   ap.add_argument("--rope-budget", type=float, default=50.0,
                   help="seconds into --sweep rope after which no further variant starts")
+  ap.add_argument("--rope-rounds", type=int, default=1,
+                  help="RoPE sweep: time every chain this many times, interleaved; the median counts")
   ap.add_argument("--rope-threads", type=int, default=8,
                   help="threads compiling the --sweep rope chains (1: one after another)")
   a = ap.parse_args()
@@ -743,7 +754,7 @@ def main():
     TOKENS[:] = CE_TOKENS[:] = [int(t) for t in a.tokens.split(",")]
   if a.part == "jax":
     run_jax(a.out, a.sweep, a.budget, set(a.ops.split(",")), a.rope_variants, a.rope_budget,
-            a.rope_threads)
+            a.rope_threads, a.rope_rounds)
   elif a.part == "torch":
     run_torch(a.out, a.budget, set(a.ops.split(",")), compile_too=not a.no_compile)
   else:
