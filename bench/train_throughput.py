@@ -5,7 +5,9 @@ bf16 safetensors shards, no downloads) unless it exists, loads it with NF4 on lo
 LoRA r=32 / alpha 32 on q,k,v,o,gate,up,down, and for each remat preset runs the real jitted
 training step (gradient accumulation 1, AdamW) on random token batches: warm-up, then timed steps.
 Reports per preset: tokens/s, s/step, compiled temp memory and the process's peak device memory,
-plus time from checkpoint to first finished step (load + quantize + compile + step).
+plus time from checkpoint to first finished step (load + quantize + compile + step). The first
+preset's step compiles on a thread while the checkpoint loads (from ``jaxsloth.abstract_model``:
+config.json and the safetensors headers), as a user can do; --no-overlap compiles after loading.
 
 Presets run in order of increasing memory (offload, full, none) so the running device peak
 after each is that preset's peak.
@@ -18,6 +20,7 @@ Also writes a long-text JSONL (--write-data PATH) for a CLI run on the same chec
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import sys
@@ -83,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--impl", default=None, choices=["xla", "pallas"], help="kernel implementation (default: per op)")
     ap.add_argument("--sanity", default=None, help="token ids from bench/sanity_data.py: loss-sanity run afterwards")
     ap.add_argument("--sanity-preset", default="full")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="compile the first preset after loading, not on a thread while loading")
     ap.add_argument("--profile", default=None, help="trace 2 steps of each preset under DIR/<n> (bench/profile_summary.py)")
     args = ap.parse_args(argv)
     shape = TINY if args.tiny else LLAMA3_8B
@@ -102,11 +107,18 @@ def main(argv=None):
     if args.write_data:
         write_text_data(Path(args.write_data), n=64, words_per_example=1400 if not args.tiny else 40)
 
+    targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
+    presets = args.presets.split(",")
     t0 = time.perf_counter()
+    early = None
+    if not args.no_overlap and not args.mesh:
+        early = concurrent.futures.ThreadPoolExecutor(1).submit(
+            compile_from_abstract, base, presets[0], targs, args)
     model, _ = jaxsloth.load_model(base, dtype="bfloat16", load_in_4bit=True)
     jax.block_until_ready(model.params)
     t_load = time.perf_counter() - t0
-    model = lora_to_host(jaxsloth.add_lora(model, r=args.r, lora_alpha=args.r))
+    # the tokenizer is static pytree data: the step (and a step compiled from abstract_model) takes none
+    model = lora_to_host(jaxsloth.add_lora(model.replace(tokenizer=None), r=args.r, lora_alpha=args.r))
     print(json.dumps({"load_quantize_s": round(t_load, 1), "peak_gib_after_load": peak_gib()}), flush=True)
 
     if args.impl:
@@ -116,21 +128,25 @@ def main(argv=None):
     info["implementation"] = model.implementation or "default"
     batch = random_batch(model.config.vocab_size, args.batch * n_dev, args.seq)
     tokens = args.batch * n_dev * args.seq
-    targs = TrainingArguments(learning_rate=1e-4, max_steps=1000, lr_scheduler_type="constant", weight_decay=0.0)
 
     if mesh is not None:
         from jaxsloth.sharding import shard_batch
 
         batch = shard_batch(batch, mesh)
     rows = []
-    for k, preset in enumerate(args.presets.split(",")):
+    for k, preset in enumerate(presets):
         _, step, lora, opt, ctx = build_step(model, preset, mesh, targs)
         frozen = model.replace(lora=None)
         key = jax.random.PRNGKey(0)
         with ctx:  # the mesh, when there is one
             t = time.perf_counter()
-            compiled = step.lower(lora, opt, frozen, batch, key).compile()
-            t_compile = time.perf_counter() - t
+            if k == 0 and early is not None:   # compiled while loading: wait for it, run it
+                compiled, t_compile = early.result()
+                info["compile_overlapped_s"] = round(t_compile, 1)
+                step = compiled
+            else:
+                compiled = step.lower(lora, opt, frozen, batch, key).compile()
+                t_compile = time.perf_counter() - t
             mem = compiled.memory_analysis()
             temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
             try:
@@ -186,6 +202,19 @@ def _f32_dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def compile_from_abstract(base, preset, targs, args):
+    """(compiled step of ``preset``, seconds) from ``jaxsloth.abstract_model`` (no weights needed):
+    runs on a thread while the checkpoint loads. The batch and key are small concrete arrays."""
+    t = time.perf_counter()
+    abstract = jaxsloth.abstract_model(base, dtype="bfloat16", load_in_4bit=True, implementation=args.impl)
+    abstract = jax.eval_shape(lambda m: jaxsloth.add_lora(m, r=args.r, lora_alpha=args.r), abstract)
+    tx, step, lora, _, _ = build_step(abstract, preset, None, targs, abstract_lora=True)
+    batch = random_batch(abstract.config.vocab_size, args.batch, args.seq)
+    compiled = step.lower(lora, jax.eval_shape(tx.init, lora), abstract.replace(lora=None), batch,
+                          jax.random.PRNGKey(0)).compile()
+    return compiled, time.perf_counter() - t
+
+
 def lora_to_host(model):
     """``model`` with its LoRA as host (numpy) arrays. Each preset's step gets a fresh device copy
     (build_step) and donates it, so the device holds one copy of the adapters, as the PyTorch
@@ -207,7 +236,7 @@ def place_on_mesh(model, spec: str | None, info: dict):
     return shard_model(model.replace(lora=None), mesh).replace(lora=model.lora), mesh
 
 
-def build_step(model, preset: str, mesh, targs):
+def build_step(model, preset: str, mesh, targs, abstract_lora: bool = False):
     """(tx, jitted step, fresh LoRA, optimizer state, context to trace/run in) for one preset.
 
     preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
@@ -232,6 +261,8 @@ def build_step(model, preset: str, mesh, targs):
         jax.clear_caches()
     tx = make_optimizer(targs, targs.max_steps)
     lora = model.lora  # host arrays (lora_to_host): placed below as a fresh copy the step may donate
+    if abstract_lora:  # shapes only (compile_from_abstract)
+        return tx, make_train_step(tx, **mem), lora, None, contextlib.nullcontext()
     if mesh is None:
         lora = jax.tree_util.tree_map(jnp.array, lora)
         return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()

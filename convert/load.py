@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import NamedTuple
 from pathlib import Path
 
 import jax
@@ -268,27 +269,29 @@ def _bnb_quant_config(raw: dict, source: Path) -> dict | None:
     return {"skip": skipped}
 
 
-def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, blocksize: int = 64,
-                    double_quant: bool = True, progress: bool = False):
-    """Load a HF Llama directory. Returns ``(config, params, meta)``.
+class _Plan(NamedTuple):
+    """What load_checkpoint will read, from config.json and the safetensors headers alone."""
+    cfg: LlamaConfig
+    expected: dict[str, tuple[int, ...]]
+    linear_names: dict[str, tuple[int, str]]
+    bnb_key_sets: dict[str, set[str]]
+    items: list[tuple[SafetensorsFile, str]]   # (file, tensor) in file order
 
-    ``meta`` records where the weights came from: {"source": dir, "quantized": None | "nf4-on-load"
-    | "bnb-4bit", "dtype": name}.
-    """
-    model_dir = Path(model_dir)
+
+def _plan(model_dir: Path) -> _Plan:
+    """Validate a checkpoint directory without reading a tensor: config.json, the bitsandbytes
+    quantization config, the tensor names against the config, and every tensor's shape and dtype."""
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face model directory)")
     cfg_path = model_dir / "config.json"
     raw_cfg = read_json(cfg_path, what="config.json")
     cfg = LlamaConfig.from_dict(raw_cfg, source=str(cfg_path))
     bnb = _bnb_quant_config(raw_cfg, cfg_path)
-    dt = _dtype(dtype)
     files = find_weight_files(model_dir)
 
     expected = expected_tensors(cfg)
     linear_names = {f"model.layers.{i}.{hf}.weight": (i, short)
                     for i in range(cfg.num_hidden_layers) for short, hf in HF_PROJECTION_NAMES.items()}
-
     # bitsandbytes linears: HF name of the weight -> every tensor name of its quant state
     bnb_key_sets: dict[str, set[str]] = {}
     if bnb is not None:
@@ -315,16 +318,6 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
                               f"({cfg.num_hidden_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings}); "
                               + "; ".join(parts))
 
-    L = cfg.num_hidden_layers
-    quantize = load_in_4bit or bool(bnb_linears)
-    params = {"embed": None, "final_norm": None,
-              "layers": {"attn_norm": jnp.zeros((L, cfg.hidden_size), dt),
-                         "mlp_norm": jnp.zeros((L, cfg.hidden_size), dt)}}
-    dense_stacks, nf4_layers = {}, _NF4Stacks(L)
-    if not quantize:
-        for short, shape in cfg.linear_shapes().items():
-            dense_stacks[short] = jnp.zeros((L, *shape), dt)
-
     # every header is parsed and every shape and dtype checked before any tensor is read
     headers: dict[Path, SafetensorsFile] = {}
     items: list[tuple[SafetensorsFile, str]] = []
@@ -344,6 +337,31 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
                                       "(a 4-bit tensor needs a bitsandbytes quantization_config)")
         items.append((sf, name))
     items.sort(key=lambda it: (str(it[0].path), it[0].tensors[it[1]][2]))   # file order: sequential reads
+
+    return _Plan(cfg, expected, linear_names, bnb_key_sets, items)
+
+
+def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, blocksize: int = 64,
+                    double_quant: bool = True, progress: bool = False):
+    """Load a HF Llama directory. Returns ``(config, params, meta)``.
+
+    ``meta`` records where the weights came from: {"source": dir, "quantized": None | "nf4-on-load"
+    | "bnb-4bit", "dtype": name}.
+    """
+    model_dir = Path(model_dir)
+    dt = _dtype(dtype)
+    plan = _plan(model_dir)
+    cfg, expected, linear_names, bnb_key_sets, items = plan
+    bnb_linears = set(bnb_key_sets)
+    L = cfg.num_hidden_layers
+    quantize = load_in_4bit or bool(bnb_linears)
+    params = {"embed": None, "final_norm": None,
+              "layers": {"attn_norm": jnp.zeros((L, cfg.hidden_size), dt),
+                         "mlp_norm": jnp.zeros((L, cfg.hidden_size), dt)}}
+    dense_stacks, nf4_layers = {}, _NF4Stacks(L)
+    if not quantize:
+        for short, shape in cfg.linear_shapes().items():
+            dense_stacks[short] = jnp.zeros((L, *shape), dt)
 
     pbar = None
     if progress:
@@ -387,6 +405,43 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
         params["layers"].update(dense_stacks)
     source = "bnb-4bit" if bnb_linears else ("nf4-on-load" if load_in_4bit else None)
     return cfg, params, {"source": str(model_dir), "quantized": source, "dtype": jnp.dtype(dt).name}
+
+
+def abstract_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, blocksize: int = 64,
+                        double_quant: bool = True):
+    """``load_checkpoint``'s ``(config, params, meta)`` with ``jax.ShapeDtypeStruct`` leaves, from
+    config.json and the safetensors headers alone (the checkpoint is validated as for loading; no
+    tensor is read): for compiling a training step while the weights load.
+
+    Pre-quantized bitsandbytes checkpoints are refused: their quantization layout is known only
+    from the quant state stored with the weights.
+    """
+    model_dir = Path(model_dir)
+    dt = _dtype(dtype)
+    cfg, expected, linear_names, bnb_key_sets, items = _plan(model_dir)
+    if bnb_key_sets:
+        raise CheckpointError(f"{model_dir}: abstract_checkpoint does not support pre-quantized bitsandbytes "
+                              "checkpoints (their layout is in the quant state stored with the weights); "
+                              "load them with load_checkpoint")
+    sds = jax.ShapeDtypeStruct
+    L, d, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    params = {"embed": sds((v, d), dt), "final_norm": sds((d,), dt),
+              "layers": {"attn_norm": sds((L, d), dt), "mlp_norm": sds((L, d), dt)}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = sds((v, d), dt)
+    file_dtype = {name: sf.tensors[name][0] for sf, name in items}
+    stack = lambda a: sds((L, *a.shape), a.dtype)  # noqa: E731
+    for short, shape in cfg.linear_shapes().items():
+        if load_in_4bit:   # quantized from the file's dtype (layer 0's), as _place does
+            src = jnp.dtype(file_dtype[f"model.layers.0.{HF_PROJECTION_NAMES[short]}.weight"])
+            q = jax.eval_shape(lambda w: quantize_nf4(w, blocksize=blocksize, double_quant=double_quant),
+                               sds(shape, src))
+            params["layers"][short] = jax.tree_util.tree_map(stack, q)
+        else:
+            params["layers"][short] = sds((L, *shape), dt)
+    meta = {"source": str(model_dir), "quantized": "nf4-on-load" if load_in_4bit else None,
+            "dtype": jnp.dtype(dt).name}
+    return cfg, params, meta
 
 
 class _NF4Stacks:

@@ -1,6 +1,6 @@
 """jaxsloth: fast, memory-lean QLoRA fine-tuning of Llama-3 in JAX."""
 
-from jaxsloth.causal_lm import CausalLM, load_model
+from jaxsloth.causal_lm import CausalLM, abstract_model, load_model
 from jaxsloth.config import CheckpointError, LlamaConfig
 from jaxsloth.embedding_fix import apply_untrained_token_fix
 from jaxsloth.lora import LoraConfig, add_lora
@@ -10,7 +10,7 @@ from jaxsloth.train import TrainingArguments, train
 # working on its own in a fresh interpreter (no import cycle).
 _EXPORT_API = ("export_adapter", "export_merged", "load_adapter", "load_model_with_adapter")
 
-__all__ = ["CausalLM", "CheckpointError", "LlamaConfig", "LoraConfig", "TrainingArguments", "add_lora",
+__all__ = ["CausalLM", "CheckpointError", "abstract_model", "LlamaConfig", "LoraConfig", "TrainingArguments", "add_lora",
            "apply_untrained_token_fix", "load_model", "train", *_EXPORT_API]
 __version__ = "0.1.0"
 

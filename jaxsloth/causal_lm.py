@@ -95,6 +95,22 @@ class CausalLM(struct.PyTreeNode):
         return tok.decode(out, skip_special_tokens=True)
 
 
+def abstract_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, max_seq_length: int = 2048,
+                   *, implementation: str | None = None) -> CausalLM:
+    """The model ``load_model`` would return, with ``jax.ShapeDtypeStruct`` params and no tokenizer,
+    from config.json and the safetensors headers alone (seconds, no weights read).
+
+    For compiling a step while the weights load, e.g. on a thread:
+    ``jit(step).lower(abstract.replace(...), ...).compile()``; the compiled step then takes the loaded
+    model with ``tokenizer=None`` (the tokenizer is static pytree data). 16-bit checkpoints only.
+    """
+    from convert.load import abstract_checkpoint
+
+    cfg, params, meta = abstract_checkpoint(path, dtype=dtype, load_in_4bit=load_in_4bit)
+    return CausalLM(config=cfg, params=params, dtype=meta["dtype"], max_seq_length=max_seq_length,
+                    source=meta["source"], quantized=meta["quantized"], implementation=implementation)
+
+
 def load_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, max_seq_length: int = 2048,
                *, implementation: str | None = None, progress: bool = False):
     """Load a Hugging Face Llama-3 directory. Returns ``(model, tokenizer)``.

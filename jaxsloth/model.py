@@ -251,8 +251,9 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     activations shrink g-fold for one more forward recompute per layer (beyond ~350K tokens the
     offloaded layer inputs of an 8B model no longer fit 128 GB of host RAM at g=1).
     ``layer_unroll`` u unrolls the scan over layers (groups) u-fold (``jax.lax.scan(unroll=u)``);
-    u >= the number of layers (groups) replaces the scan by a Python loop: straight-line code, no
-    stacked per-layer residual buffers filled by dynamic-update-slice, for a longer compile.
+    u > 1 and >= the number of layers (groups), remat="none" only, replaces the scan by a Python
+    loop: straight-line code, no stacked per-layer residual buffers filled by dynamic-update-slice,
+    for a longer compile.
     """
     bsz, seq = input_ids.shape
     if position_ids is None:
@@ -289,12 +290,17 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
         def step(carry, layer_xs, consts):
             return layer_step(checkpoint_name(carry, "layer_input"), layer_xs, consts)
 
+    steps = L // remat_group
+    straight = layer_unroll > 1 and layer_unroll >= steps
+    if layer_unroll < 1 or (straight and remat != "none"):
+        # In straight-line code nothing orders a layer's backward recompute after the cotangent that
+        # reaches it, and XLA runs the recomputes early: every activation is held, as with "none"
+        # (8B, bs 2 x 2048: 24.8 GiB of temporaries with "full" as with "none"; bench/RESULTS.md).
+        raise ValueError(f"layer_unroll must be >= 1, and 1 or below the number of scan steps ({steps}) "
+                         f"unless remat='none'; got layer_unroll={layer_unroll}, remat={remat!r}")
     if remat != "none":
         step = jax.checkpoint(step, policy=_remat_policy(remat), prevent_cse=False)
-    if layer_unroll < 1:
-        raise ValueError(f"layer_unroll must be >= 1, got {layer_unroll}")
-    steps = L // remat_group
-    if layer_unroll >= steps:
+    if straight:
         # Straight-line code: each layer's residuals are buffers of their own (no stacking by
         # dynamic-update-slice, no loop-carry copies). Each step is one jitted function, traced once
         # and lowered once (its Pallas kernels too) and called per layer; XLA inlines the calls.

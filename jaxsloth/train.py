@@ -66,7 +66,8 @@ class TrainingArguments:
     # logits stay under 640 MiB, 1024 for Llama-3's vocabulary). Smaller chunks lower the peak of a
     # small batch (8B, bs 2 x 2048, remat="offload": 512 -> -0.5 GiB, no measurable time cost).
     loss_chunk: int | None = None
-    # unroll the scan over layers this many times (model.hidden_states); 1 compiles fastest
+    # unroll the scan over layers this many times (model.hidden_states); >= num_hidden_layers: a
+    # Python loop over the layers (remat="none" only; faster steps, longer compile); 1 compiles fastest
     layer_unroll: int = 1
     shuffle: bool = True
     progress: bool = True

@@ -24,7 +24,9 @@ def test_gpu_defaults_match_the_xla_path(tiny_checkpoint, load_in_4bit):
     assert np.abs(fast - ref).max() / np.abs(ref).max() <= 3e-2
 
 
-def test_gpu_training_step_matches_the_xla_path(tiny_checkpoint):
+@pytest.mark.parametrize("memory", [dict(remat="full"), dict(remat="none", layer_unroll=4)],
+                         ids=["full", "none_unrolled"])
+def test_gpu_training_step_matches_the_xla_path(tiny_checkpoint, memory):
     path = tiny_checkpoint("llama3", dtype="bfloat16", overrides=dict(hidden_size=256, intermediate_size=512,
                                                                         num_attention_heads=2, num_key_value_heads=1))
     model, _ = jaxsloth.load_model(path, dtype="bfloat16", load_in_4bit=True)
@@ -36,7 +38,7 @@ def test_gpu_training_step_matches_the_xla_path(tiny_checkpoint):
              "segment_ids": np.ones((1, 2, 256), np.int32),
              "position_ids": np.broadcast_to(np.arange(256, dtype=np.int32), (1, 2, 256)).copy()}
     key = jax.random.PRNGKey(0)
-    l1, _, g1 = accumulated_loss_and_grads(model.replace(lora=None), model.lora, batch, key, remat="full")
+    l1, _, g1 = accumulated_loss_and_grads(model.replace(lora=None), model.lora, batch, key, **memory)
     l2, _, g2 = accumulated_loss_and_grads(model.replace(lora=None, implementation="xla"), model.lora, batch, key)
     assert np.isfinite(float(l1)) and abs(float(l1) - float(l2)) / float(l2) <= 2e-2
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):

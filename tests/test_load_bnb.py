@@ -56,3 +56,10 @@ def test_bnb_checkpoint_with_missing_quant_state_is_refused(tiny_checkpoint, tmp
     save_file(t, tmp_path / "bnb" / "model.safetensors")
     with pytest.raises(jaxsloth.CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight"):
         jaxsloth.load_model(tmp_path / "bnb")
+
+
+def test_abstract_model_refuses_bnb_checkpoints(tiny_checkpoint, tmp_path):
+    _write_bnb_checkpoint(tiny_checkpoint("llama3", dtype="bfloat16"), tmp_path / "bnb", True)
+    with pytest.raises(jaxsloth.CheckpointError, match=r"abstract_checkpoint does not support pre-quantized "
+                                                         r"bitsandbytes checkpoints"):
+        jaxsloth.abstract_model(tmp_path / "bnb")

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -189,3 +191,32 @@ def test_prefetch_error_reaches_the_consumer(ckpt):
             pf.get(0)
     finally:
         pf.close()
+
+
+@pytest.mark.parametrize("preset,load_in_4bit", [("llama3", True), ("llama3.2", False), ("llama3", False)])
+def test_abstract_model_matches_the_loaded_one_and_its_compiled_step_runs(tiny_checkpoint, preset, load_in_4bit):
+    """abstract_model has the loaded model's tree, shapes and dtypes (tied embeddings, NF4 or not), and
+    a training step compiled from it runs on the loaded model (tokenizer dropped) with the jit's result."""
+    from jaxsloth.train import TrainingArguments, make_optimizer, make_train_step
+
+    path = tiny_checkpoint(preset)
+    real, _ = jaxsloth.load_model(path, load_in_4bit=load_in_4bit)
+    real = real.replace(tokenizer=None)
+    abstract = jaxsloth.abstract_model(path, load_in_4bit=load_in_4bit)
+    shape_of = lambda t: jax.tree_util.tree_map(lambda a: (a.shape, jnp.dtype(a.dtype)), t)  # noqa: E731
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(real)
+    assert shape_of(abstract) == shape_of(real)
+
+    tx = make_optimizer(TrainingArguments(max_steps=2), 2)
+    step = make_train_step(tx, remat="none", packing=False)
+    a_lora = jax.eval_shape(lambda m: jaxsloth.add_lora(m, r=4, lora_alpha=8).lora, abstract)
+    batch = {k: jnp.asarray(np.random.default_rng(0).integers(1, 100, (1, 2, 16)), jnp.int32)
+             for k in ("input_ids", "labels", "position_ids", "segment_ids")}
+    key = jax.random.PRNGKey(0)
+    compiled = step.lower(a_lora, jax.eval_shape(tx.init, a_lora), abstract, batch, key).compile()
+    lora = jaxsloth.add_lora(real, r=4, lora_alpha=8).lora
+    got = compiled(lora, tx.init(lora), real, batch, key)
+    lora = jaxsloth.add_lora(real, r=4, lora_alpha=8).lora
+    want = step(lora, tx.init(lora), real, batch, key)
+    np.testing.assert_allclose(float(got[2]["loss"]), float(want[2]["loss"]), rtol=1e-6)
+

@@ -36,7 +36,6 @@ def _loss_and_grads(model, ids, **kw):
     dict(remat="full", mlp_chunk=8),
     dict(layer_unroll=2),            # a scan unrolled twice
     dict(layer_unroll=64),           # a Python loop over the layers
-    dict(remat="full", remat_group=2, layer_unroll=8),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_preset_gives_the_same_loss_and_lora_gradients(model, kw):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 37)))
@@ -55,6 +54,8 @@ def test_bad_remat_group_is_refused(model):
         llama.hidden_states(model.config, model.params, ids, remat="none", remat_group=2)
     with pytest.raises(ValueError, match="layer_unroll must"):
         llama.hidden_states(model.config, model.params, ids, layer_unroll=0)
+    with pytest.raises(ValueError, match=r"layer_unroll must .* unless remat='none'"):
+        llama.hidden_states(model.config, model.params, ids, remat="full", layer_unroll=2)
 
 
 @pytest.mark.parametrize("with_mask", ["none", "padding", "packed"])
@@ -92,3 +93,4 @@ def test_long_packed_rows_take_the_blockwise_path(model, monkeypatch):
     packed = np.asarray(model(ids, position_ids=pos, segment_ids=seg))
     alone = np.asarray(model(ids[:, 25:]))  # 15 tokens: the dense path
     np.testing.assert_allclose(packed[0, 25:], alone[0], rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+
