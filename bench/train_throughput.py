@@ -241,7 +241,7 @@ def build_step(model, preset: str, mesh, targs, abstract_lora: bool = False):
 
     preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
     (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk; unroll: the
-    layer scan's unroll factor;
+    layer scan's unroll factor, default the library's: straight-line layers with "none", else 1;
     dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B;
     rope=pallas|xla: the RoPE implementation the model uses when it leaves the choice to the op).
     On a mesh with fsdp=1 the step is the shard_map data-parallel one, else GSPMD (as the Trainer).
@@ -252,7 +252,7 @@ def build_step(model, preset: str, mesh, targs, abstract_lora: bool = False):
     kw = dict(o.split("=") for o in opts)
     mem = {"remat": remat, "packing": False, "mlp_chunk": int(kw["mlp"]) if "mlp" in kw else None,
            "remat_group": int(kw.get("group", 1)), "loss_chunk": int(kw["ce"]) if "ce" in kw else None,
-           "layer_unroll": int(kw.get("unroll", 1))}
+           "layer_unroll": int(kw["unroll"]) if "unroll" in kw else None}
     want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
     tie = kw.get("tie") == "1"
     rope_impl = kw.get("rope", ROPE_DEFAULT)

@@ -241,7 +241,7 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
                   segment_ids=None, lora=None, *, lora_scaling: float = 1.0, dtype=jnp.bfloat16,
                   impl: str | None = None, attn_impl: str = "xla", remat: str = "none", remat_group: int = 1,
                   mlp_chunk: int | None = None, lora_dropout: float = 0.0, dropout_key=None,
-                  layer_unroll: int = 1):
+                  layer_unroll: int | None = 1):
     """Final-normed hidden states [B, S, D] (the input of lm_head).
 
     ``attention_mask`` [B, S] marks real tokens; with right padding only it may be left None,
@@ -253,7 +253,8 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     ``layer_unroll`` u unrolls the scan over layers (groups) u-fold (``jax.lax.scan(unroll=u)``);
     u > 1 and >= the number of layers (groups), remat="none" only, replaces the scan by a Python
     loop: straight-line code, no stacked per-layer residual buffers filled by dynamic-update-slice,
-    for a longer compile.
+    for a longer compile. None: straight-line with remat="none" (8B on an H100: 12-14% faster steps
+    and less memory for ~2.3x the compile time, bench/RESULTS.md), else 1.
     """
     bsz, seq = input_ids.shape
     if position_ids is None:
@@ -291,6 +292,8 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
             return layer_step(checkpoint_name(carry, "layer_input"), layer_xs, consts)
 
     steps = L // remat_group
+    if layer_unroll is None:
+        layer_unroll = max(2, steps) if remat == "none" else 1
     straight = layer_unroll > 1 and layer_unroll >= steps
     if layer_unroll < 1 or (straight and remat != "none"):
         # In straight-line code nothing orders a layer's backward recompute after the cotangent that

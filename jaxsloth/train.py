@@ -67,8 +67,9 @@ class TrainingArguments:
     # small batch (8B, bs 2 x 2048, remat="offload": 512 -> -0.5 GiB, no measurable time cost).
     loss_chunk: int | None = None
     # unroll the scan over layers this many times (model.hidden_states); >= num_hidden_layers: a
-    # Python loop over the layers (remat="none" only; faster steps, longer compile); 1 compiles fastest
-    layer_unroll: int = 1
+    # Python loop over the layers (remat="none" only: faster steps, less memory, longer compile);
+    # None: that loop with remat="none", else 1 (the scan: compiles fastest)
+    layer_unroll: int | None = None
     shuffle: bool = True
     progress: bool = True
     # device mesh "data=2,fsdp=1" (jaxsloth.sharding); None: the default for the devices present.
@@ -94,8 +95,8 @@ class TrainingArguments:
                              f"remat_group={self.remat_group} with remat={self.remat!r}")
         if self.mlp_chunk is not None and self.mlp_chunk < 1:
             raise ValueError(f"mlp_chunk must be a positive number of tokens, got {self.mlp_chunk}")
-        if self.layer_unroll < 1:
-            raise ValueError(f"layer_unroll must be >= 1, got {self.layer_unroll}")
+        if self.layer_unroll is not None and self.layer_unroll < 1:
+            raise ValueError(f"layer_unroll must be None or >= 1, got {self.layer_unroll}")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be a positive number of tokens, got {self.loss_chunk}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -138,7 +139,7 @@ def make_optimizer(args: TrainingArguments, total_steps: int):
 
 
 def micro_batch_loss(model, lora, batch, key=None, *, remat="none", packing=False, remat_group=1, mlp_chunk=None,
-                     loss_chunk=None, layer_unroll=1):
+                     loss_chunk=None, layer_unroll=None):
     """(summed token loss f32, label count) of one micro-batch; batch arrays are [B, S]."""
     cfg = model.config
     dtype = jnp.dtype(model.dtype)
@@ -214,7 +215,7 @@ def data_parallel_loss_and_grads(mesh, model, lora, batch, key, *, remat="none",
 
 def make_train_step(tx, *, remat: str, packing: bool, out_shardings=None, remat_group: int = 1,
                     mlp_chunk: int | None = None, loss_chunk: int | None = None, data_parallel=None,
-                    layer_unroll: int = 1):
+                    layer_unroll: int | None = None):
     """jit(step)(model, opt_state, batch, key) -> (lora, opt_state, metrics). LoRA/opt state are donated.
 
     A non-finite loss or gradient leaves the adapters and optimizer unchanged (metrics say so).
