@@ -220,3 +220,16 @@ def test_abstract_model_matches_the_loaded_one_and_its_compiled_step_runs(tiny_c
     want = step(lora, tx.init(lora), real, batch, key)
     np.testing.assert_allclose(float(got[2]["loss"]), float(want[2]["loss"]), rtol=1e-6)
 
+
+
+def test_sharded_checkpoint_loads_as_the_single_file_one(tmp_path):
+    """Several shards (the reader thread switching files, out of index order) give the same arrays."""
+    from jaxsloth.tiny import make_tiny_checkpoint
+
+    one = make_tiny_checkpoint(tmp_path / "one", "llama3", seed=5)
+    many = make_tiny_checkpoint(tmp_path / "many", "llama3", seed=5, shard_bytes=20_000)
+    assert len(list(many.glob("*.safetensors"))) > 3
+    a, _ = jaxsloth.load_model(one, dtype="float32")
+    b, _ = jaxsloth.load_model(many, dtype="float32")
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
