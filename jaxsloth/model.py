@@ -253,8 +253,8 @@ def hidden_states(cfg: LlamaConfig, params, input_ids, attention_mask=None, posi
     ``layer_unroll`` u unrolls the scan over layers (groups) u-fold (``jax.lax.scan(unroll=u)``);
     u > 1 and >= the number of layers (groups), remat="none" only, replaces the scan by a Python
     loop: straight-line code, no stacked per-layer residual buffers filled by dynamic-update-slice,
-    for a longer compile. None: straight-line with remat="none" (8B on an H100: 12-14% faster steps
-    and less memory for ~2.3x the compile time, bench/RESULTS.md), else 1.
+    for a longer compile. None: straight-line with remat="none" (8B on an H100: ~12% faster steps
+    and less memory for ~2.5x the compile time, bench/RESULTS.md), else 1.
     """
     bsz, seq = input_ids.shape
     if position_ids is None:
