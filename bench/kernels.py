@@ -92,9 +92,6 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
     chain, n = chained(step, carry)
     return timeit(jax.jit(chain), carry, reps=3, warmup=1) / n
 
-  def reps_for(nbytes):
-    return 20 if nbytes < 2**30 else 8
-
   def record(**kw):
     rows.append(kw)
     log(kw)

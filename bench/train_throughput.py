@@ -191,10 +191,9 @@ def main(argv=None):
 
 
 import pallas_kernels.nf4_matmul as _nm  # noqa: E402
-
-NF4_DOT = _nm._dot  # the library default, restored between presets
 import pallas_kernels.rope as rope_mod  # noqa: E402
 
+NF4_DOT = _nm._dot  # the library defaults, restored between presets
 ROPE_DEFAULT = rope_mod._DEFAULT_ON_GPU
 
 

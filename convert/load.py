@@ -63,18 +63,26 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def find_weight_files(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it. Refuses pickle-only checkpoints."""
+    return {name: sf.path for name, sf in _weight_headers(model_dir).items()}
+
+
+def _weight_headers(model_dir: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the parsed header of the file holding it (each file parsed once)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        headers: dict[Path, SafetensorsFile] = {}
         files = {}
         for name, fname in weight_map.items():
             path = model_dir / fname
             if not path.is_file():
                 raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname}, which does not exist")
-            files[name] = path
+            if path not in headers:
+                headers[path] = SafetensorsFile(path)
+            files[name] = headers[path]
         return files
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
@@ -88,8 +96,8 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"{model_dir}: no *.safetensors weight files found")
     files = {}
     for shard in shards:
-        for name in SafetensorsFile(shard).keys():
-            files[name] = shard
+        sf = SafetensorsFile(shard)
+        files.update(dict.fromkeys(sf.keys(), sf))
     return files
 
 
@@ -151,23 +159,16 @@ class SafetensorsFile:
     def keys(self):
         return self.tensors.keys()
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors[name][1]
-
     def nbytes(self, name: str) -> int:
         _, _, begin, end = self.tensors[name]
         return end - begin
 
-    def read(self, name: str, f=None) -> np.ndarray:
-        """Tensor ``name`` as a new array; ``f``: an open binary handle on the file to reuse."""
+    def read(self, name: str, f) -> np.ndarray:
+        """Tensor ``name`` as a new array, read through ``f``, an open binary handle on the file."""
         dtype, shape, begin, end = self.tensors[name]
         out = np.empty(shape, dtype)
         try:
-            if f is None:
-                with open(self.path, "rb") as g:
-                    got = _read_at(g, self.data_start + begin, out)
-            else:
-                got = _read_at(f, self.data_start + begin, out)
+            got = _read_at(f, self.data_start + begin, out)
         except OSError as e:
             raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read ({e})") from None
         if got != end - begin:
@@ -205,7 +206,7 @@ class _Prefetcher:
         self.thread.start()
 
     def _run(self):
-        handles: dict[Path, object] = {}
+        path, handle = None, None   # the file being read (items come in file order)
         try:
             for i, (sf, name) in enumerate(self.items):
                 size = sf.nbytes(name)
@@ -215,11 +216,11 @@ class _Prefetcher:
                     if self.stop:
                         return
                     self.in_flight += size
-                if sf.path not in handles:
-                    for h in handles.values():
-                        h.close()
-                    handles = {sf.path: open(sf.path, "rb")}
-                arr = sf.read(name, handles[sf.path])
+                if sf.path != path:
+                    if handle is not None:
+                        handle.close()
+                    path, handle = sf.path, open(sf.path, "rb")
+                arr = sf.read(name, handle)
                 with self.cond:
                     self.ready[i] = arr
                     self.cond.notify_all()
@@ -228,8 +229,8 @@ class _Prefetcher:
                 self.error = e
                 self.cond.notify_all()
         finally:
-            for h in handles.values():
-                h.close()
+            if handle is not None:
+                handle.close()
 
     def get(self, i: int) -> np.ndarray:
         with self.cond:
@@ -287,7 +288,7 @@ def _plan(model_dir: Path) -> _Plan:
     raw_cfg = read_json(cfg_path, what="config.json")
     cfg = LlamaConfig.from_dict(raw_cfg, source=str(cfg_path))
     bnb = _bnb_quant_config(raw_cfg, cfg_path)
-    files = find_weight_files(model_dir)
+    files = _weight_headers(model_dir)
 
     expected = expected_tensors(cfg)
     linear_names = {f"model.layers.{i}.{hf}.weight": (i, short)
@@ -319,21 +320,19 @@ def _plan(model_dir: Path) -> _Plan:
                               + "; ".join(parts))
 
     # every header is parsed and every shape and dtype checked before any tensor is read
-    headers: dict[Path, SafetensorsFile] = {}
     items: list[tuple[SafetensorsFile, str]] = []
-    for name, path in files.items():
+    for name, sf in files.items():
         if IGNORED_TENSORS.match(name):
             continue
-        sf = headers.get(path) or headers.setdefault(path, SafetensorsFile(path))
         if name not in sf.tensors:
-            raise CheckpointError(f"{path}: tensor {name!r} is listed in the index but not in the file")
+            raise CheckpointError(f"{sf.path}: tensor {name!r} is listed in the index but not in the file")
         if _owner_linear(name, bnb_linears) is None:
             dtype, shape = sf.tensors[name][:2]
             if shape != expected[name]:
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, but config.json "
+                raise CheckpointError(f"{sf.path}: tensor {name!r} has shape {list(shape)}, but config.json "
                                       f"implies {list(expected[name])}")
             if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, expected a float type "
+                raise CheckpointError(f"{sf.path}: tensor {name!r} has dtype {dtype}, expected a float type "
                                       "(a 4-bit tensor needs a bitsandbytes quantization_config)")
         items.append((sf, name))
     items.sort(key=lambda it: (str(it[0].path), it[0].tensors[it[1]][2]))   # file order: sequential reads
@@ -350,8 +349,7 @@ def load_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = False, 
     """
     model_dir = Path(model_dir)
     dt = _dtype(dtype)
-    plan = _plan(model_dir)
-    cfg, expected, linear_names, bnb_key_sets, items = plan
+    cfg, expected, linear_names, bnb_key_sets, items = _plan(model_dir)
     bnb_linears = set(bnb_key_sets)
     L = cfg.num_hidden_layers
     quantize = load_in_4bit or bool(bnb_linears)
@@ -418,8 +416,9 @@ def abstract_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = Fal
     """
     model_dir = Path(model_dir)
     dt = _dtype(dtype)
-    cfg, expected, linear_names, bnb_key_sets, items = _plan(model_dir)
-    if bnb_key_sets:
+    plan = _plan(model_dir)
+    cfg = plan.cfg
+    if plan.bnb_key_sets:
         raise CheckpointError(f"{model_dir}: abstract_checkpoint does not support pre-quantized bitsandbytes "
                               "checkpoints (their layout is in the quant state stored with the weights); "
                               "load them with load_checkpoint")
@@ -429,7 +428,7 @@ def abstract_checkpoint(model_dir, *, dtype="bfloat16", load_in_4bit: bool = Fal
               "layers": {"attn_norm": sds((L, d), dt), "mlp_norm": sds((L, d), dt)}}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = sds((v, d), dt)
-    file_dtype = {name: sf.tensors[name][0] for sf, name in items}
+    file_dtype = {name: sf.tensors[name][0] for sf, name in plan.items}
     stack = lambda a: sds((L, *a.shape), a.dtype)  # noqa: E731
     for short, shape in cfg.linear_shapes().items():
         if load_in_4bit:   # quantized from the file's dtype (layer 0's), as _place does

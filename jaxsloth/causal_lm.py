@@ -107,8 +107,14 @@ def abstract_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, ma
     from convert.load import abstract_checkpoint
 
     cfg, params, meta = abstract_checkpoint(path, dtype=dtype, load_in_4bit=load_in_4bit)
-    return CausalLM(config=cfg, params=params, dtype=meta["dtype"], max_seq_length=max_seq_length,
-                    source=meta["source"], quantized=meta["quantized"], implementation=implementation)
+    return _model(cfg, params, meta, None, max_seq_length, implementation)
+
+
+def _model(cfg, params, meta, tokenizer, max_seq_length, implementation) -> CausalLM:
+    """The CausalLM of load_checkpoint's / abstract_checkpoint's ``(config, params, meta)``."""
+    return CausalLM(config=cfg, params=params, dtype=meta["dtype"], tokenizer=tokenizer,
+                    max_seq_length=max_seq_length, source=meta["source"], quantized=meta["quantized"],
+                    implementation=implementation)
 
 
 def load_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, max_seq_length: int = 2048,
@@ -133,7 +139,5 @@ def load_model(path, dtype: str = "bfloat16", load_in_4bit: bool = False, max_se
         tokenizer = tok_future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a weights error is raised without waiting
-    model = CausalLM(config=cfg, params=params, dtype=meta["dtype"], tokenizer=tokenizer,
-                     max_seq_length=max_seq_length, source=meta["source"], quantized=meta["quantized"],
-                     implementation=implementation)
+    model = _model(cfg, params, meta, tokenizer, max_seq_length, implementation)
     return model, tokenizer
