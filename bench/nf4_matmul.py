@@ -159,25 +159,38 @@ def _sweep_plans(mod):
          ("small", "fwd+bwd", P("fused", "xla", **tc16))]
   # M=1: CUDA-core GEMV, [bn, chunk, 32] code tiles, scales decoded in the kernel; pf: the next
   # step's tiles are loaded before this step's math
+  # (session 4's sweep of 14 GEMV tilings, winner f32 16 x 8 prefetched, kept as controls)
   for decode, bn, chunk, warps, pf in (
-      ("pair", 8, 16, 4, False), ("f32", 8, 16, 4, False), ("pair", 8, 32, 4, False),
-      ("pair", 8, 16, 4, True), ("f32", 8, 16, 4, True), ("pair", 8, 8, 4, True),
-      ("pair", 16, 8, 4, True), ("pair", 4, 16, 4, True), ("pair", 8, 32, 8, True),
-      ("f32", 16, 8, 4, True), ("pair", 4, 32, 4, True), ("pair", 8, 4, 4, True),
-      ("pair", 16, 16, 8, True), ("f32", 4, 16, 2, True)):
+      ("f32", 16, 8, 4, True), ("pair", 8, 16, 4, True), ("f32", 8, 16, 4, True)):
     out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, bn=bn, chunk=chunk,
                                unroll=1, num_warps=warps, prefetch=pf)))
+  # session 6: PTX byte-permute decode (no table) in the GEMV; tensor cores at M=1 with the
+  # decoded W as the dot's left operand (x padded to 16 rows)
+  for bn, chunk, warps in ((16, 8, 4), (8, 16, 4), (4, 16, 4), (16, 16, 8), (32, 8, 8)):
+    out.append(("m1", "fwd", P("fused", "xla", decode="prmt", gemv=True, bn=bn, chunk=chunk,
+                               unroll=1, num_warps=warps, prefetch=True)))
+  for decode, bn, chunk, warps in (("prmt", 64, 4, 4), ("prmt", 128, 4, 8), ("f32", 64, 4, 4)):
+    out.append(("m1", "fwd", P("fused", "xla", decode=decode, w_lhs=True, bn=bn, chunk=chunk,
+                               unroll=1, x_split=True, num_warps=warps, prefetch=True)))
   for bwd_bn in (64, 128):
-    for decode in ("select", "pair"):
+    for decode in ("select", "pair", "prmt"):
       out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode, **gemv1)))
   # M=16: tensor-core dots over [bn, chunk * 32] tiles (x split into even/odd columns by XLA)
+  # (session 4's sweep of 8 tilings, winner select 128 x 4 / 8 warps, kept as controls)
   for decode, bn, chunk, warps, pf in (
-      ("select", 128, 4, 8, False), ("select", 128, 4, 8, True), ("select", 64, 4, 4, True),
-      ("select", 128, 2, 8, True), ("select", 128, 8, 8, False), ("pair", 128, 4, 8, True),
-      ("select", 64, 2, 4, True), ("select", 256, 2, 8, True)):
+      ("select", 128, 4, 8, False), ("pair", 128, 4, 8, True)):
     out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, chunk=chunk, unroll=1,
                                   x_split=True, num_warps=warps, prefetch=pf)))
-  for decode in ("select", "pair"):
+  # session 6: the decoded W as the dot's left operand (wgmma may read it from registers)
+  for decode, bn, chunk, warps, pf in (
+      ("prmt", 128, 4, 8, False), ("prmt", 128, 4, 4, True), ("prmt", 64, 4, 4, True),
+      ("prmt", 64, 8, 4, False), ("select", 128, 4, 8, False), ("f32", 128, 4, 8, False),
+      ("pair", 64, 4, 4, True), ("prmt", 256, 2, 8, False)):
+    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, chunk=chunk, unroll=1,
+                                  x_split=True, num_warps=warps, prefetch=pf, w_lhs=True)))
+  out.append(("small", "fwd", P("fused", "xla", decode="prmt", gemv=True, bn=16, chunk=8,
+                                unroll=1, num_warps=4, prefetch=True)))
+  for decode in ("select", "pair", "prmt"):
     for bn in (64, 128):
       out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
   # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
@@ -232,7 +245,7 @@ def run_sweep(fh, deadline, buckets=None):
     if bucket == "large":   # both passes dequantize the same way
       bw = dataclasses.replace(f, bwd=f.fwd)
     tuned[bucket] = dataclasses.asdict(dataclasses.replace(
-        f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, gemv=f.gemv or bw.gemv,
+        f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, bwd_gemv=bw.gemv,
         bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps))
   _emit(fh, section="sweep", tuned=tuned)
   with open(os.path.join(os.path.dirname(fh.name), "tuned.json"), "w") as f:
@@ -412,7 +425,7 @@ def sweep_report(recs) -> str:
     for ms, plan in v[:3] + [t for t in v if t[1]["fwd"] == "xla"][:1]:
       short = {k: plan.get(k) for k in ("fwd", "bwd", "decode", "bn", "chunk", "unroll",
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
-                                        "num_warps", "dq_bn", "dq_blocks")}
+                                        "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:

@@ -74,7 +74,8 @@ class Plan:
   fwd: str = "xla"
   bwd: str = "xla"
   decode: str = "f32"        # "f32": two 16-entry f32 lookups per byte; "pair": one u32 lookup of
-                             # two bf16-rounded values per byte; "select": a where-tree, no lookup
+                             # two bf16-rounded values per byte; "select": a where-tree, no lookup;
+                             # "prmt": PTX byte permutes to the "pair" words, no table (fused)
   bn: int = 64               # fused fwd: rows of W per program
   split: int = 0             # fused fwd split-K / bwd split-N (0: enough programs for 2 per SM)
   chunk: int = 1             # fused fwd: quantization blocks per loop step ([bn, chunk, P] tile)
@@ -89,8 +90,12 @@ class Plan:
                              # instead of stride-2 loads in the kernel
   gemv: bool = False         # fused, M <= GEMV_MAX_M (bwd: M == 1): CUDA-core multiplies and
                              # reductions, no tensor-core dot
-  bwd_decode: str | None = None     # the fused bwd's own decode / num_warps (None: as the fwd)
-  bwd_num_warps: int | None = None
+  bwd_decode: str | None = None     # the fused bwd's own decode / num_warps / gemv (None: as
+  bwd_num_warps: int | None = None  # the fwd)
+  bwd_gemv: bool | None = None
+  w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
+                             # operand (Hopper's wgmma may take it from registers; as the right
+                             # operand it must be staged through shared memory)
 
 
 FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
@@ -146,7 +151,7 @@ def _tables(decode: str):
     b16 = _quant().NF4_CODE.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
     b = np.arange(256)
     return jnp.asarray((b16[b >> 4] << 16) | b16[b & 15], jnp.uint32)   # [256] u32
-  if decode == "select":
+  if decode in ("select", "prmt"):
     return jnp.zeros((16,), jnp.float32)                           # unused placeholder
   raise ValueError(f"unknown decode {decode!r}")
 
@@ -166,12 +171,91 @@ def _decode(c, lut_ref, decode: str):
   ci = c.astype(jnp.int32)
   if decode == "f32":
     return lut_ref[ci >> 4], lut_ref[ci & 15]
-  if decode == "pair":
-    v = lut_ref[ci]
+  if decode in ("pair", "prmt"):
+    v = lut_ref[ci] if decode == "pair" else _decode_prmt(c)
     hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
     lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
     return hi, lo
   return _select_tree(ci >> 4), _select_tree(ci & 15)
+
+
+# ----------------------------------------------------------------------------- byte-permute decode
+# decode="prmt" (fused kernels): the 16 NF4 values rounded to bf16 and split into a low-byte and a
+# high-byte plane of 16 bytes (4 words each). PTX `prmt` picks 4 bytes out of 8 by 4 selector
+# nibbles, using 3 index bits (a set 4th bit means sign replication), so one plane lookup of 4
+# nibbles is two prmt (codes 0-7 and 8-15, by the index bits) and a third choosing each byte from
+# one or the other by the nibble's bit 3. The low 16 bits of a code word are already 4 selector
+# nibbles: (lo, hi) of byte 0, then of byte 1. Two more prmt interleave the planes into one word per
+# code byte, (bf16 of the high nibble) << 16 | (bf16 of the low nibble), the layout of the "pair"
+# table. About 25 instructions per 8 values, against a 256-entry table gather (address arithmetic
+# and a load per byte) or a 4-level select tree (15 selects per value).
+# (One output only: Pallas' lowering of a multi-result inline asm returns one value in jax 0.10.)
+# Off the GPU (interpret mode) the same lookups run through `_prmt` in jnp, so the tables and the
+# selector arithmetic are tested on CPU; the PTX string itself only on the GPU.
+
+
+def _prmt_planes():
+  """(low-byte plane, high-byte plane): 4 little-endian words each, word j = codes 4j..4j+3."""
+  b16 = _quant().NF4_CODE.astype(jnp.bfloat16).view(np.uint16)
+  words = lambda plane: [int.from_bytes(bytes(int(v) for v in plane[4 * j:4 * j + 4]), "little")
+                         for j in range(4)]
+  return words(b16 & 0xFF), words(b16 >> 8)
+
+
+def _prmt_asm() -> str:
+  """PTX: 4 code bytes in $4 -> one word per byte in $0..$3 (high-nibble bf16 in the upper half)."""
+  lo, hi = _prmt_planes()
+  regs = ".reg .b32 s, t, u, a, b, L, H, l0, l1, l2, l3, h0, h1, h2, h3;"
+  consts = " ".join(f"mov.b32 l{j}, {lo[j]:#010x}; mov.b32 h{j}, {hi[j]:#010x};" for j in range(4))
+  body = []
+  for half, outs in enumerate((("$0", "$1"), ("$2", "$3"))):
+    src = "$4"
+    if half == 1:
+      body.append("shr.b32 u, $4, 16;")
+      src = "u"
+    body.append(f"and.b32 s, {src}, 0x7777; shr.b32 t, {src}, 1; and.b32 t, t, 0x4444; "
+                "or.b32 t, t, 0x3210;")
+    body.append("prmt.b32 a, l0, l1, s; prmt.b32 b, l2, l3, s; prmt.b32 L, a, b, t;")
+    body.append("prmt.b32 a, h0, h1, s; prmt.b32 b, h2, h3, s; prmt.b32 H, a, b, t;")
+    body.append(f"prmt.b32 {outs[0]}, L, H, 0x5140; prmt.b32 {outs[1]}, L, H, 0x7362;")
+  return "{ " + regs + " " + consts + " " + " ".join(body) + " }"
+
+
+def _prmt(a, b, sel):
+  """PTX prmt.b32 (default mode) on uint32 arrays: 4 bytes of {b, a} chosen by sel's nibbles."""
+  out = jnp.zeros_like(a)
+  for i in range(4):
+    nib = (sel >> (4 * i)) & 15
+    idx = nib & 7
+    src = jnp.where(idx < 4, a, b)
+    byte = (src >> (8 * (idx & 3))) & 0xFF
+    byte = jnp.where(nib & 8, jnp.where(byte & 0x80, jnp.uint32(0xFF), jnp.uint32(0)), byte)
+    out = out | (byte << (8 * i))
+  return out
+
+
+def _prmt_decode_emulated(c):
+  """The PTX's lookups in jnp, one code byte at a time: uint32 words as `_decode_prmt` gives."""
+  lo, hi = _prmt_planes()
+  u = lambda v: jnp.full(c.shape, v, jnp.uint32)
+  r = c.astype(jnp.uint32)                      # nibble 0 = low nibble, nibble 1 = high nibble
+  s = r & 0x77
+  t = ((r >> 1) & 0x44) | 0x10
+  lp = _prmt(_prmt(u(lo[0]), u(lo[1]), s), _prmt(u(lo[2]), u(lo[3]), s), t)
+  hp = _prmt(_prmt(u(hi[0]), u(hi[1]), s), _prmt(u(hi[2]), u(hi[3]), s), t)
+  return _prmt(lp, hp, u(0x5140))
+
+
+def _decode_prmt(c):
+  """uint8 codes -> uint32 words (bf16 of the high nibble << 16 | bf16 of the low nibble): the
+  PTX on the GPU, its jnp emulation in interpret mode."""
+  if _common.interpret():
+    return _prmt_decode_emulated(c)
+  from jax.experimental.pallas import triton as pltriton
+  [w] = pltriton.elementwise_inline_asm(
+      _prmt_asm(), args=[c], constraints="=r,=r,=r,=r,r", pack=4,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.uint32)])
+  return w
 
 
 def _call(kernel, out_shape, grid, plan: Plan, name: str):
@@ -282,7 +366,7 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
 # share of K, `chunk` quantization blocks per step, codes loaded as a [bn, chunk, P] tile.
 
 def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype, gemv, m,
-                      x_split, prefetch):
+                      x_split, prefetch, w_lhs):
   """y[:, rows] over this program's K range.
 
   gemv=False: tensor-core dots of x's even/odd columns with the decoded high/low-nibble tiles
@@ -319,6 +403,7 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
         part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
         new.append(acc[i] + jnp.sum(part * a, axis=1))
       return tuple(new)
+    hi, lo = _decode(c, lut_ref, decode)
     a = a[:, :, None]
     we = (hi * a).reshape(bn, width).astype(cdtype)
     wo = (lo * a).reshape(bn, width).astype(cdtype)
@@ -327,8 +412,12 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
     else:
       xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
       xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
-    acc += jax.lax.dot_general(xe, we, dims, preferred_element_type=jnp.float32)
-    acc += jax.lax.dot_general(xo, wo, dims, preferred_element_type=jnp.float32)
+    if w_lhs:    # acc [bn, Mp]
+      acc += jax.lax.dot_general(we, xe, dims, preferred_element_type=jnp.float32)
+      acc += jax.lax.dot_general(wo, xo, dims, preferred_element_type=jnp.float32)
+    else:        # acc [Mp, bn]
+      acc += jax.lax.dot_general(xe, we, dims, preferred_element_type=jnp.float32)
+      acc += jax.lax.dot_general(xo, wo, dims, preferred_element_type=jnp.float32)
     return acc
 
   def loop(acc):
@@ -352,8 +441,12 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
       o_ref[s, i, rows] = acc[i].astype(o_ref.dtype)
   else:
     mp = (xe_ref if x_split else x_ref).shape[0]
-    acc = loop(jnp.zeros((mp, bn), jnp.float32))
-    o_ref[s, :, rows] = acc.astype(o_ref.dtype)
+    if w_lhs:    # output [split, N, Mp]: y transposed
+      acc = loop(jnp.zeros((bn, mp), jnp.float32))
+      o_ref[s, rows, :] = acc.astype(o_ref.dtype)
+    else:
+      acc = loop(jnp.zeros((mp, bn), jnp.float32))
+      o_ref[s, :, rows] = acc.astype(o_ref.dtype)
 
 
 GEMV_MAX_M = 16     # the CUDA-core body keeps one accumulator per row of x
@@ -375,6 +468,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   codes, sc = _prepared(w, n_pad)
   codes = codes.reshape(n_pad, nb, p)
   x_split = plan.x_split and not gemv
+  w_lhs = plan.w_lhs and not gemv
   if gemv:
     mp = m
     xs = (x2.reshape(m * nb, 2 * p),)
@@ -385,13 +479,16 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
                              unroll=unroll, dq=w.double_quant, decode=plan.decode,
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
-                             prefetch=plan.prefetch)
+                             prefetch=plan.prefetch, w_lhs=w_lhs)
   # one K split: the program writes y in x's dtype; else f32 partials that XLA sums
   out_dtype = x2.dtype if split == 1 else jnp.float32
-  part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), out_dtype),
+  shape = (split, n_pad, mp) if w_lhs else (split, mp, n_pad)
+  part = _call(kernel, jax.ShapeDtypeStruct(shape, out_dtype),
                (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
                                                                     _tables(plan.decode))
   y = part[0] if split == 1 else part.sum(0)
+  if w_lhs:
+    y = y.T
   return y[:m, :n].astype(x2.dtype)
 
 
@@ -416,6 +513,7 @@ def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, de
       ga = g[:, None] * a
       return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
     g = dy_ref[:, pl.ds(r0, bn)]
+    hi, lo = _decode(c, lut_ref, decode)
     acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
     acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
     return acc_e, acc_o
@@ -436,7 +534,7 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
   k = w.shape[1]
   p = w.blocksize // 2
   nb = k // w.blocksize
-  gemv = plan.gemv and m == 1
+  gemv = (plan.gemv if plan.bwd_gemv is None else plan.bwd_gemv) and m == 1
   mp = 1 if gemv else max(16, _common.next_pow2(m))
   bn = min(plan.bwd_bn, max(16, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn

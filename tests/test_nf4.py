@@ -19,6 +19,7 @@ import pytest
 from convert.bnb import BnbFormatError, bnb_keys, nf4_from_bnb_tensors
 from jaxsloth.quant import (DYNAMIC_MAP, NF4, NF4_CODE, dequantize_absmax, dequantize_nf4,
                             nf4_nbytes, quantize_nf4, stack_nf4, unstack_nf4)
+from pallas_kernels import nf4_matmul as nf4_mod
 from pallas_kernels.nf4_matmul import (Plan, nf4_dequantize_pallas, nf4_matmul,
                                        nf4_matmul_reference)
 
@@ -220,6 +221,14 @@ PLANS = {
                           prefetch=True, bwd_bn=16),
     "chunk-prefetch": Plan("fused", "fused", decode="pair", bn=16, chunk=1, prefetch=True,
                            x_split=True, bwd_bn=16),
+    # y.T = W @ x.T: the decoded W is the dot's left operand, output written transposed
+    "wlhs-select": Plan("fused", "fused", decode="select", bn=16, chunk=2, unroll=1,
+                        x_split=True, w_lhs=True, bwd_bn=16),
+    # PTX byte-permute decode (its jnp emulation in interpret mode)
+    "wlhs-prmt": Plan("fused", "fused", decode="prmt", bn=16, chunk=2, unroll=1, x_split=True,
+                      w_lhs=True, bwd_bn=16),
+    "gemv-prmt": Plan("fused", "fused", decode="prmt", gemv=True, bn=8, chunk=2, prefetch=True,
+                      bwd_bn=16),
 }
 # (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
 SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
@@ -281,6 +290,32 @@ def test_kernels_lower_for_the_gpu(plan, monkeypatch):
   args = (jnp.ones((m, 256), jnp.bfloat16), jnp.ones((m, 96), jnp.bfloat16))
   text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in text          # the kernels went through Triton, not the interpreter
+
+
+def test_prmt_follows_ptx_semantics():
+  """The emulation of PTX prmt.b32 (default mode): byte i of the result is byte (nibble i & 7) of
+  {b, a}, or that byte's sign replicated when the nibble's bit 3 is set."""
+  a, b = jnp.uint32(0x33221100), jnp.uint32(0xF7E6D5C4)
+  assert int(nf4_mod._prmt(a, b, jnp.uint32(0x3210))) == 0x33221100
+  assert int(nf4_mod._prmt(a, b, jnp.uint32(0x7654))) == 0xF7E6D5C4
+  assert int(nf4_mod._prmt(a, b, jnp.uint32(0x0415))) == 0x00C411D5
+  assert int(nf4_mod._prmt(a, b, jnp.uint32(0x8C0F))) == 0x00FF00FF   # signs of 0xF7, -, 0xC4, 0x00
+
+
+def test_prmt_decode_is_the_bf16_codebook():
+  """Every byte: the byte-permute lookups give the "pair" table's word (bf16 NF4 value of the high
+  nibble << 16 | of the low nibble), and the PTX holds the same planes."""
+  b = jnp.arange(256, dtype=jnp.int32)
+  words = nf4_mod._prmt_decode_emulated(b.astype(jnp.uint8))
+  np.testing.assert_array_equal(np.asarray(words), np.asarray(nf4_mod._tables("pair")))
+  code = NF4_CODE.astype(jnp.bfloat16).astype(np.float32)
+  hi = (np.asarray(words) & np.uint32(0xFFFF0000)).view(np.float32)
+  np.testing.assert_array_equal(hi, code[np.arange(256) >> 4])
+  asm = nf4_mod._prmt_asm()
+  lo_w, hi_w = nf4_mod._prmt_planes()
+  for j in range(4):
+    assert f"mov.b32 l{j}, {lo_w[j]:#010x};" in asm and f"mov.b32 h{j}, {hi_w[j]:#010x};" in asm
+  assert asm.count("prmt.b32") == 16 and asm.count("0x5140") == 2
 
 
 def test_pallas_dequant_is_bit_identical_to_xla():
@@ -395,7 +430,7 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", ["fused-select", "gemv-select", "split-pair", "dequant-f32",
                                   "chunk-select", "gemv-pair-chunk", "gemv-prefetch",
-                                  "chunk-prefetch"])
+                                  "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
