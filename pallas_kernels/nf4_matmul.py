@@ -207,12 +207,8 @@ def _prmt_asm() -> str:
   lo, hi = _prmt_planes()
   regs = ".reg .b32 s, t, u, a, b, L, H, l0, l1, l2, l3, h0, h1, h2, h3;"
   consts = " ".join(f"mov.b32 l{j}, {lo[j]:#010x}; mov.b32 h{j}, {hi[j]:#010x};" for j in range(4))
-  body = []
-  for half, outs in enumerate((("$0", "$1"), ("$2", "$3"))):
-    src = "$4"
-    if half == 1:
-      body.append("shr.b32 u, $4, 16;")
-      src = "u"
+  body = ["shr.b32 u, $4, 16;"]   # the input is read before any output is written
+  for src, outs in (("$4", ("$0", "$1")), ("u", ("$2", "$3"))):
     body.append(f"and.b32 s, {src}, 0x7777; shr.b32 t, {src}, 1; and.b32 t, t, 0x4444; "
                 "or.b32 t, t, 0x3210;")
     body.append("prmt.b32 a, l0, l1, s; prmt.b32 b, l2, l3, s; prmt.b32 L, a, b, t;")
@@ -252,10 +248,11 @@ def _decode_prmt(c):
   if _common.interpret():
     return _prmt_decode_emulated(c)
   from jax.experimental.pallas import triton as pltriton
+  # (Triton's op takes signless integers: the result is declared int32 and reinterpreted)
   [w] = pltriton.elementwise_inline_asm(
       _prmt_asm(), args=[c], constraints="=r,=r,=r,=r,r", pack=4,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.uint32)])
-  return w
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.int32)])
+  return jax.lax.bitcast_convert_type(w, jnp.uint32)
 
 
 def _call(kernel, out_shape, grid, plan: Plan, name: str):

@@ -284,6 +284,15 @@ def test_kernels_lower_for_the_gpu(plan, monkeypatch):
   """The Triton lowering (not the interpreter) accepts every kernel, fwd and bwd: catches Pallas
   ops without a Triton rule on a CPU machine (Triton's own compile still needs the GPU)."""
   monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
+  # every Triton module is also run through MLIR's verifier (op and type constraints), which the
+  # GPU would otherwise be first to apply (an unsigned inline-asm result failed only there)
+  from jax._src.pallas.triton import pallas_call_registration as reg
+  lower = reg.lowering.lower_jaxpr_to_triton_module
+  def verified(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    result.module.operation.verify()
+    return result
+  monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", verified)
   q = quantize_nf4(_weight(96, 256, seed=10))
   m = 1 if plan.startswith("gemv") else 7
   f = jax.jit(lambda x, dy: jax.vjp(lambda x: nf4_matmul(x, q, plan=PLANS[plan]), x)[1](dy))
