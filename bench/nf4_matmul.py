@@ -148,56 +148,42 @@ class JaxBench:
 
 
 def _sweep_plans(mod):
-  """(bucket, pass, plan) candidates. Buckets: m1 (M=1), small (M=16), large (M=4096)."""
+  """(bucket, pass, plan) candidates. Buckets: m1 (M=1), small (M=16), large (M=4096).
+
+  History (bench/RESULTS.md "NF4 matmul"): session 4 swept 14 GEMV tilings at M=1 (f32 table,
+  16 x 8 prefetched won) and 8 tensor-core tilings at M=16 (select tree, 128 x 4, 8 warps won);
+  session 6 added the PTX byte-permute decode ("prmt"), which won both buckets (M=1: 0.0246 vs
+  0.0288 ms; M=16 with the decoded W as the dot's left operand: 0.0468 vs 0.0955 ms), and the
+  FMA-accumulating GEMV. This list keeps the winners and their neighbours.
+  """
   P = mod.Plan
-  tc16 = dict(decode="select", bn=128, unroll=1)       # session 1's M=16 winner
-  gemv1 = dict(decode="pair", gemv=True, bn=16, chunk=8, unroll=1)
+  tc16 = dict(decode="prmt", bn=64, chunk=4, unroll=1, x_split=True, w_lhs=True, prefetch=True)
+  gemv1 = dict(decode="prmt", gemv=True, bn=16, chunk=8, unroll=1, prefetch=True)
   # bwd candidates all run the same fused fwd, so no dequant is shared (CSE) between the passes
   out = [("m1", "fwd", P("xla", "xla")), ("small", "fwd", P("xla", "xla")),
          ("large", "fwd", P("xla", "xla")),
          ("m1", "fwd+bwd", P("fused", "xla", **gemv1)),
          ("small", "fwd+bwd", P("fused", "xla", **tc16))]
-  # M=1: CUDA-core GEMV, [bn, chunk, 32] code tiles, scales decoded in the kernel; pf: the next
-  # step's tiles are loaded before this step's math
-  # (session 4's sweep of 14 GEMV tilings, winner f32 16 x 8 prefetched, kept as controls)
-  for decode, bn, chunk, warps, pf in (
-      ("f32", 16, 8, 4, True), ("pair", 8, 16, 4, True), ("f32", 8, 16, 4, True)):
-    out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, bn=bn, chunk=chunk,
-                               unroll=1, num_warps=warps, prefetch=pf)))
-  # session 6: PTX byte-permute decode (no table) in the GEMV; tensor cores at M=1 with the
-  # decoded W as the dot's left operand (x padded to 16 rows)
-  for bn, chunk, warps in ((16, 8, 4), (8, 16, 4), (4, 16, 4), (16, 16, 8), (32, 8, 8)):
-    out.append(("m1", "fwd", P("fused", "xla", decode="prmt", gemv=True, bn=bn, chunk=chunk,
-                               unroll=1, num_warps=warps, prefetch=True)))
-  for decode, bn, chunk, warps in (("prmt", 64, 4, 4), ("prmt", 128, 4, 8), ("f32", 64, 4, 4)):
-    out.append(("m1", "fwd", P("fused", "xla", decode=decode, w_lhs=True, bn=bn, chunk=chunk,
-                               unroll=1, x_split=True, num_warps=warps, prefetch=True)))
-  for bwd_bn in (64, 128):
-    for decode in ("select", "pair", "prmt"):
+  # M=1: CUDA-core GEMV over [bn, chunk, 32] code tiles, the next step's tiles prefetched; fma:
+  # elementwise FMAs into a [bn, chunk, 32] accumulator, reduced once at the end
+  out.append(("m1", "fwd", P("fused", "xla", **gemv1)))
+  for decode, bn, chunk, warps in (("prmt", 16, 8, 4), ("prmt", 8, 8, 4), ("prmt", 16, 4, 4),
+                                   ("prmt", 8, 16, 4), ("prmt", 32, 4, 8), ("f32", 16, 8, 4)):
+    out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, gemv_fma=True, bn=bn,
+                               chunk=chunk, unroll=1, num_warps=warps, prefetch=True)))
+  for bwd_bn in (128, 256):
+    for decode in ("pair", "prmt"):
       out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode, **gemv1)))
-  # M=16: tensor-core dots over [bn, chunk * 32] tiles (x split into even/odd columns by XLA)
-  # (session 4's sweep of 8 tilings, winner select 128 x 4 / 8 warps, kept as controls)
-  for decode, bn, chunk, warps, pf in (
-      ("select", 128, 4, 8, False), ("pair", 128, 4, 8, True)):
-    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, chunk=chunk, unroll=1,
-                                  x_split=True, num_warps=warps, prefetch=pf)))
-  # session 6: the decoded W as the dot's left operand (wgmma may read it from registers)
-  for decode, bn, chunk, warps, pf in (
-      ("prmt", 128, 4, 8, False), ("prmt", 128, 4, 4, True), ("prmt", 64, 4, 4, True),
-      ("prmt", 64, 8, 4, False), ("select", 128, 4, 8, False), ("f32", 128, 4, 8, False),
-      ("pair", 64, 4, 4, True), ("prmt", 256, 2, 8, False)):
-    out.append(("small", "fwd", P("fused", "xla", decode=decode, bn=bn, chunk=chunk, unroll=1,
-                                  x_split=True, num_warps=warps, prefetch=pf, w_lhs=True)))
-  out.append(("small", "fwd", P("fused", "xla", decode="prmt", gemv=True, bn=16, chunk=8,
-                                unroll=1, num_warps=4, prefetch=True)))
-  for decode in ("select", "pair", "prmt"):
-    for bn in (64, 128):
-      out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
+  # M=16: tensor-core dots of the decoded W (left operand) with x's even/odd columns
+  for bn, chunk, warps in ((64, 4, 4), (64, 8, 4), (32, 4, 4), (64, 2, 4), (64, 4, 8),
+                           (128, 2, 4), (32, 8, 4)):
+    out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=chunk,
+                                                          num_warps=warps))))
+  for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
+    out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
   # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
   for decode in ("select", "f32"):
-    for dq_bn, dq_blocks in ((16, 4), (32, 8), (16, 8)):
-      out.append(("large", "fwd", P("dequant", "dequant", decode=decode, dq_bn=dq_bn,
-                                    dq_blocks=dq_blocks)))
+    out.append(("large", "fwd", P("dequant", "dequant", decode=decode, dq_bn=16, dq_blocks=4)))
   return out
 
 
@@ -425,7 +411,8 @@ def sweep_report(recs) -> str:
     for ms, plan in v[:3] + [t for t in v if t[1]["fwd"] == "xla"][:1]:
       short = {k: plan.get(k) for k in ("fwd", "bwd", "decode", "bn", "chunk", "unroll",
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
-                                        "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv")}
+                                        "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv",
+                                        "gemv_fma")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:

@@ -93,6 +93,8 @@ class Plan:
   bwd_decode: str | None = None     # the fused bwd's own decode / num_warps / gemv (None: as
   bwd_num_warps: int | None = None  # the fwd)
   bwd_gemv: bool | None = None
+  gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
+                             # across steps (explicit fma.rn.f32), reduced once at the end
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
                              # operand (Hopper's wgmma may take it from registers; as the right
                              # operand it must be staged through shared memory)
@@ -102,18 +104,19 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
-# Sweep of 2026-11-27 (session 4, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
-# M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, f32-table decode, the next tile prefetched,
-# 0.0287 ms (bf16 dot 0.043; the tensor-core fused kernel 0.117; XLA dequant+dot 0.125; the
-# pair-table decode and no prefetch within 1-7%). M=16: tensor-core dots over [128, 4 x 32] tiles,
-# select-tree decode, x split by XLA, 8 warps, 0.096 ms (XLA 0.127; prefetch slower here: 0.17).
-# Backward (fwd+bwd at M=1 and 16): 128-row steps with the bf16-pair table. M > 16: the Pallas
+# Sweep of 2026-11-27 (session 6, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
+# M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, PTX byte-permute decode, the next tile
+# prefetched, 0.0246 ms (f32 table 0.0288; bf16 dot 0.043; XLA dequant+dot 0.126). M=16: tensor-core
+# dots with the decoded W as the left operand over [64, 4 x 32] tiles, byte-permute decode, 4 warps,
+# 0.0468 ms (session 4's select tree with W as the right operand 0.0955; bf16 dot 0.0485; XLA
+# 0.129). Backward: 128-row steps, bf16-pair table at M=1, byte permutes at M=16. M > 16: the Pallas
 # dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096.
 TUNED: dict[str, Plan] = {
-    "m1": Plan("fused", "fused", decode="f32", gemv=True, bn=16, chunk=8, unroll=1, prefetch=True,
-               bwd_bn=128, bwd_decode="pair"),
-    "small": Plan("fused", "fused", decode="select", bn=128, chunk=4, unroll=1, x_split=True,
-                  num_warps=8, bwd_bn=128, bwd_decode="pair", bwd_num_warps=4),
+    "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
+               prefetch=True, bwd_bn=128, bwd_decode="pair"),
+    "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=4, unroll=1, x_split=True,
+                  w_lhs=True, prefetch=True, num_warps=4, bwd_bn=128, bwd_decode="prmt",
+                  bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 
@@ -255,6 +258,19 @@ def _decode_prmt(c):
   return jax.lax.bitcast_convert_type(w, jnp.uint32)
 
 
+def _fma(a, b, c):
+  """a * b + c in f32 as one fma.rn.f32 on the GPU (the Triton path here does not contract
+  mul + add: an ncu profile of the GEMV counted 0 fused of 15.5M FP32 instructions)."""
+  a, b, c = jnp.broadcast_arrays(a, b, c)
+  if _common.interpret():
+    return a * b + c
+  from jax.experimental.pallas import triton as pltriton
+  [d] = pltriton.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+  return d
+
+
 def _call(kernel, out_shape, grid, plan: Plan, name: str):
   return _common.pallas_call(kernel, out_shape=out_shape, grid=grid, num_warps=plan.num_warps,
                              num_stages=plan.num_stages, name=name)
@@ -363,7 +379,7 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
 # share of K, `chunk` quantization blocks per step, codes loaded as a [bn, chunk, P] tile.
 
 def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype, gemv, m,
-                      x_split, prefetch, w_lhs):
+                      x_split, prefetch, w_lhs, gemv_fma):
   """y[:, rows] over this program's K range.
 
   gemv=False: tensor-core dots of x's even/odd columns with the decoded high/low-nibble tiles
@@ -391,6 +407,10 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
     b0 = (s * steps + t) * chunk
     hi, lo = _decode(c, lut_ref, decode)
     a = _scale_values(sc, a_raw, r0, bn, b0, chunk, nb, dq)            # [bn, chunk] f32
+    if gemv and gemv_fma:   # M == 1: elementwise FMAs into [bn, chunk, P], one reduction at the end
+      xe = x_ref[pl.ds(b0, chunk), pl.ds(0, p, stride=2)].astype(jnp.float32)
+      xo = x_ref[pl.ds(b0, chunk), pl.ds(1, p, stride=2)].astype(jnp.float32)
+      return (_fma(_fma(hi, xe[None], lo * xo[None]), a[:, :, None], acc[0]),)
     if gemv:
       new = []
       for i in range(m):
@@ -400,7 +420,6 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
         part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
         new.append(acc[i] + jnp.sum(part * a, axis=1))
       return tuple(new)
-    hi, lo = _decode(c, lut_ref, decode)
     a = a[:, :, None]
     we = (hi * a).reshape(bn, width).astype(cdtype)
     wo = (lo * a).reshape(bn, width).astype(cdtype)
@@ -432,7 +451,10 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
     return jax.lax.fori_loop(0, steps // unroll, body, acc)
 
   rows = pl.ds(r0, bn)
-  if gemv:
+  if gemv and gemv_fma:
+    acc = loop((jnp.zeros((bn, chunk, p), jnp.float32),))
+    o_ref[s, 0, rows] = jnp.sum(acc[0], axis=(1, 2)).astype(o_ref.dtype)
+  elif gemv:
     acc = loop(tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
     for i in range(m):
       o_ref[s, i, rows] = acc[i].astype(o_ref.dtype)
@@ -476,7 +498,8 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
                              unroll=unroll, dq=w.double_quant, decode=plan.decode,
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
-                             prefetch=plan.prefetch, w_lhs=w_lhs)
+                             prefetch=plan.prefetch, w_lhs=w_lhs,
+                             gemv_fma=plan.gemv_fma and gemv and m == 1)
   # one K split: the program writes y in x's dtype; else f32 partials that XLA sums
   out_dtype = x2.dtype if split == 1 else jnp.float32
   shape = (split, n_pad, mp) if w_lhs else (split, mp, n_pad)

@@ -227,6 +227,8 @@ PLANS = {
     # PTX byte-permute decode (its jnp emulation in interpret mode)
     "wlhs-prmt": Plan("fused", "fused", decode="prmt", bn=16, chunk=2, unroll=1, x_split=True,
                       w_lhs=True, bwd_bn=16),
+    "gemv-fma": Plan("fused", "fused", decode="prmt", gemv=True, gemv_fma=True, bn=8, chunk=2,
+                     prefetch=True, bwd_bn=16),
     "gemv-prmt": Plan("fused", "fused", decode="prmt", gemv=True, bn=8, chunk=2, prefetch=True,
                       bwd_bn=16),
 }
@@ -439,7 +441,8 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", ["fused-select", "gemv-select", "split-pair", "dequant-f32",
                                   "chunk-select", "gemv-pair-chunk", "gemv-prefetch",
-                                  "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt"])
+                                  "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt",
+                                  "gemv-fma"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
