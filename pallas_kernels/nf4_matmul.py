@@ -113,9 +113,9 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 # dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096.
 TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
-               prefetch=True, bwd_bn=128, bwd_decode="pair"),
-    "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=4, unroll=1, x_split=True,
-                  w_lhs=True, prefetch=True, num_warps=4, bwd_bn=128, bwd_decode="prmt",
+               prefetch=True, bwd_bn=256, bwd_decode="pair"),
+    "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
+                  w_lhs=True, prefetch=True, num_warps=4, bwd_bn=256, bwd_decode="prmt",
                   bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
