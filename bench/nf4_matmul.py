@@ -177,11 +177,13 @@ def _sweep_plans(mod):
   # M=16: tensor-core dots of the decoded W (left operand) with x's even/odd columns
   # (an ncu profile of 64 x 4 at 70B gate/up: 448 programs of 4 warps, 40% issue slots busy,
   # DRAM 19%: latency-bound, so split-K and smaller tiles for more warps per SM)
-  for bn, chunk, warps, split in ((64, 2, 4, 0), (64, 4, 4, 0), (32, 2, 4, 0), (64, 2, 4, 2),
-                                  (64, 2, 4, 4), (32, 2, 4, 2), (32, 4, 4, 4), (16, 2, 4, 0),
-                                  (64, 2, 8, 2), (128, 2, 4, 2)):
+  for bn, chunk, warps, split, stages in (
+      (64, 2, 4, 0, 3), (64, 4, 4, 0, 3), (32, 2, 4, 0, 3), (64, 2, 4, 2, 3), (64, 2, 4, 4, 3),
+      (32, 2, 4, 2, 3), (32, 4, 4, 4, 3), (16, 2, 4, 0, 3), (64, 2, 8, 2, 3), (128, 2, 4, 2, 3),
+      (64, 2, 4, 0, 1), (64, 2, 4, 2, 4)):
     out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=chunk,
-                                                          num_warps=warps, split=split))))
+                                                          num_warps=warps, split=split,
+                                                          num_stages=stages))))
   for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
     out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
   # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
@@ -415,7 +417,7 @@ def sweep_report(recs) -> str:
       short = {k: plan.get(k) for k in ("fwd", "bwd", "decode", "bn", "chunk", "unroll",
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
                                         "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv",
-                                        "gemv_fma")}
+                                        "gemv_fma", "split", "num_stages")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:
