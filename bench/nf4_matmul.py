@@ -184,6 +184,11 @@ def _sweep_plans(mod):
     out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=chunk,
                                                           num_warps=warps, split=split,
                                                           num_stages=stages))))
+  # (split 4 won the above on 14336 x 4096: 0.0402 ms against 0.0438 for 2 and 0.0451 for none;
+  # a program target carries that to other shapes)
+  for bn, split, programs in ((64, 4, 0), (64, 8, 0), (64, 0, 1024), (64, 0, 2048), (32, 0, 1024)):
+    out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=2, split=split,
+                                                          fwd_programs=programs))))
   for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
     out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
   # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
@@ -417,7 +422,8 @@ def sweep_report(recs) -> str:
       short = {k: plan.get(k) for k in ("fwd", "bwd", "decode", "bn", "chunk", "unroll",
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
                                         "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv",
-                                        "gemv_fma", "split", "num_stages")}
+                                        "gemv_fma", "split", "num_stages",
+                                        "fwd_programs")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:

@@ -93,6 +93,8 @@ class Plan:
   bwd_decode: str | None = None     # the fused bwd's own decode / num_warps / gemv (None: as
   bwd_num_warps: int | None = None  # the fwd)
   bwd_gemv: bool | None = None
+  fwd_programs: int = 0      # fused fwd with split=0: split K until this many programs (0: 2 per
+                             # SM); the tensor-core kernel at M=16 is latency-bound, more help
   gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
                              # across steps (explicit fma.rn.f32), reduced once at the end
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
@@ -115,8 +117,8 @@ TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
                prefetch=True, bwd_bn=256, bwd_decode="pair"),
     "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
-                  w_lhs=True, prefetch=True, num_warps=4, bwd_bn=256, bwd_decode="prmt",
-                  bwd_num_warps=4),
+                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
+                  bwd_decode="prmt", bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 
@@ -336,9 +338,11 @@ def _n_programs_target():
   return 264  # 2 per SM on an H100 (132 SMs)
 
 
-def _split_for(programs: int, steps: int, split: int) -> int:
-  """Split-K factor: `split` if given, else enough to reach the program target; divides steps."""
-  return _largest_divisor(steps, split or max(1, _n_programs_target() // programs))
+def _split_for(programs: int, steps: int, split: int, target: int | None = None) -> int:
+  """Split factor: `split` if given, else enough to reach `target` programs (default: 2 per SM);
+  divides steps."""
+  target = target or _n_programs_target()
+  return _largest_divisor(steps, split or max(1, target // programs))
 
 
 # ----------------------------------------------------------------------------- dequant kernel
@@ -481,7 +485,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   bn = min(plan.bn, max(16 if not gemv else 1, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
   chunk = _largest_divisor(nb, plan.chunk)
-  split = _split_for(n_pad // bn, nb // chunk, plan.split)
+  split = _split_for(n_pad // bn, nb // chunk, plan.split, plan.fwd_programs)
   steps = nb // chunk // split
   unroll = _largest_divisor(steps, plan.unroll)
   codes, sc = _prepared(w, n_pad)
