@@ -19,19 +19,22 @@ Implementations (`implementation=`):
               step's tiles prefetched): tensor-core dots of x's even/odd columns with the
               decoded high/low-nibble tiles, or (gemv, M <= 16) CUDA-core multiplies and row
               sums. bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
-              Decode by select tree / bf16-pair table / f32 table (Plan).
+              Decode by PTX byte permutes / select tree / bf16-pair table / f32 table (Plan).
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
               cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
   None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
-Where it stands (H100, session 4, bench/RESULTS.md "NF4 matmul"): fwd at M=16384 0.84-1.04x the
-bf16 dot, M=4096 1.08-1.12x (1.19x for 8B k/v), M=2048 1.18-1.25x: the dequant pass is a fixed cost
-per call that only a fused wgmma kernel (not written) removes. M=1: the GEMV runs 1.2-1.6x faster
-than the bf16 dot on the 8B/70B q/o, gate/up and down weights (slower on 8B k/v), at ~1.2 TB/s of
-4-bit data: instruction-bound (decode + reductions), not at HBM speed. M=16: 1.7-2.8x slower than
-the bf16 dot (tensor-core path through Triton, ~0.3 TB/s).
+Where it stands (H100, session 6, bench/RESULTS.md "NF4 matmul"): M=1, the GEMV with the
+byte-permute decode runs 1.3-2.0x faster than the bf16 dot on the 8B/70B q/o, gate/up, down and 70B
+k/v weights (8B k/v, 2 MB of codes: 1.3x slower), at up to 1.45 TB/s of 4-bit data: bound by the
+integer (ALU) pipe the decode runs on, 70% busy in an ncu profile. M=16: tensor-core dots with the
+decoded W as the left operand, K split to ~1024 programs: 1.09-1.30x faster than the bf16 dot on
+the gate/up and down weights and the 70B q/o; slower on the 8B q/o (1.08x) and the k/v weights
+(1.10-1.53x). Large M
+(session 4): fwd at M=16384 0.84-1.04x the bf16 dot, M=4096 1.08-1.12x, M=2048 1.18-1.25x: the
+dequant pass is a fixed cost per call that only a fused wgmma kernel (not written) removes.
 """
 
 from __future__ import annotations
@@ -106,13 +109,14 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
-# Sweep of 2026-11-27 (session 6, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
+# Sweeps of 2026-11-27 (session 6, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
 # M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, PTX byte-permute decode, the next tile
-# prefetched, 0.0246 ms (f32 table 0.0288; bf16 dot 0.043; XLA dequant+dot 0.126). M=16: tensor-core
-# dots with the decoded W as the left operand over [64, 4 x 32] tiles, byte-permute decode, 4 warps,
-# 0.0468 ms (session 4's select tree with W as the right operand 0.0955; bf16 dot 0.0485; XLA
-# 0.129). Backward: 128-row steps, bf16-pair table at M=1, byte permutes at M=16. M > 16: the Pallas
-# dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096.
+# prefetched, 0.0240 ms (f32 table 0.0288; FMA-accumulating GEMV 0.0251; bf16 dot 0.043; XLA
+# dequant+dot 0.126). M=16: tensor-core dots with the decoded W as the left operand over [64, 2 x 32]
+# tiles, byte-permute decode, 4 warps, K split until ~1024 programs: 0.0389 ms (unsplit 0.0451;
+# session 4's select tree with W as the right operand 0.0955; bf16 dot 0.048; XLA 0.129). Backward:
+# 256-row steps, the bf16-pair table at M=1, byte permutes at M=16. M > 16: the Pallas dequant (f32
+# table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096 (session 4).
 TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
                prefetch=True, bwd_bn=256, bwd_decode="pair"),
