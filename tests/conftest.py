@@ -36,3 +36,23 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def verify_triton_modules(monkeypatch):
+    """Run MLIR's verifier (op and type constraints) on every Triton module Pallas lowers while the
+    test runs: on a CPU machine this catches what only the GPU's Triton parse would report (e.g. an
+    unsigned inline-asm result). Uses a private JAX hook; yields a one-item list counting the
+    verified modules, or None where a JAX version lacks the hook."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    lower = getattr(getattr(reg, "lowering", None), "lower_jaxpr_to_triton_module", None)
+    count = None if lower is None else [0]
+    if lower is not None:
+        def verified(*args, **kwargs):
+            result = lower(*args, **kwargs)
+            result.module.operation.verify()
+            count[0] += 1
+            return result
+        monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", verified)
+    yield count

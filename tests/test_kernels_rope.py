@@ -205,7 +205,7 @@ def test_config_corners(cfg):
     _close(g, w, 1e-5)
 
 
-def test_variants_lower_to_triton(monkeypatch):
+def test_variants_lower_to_triton(monkeypatch, verify_triton_modules):
   """Every variant, forward and backward, through the Triton lowering for "cuda" (on any machine):
   catches primitives or hints (eviction policies) that only the GPU path uses. 8B heads, bf16."""
   monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
@@ -220,6 +220,7 @@ def test_variants_lower_to_triton(monkeypatch):
         return out + vjp(out)
       text = jax.jit(fb).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
       assert text.count("@__gpu$xla.gpu.triton(") == (4 if cfg.split_qk else 2), name
+    assert verify_triton_modules is None or verify_triton_modules[0] >= 2 * len(R.VARIANTS)
   finally:
     jax.clear_caches()
 
