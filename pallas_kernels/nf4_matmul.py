@@ -32,9 +32,9 @@ k/v weights (8B k/v, 2 MB of codes: 1.3x slower), at up to 1.45 TB/s of 4-bit da
 integer (ALU) pipe the decode runs on, 70% busy in an ncu profile. M=16: tensor-core dots with the
 decoded W as the left operand, K split to ~1024 programs: 1.09-1.30x faster than the bf16 dot on
 the gate/up and down weights and the 70B q/o; slower on the 8B q/o (1.08x) and the k/v weights
-(1.10-1.53x). Large M
-(session 4): fwd at M=16384 0.84-1.04x the bf16 dot, M=4096 1.08-1.12x, M=2048 1.18-1.25x: the
-dequant pass is a fixed cost per call that only a fused wgmma kernel (not written) removes.
+(1.10-1.53x). Large M (session 4): fwd at M=16384 0.84-1.04x the bf16 dot, M=4096 1.08-1.12x,
+M=2048 1.18-1.25x: the dequant pass is a fixed cost per call that only a fused wgmma kernel (not
+written) removes.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Plan:
   bwd_num_warps: int | None = None  # the fwd)
   bwd_gemv: bool | None = None
   fwd_programs: int = 0      # fused fwd with split=0: split K until this many programs (0: 2 per
-                             # SM); the tensor-core kernel at M=16 is latency-bound, more help
+                             # SM); the latency-bound tensor-core kernel at M=16 wants ~8 per SM
   gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
                              # across steps (explicit fma.rn.f32), reduced once at the end
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
