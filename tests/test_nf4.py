@@ -321,6 +321,48 @@ def test_prmt_decode_is_the_bf16_codebook():
   assert asm.count("prmt.b32") == 16 and asm.count("0x5140") == 2
 
 
+def _run_ptx(asm: str, inputs: dict) -> dict:
+  """A tiny interpreter for the straight-line b32 PTX of `_prmt_asm` (mov, and, or, shr, prmt) on
+  numpy uint32 arrays: operands are registers or immediates; returns every register."""
+  regs = {k: np.asarray(v, np.uint32) for k, v in inputs.items()}
+  val = lambda o: np.uint32(int(o, 0)) if o[0].isdigit() else regs[o]
+  body = asm.strip().removeprefix("{").removesuffix("}")
+  for ins in filter(None, (i.strip() for i in body.split(";"))):
+    op, _, rest = ins.partition(" ")
+    if op == ".reg":
+      continue
+    d, *src = [o.strip() for o in rest.split(",")]
+    a = [val(o) for o in src]
+    if op == "mov.b32":
+      regs[d] = np.broadcast_to(a[0], next(iter(inputs.values())).shape).astype(np.uint32)
+    elif op == "and.b32":
+      regs[d] = a[0] & a[1]
+    elif op == "or.b32":
+      regs[d] = a[0] | a[1]
+    elif op == "shr.b32":
+      regs[d] = a[0] >> a[1]
+    elif op == "prmt.b32":
+      regs[d] = np.asarray(nf4_mod._prmt(jnp.asarray(a[0], jnp.uint32), jnp.asarray(a[1], jnp.uint32),
+                                         jnp.asarray(a[2], jnp.uint32)))
+    else:
+      raise AssertionError(f"unexpected PTX instruction {ins!r}")
+  return regs
+
+
+def test_prmt_asm_text_computes_the_pair_words():
+  """The PTX string itself, run by a small interpreter on CPU: for 4 code bytes in $4, $0..$3 are
+  the "pair" words of bytes 0..3 (what the GPU tests check end to end with Triton's packing)."""
+  rng = np.random.default_rng(0)
+  words = np.concatenate([rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32),
+                          np.array([0, 0xFFFFFFFF, 0x88888888, 0x77777777, 0x01234567, 0xFEDCBA98],
+                                   np.uint32)])
+  out = _run_ptx(nf4_mod._prmt_asm(), {"$4": words})
+  pair = np.asarray(nf4_mod._tables("pair"))
+  for i in range(4):
+    np.testing.assert_array_equal(out[f"${i}"], pair[(words >> (8 * i)) & 0xFF])
+  np.testing.assert_array_equal(out["$4"], words)      # the input register is never written
+
+
 def test_pallas_dequant_is_bit_identical_to_xla():
   q = quantize_nf4(_weight(40, 256, seed=4))
   for decode in ("f32", "select"):
