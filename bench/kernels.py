@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages without PYTHONPATH
 
 MODELS = {"8B": dict(d=4096, n=32, m=8, h=128), "70B": dict(d=8192, n=64, m=8, h=128)}
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 VOCAB = 128256
 TOKENS = [2048, 16384, 65536]
 ROPE_SWEEP_TOKENS = [16384, 65536]  # --sweep rope: forward of every variant at these sizes,
@@ -132,8 +134,6 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
     unknown = [v for v in names if v not in RP.VARIANTS]
     if unknown:
       raise ValueError(f"--rope-variants: unknown {unknown}; known: {list(RP.VARIANTS)}")
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     shapes = [(model, t_) for model in MODELS for t_ in ROPE_SWEEP_TOKENS]
 
     def lower_chain(step, carry, tabs):
@@ -152,7 +152,6 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
           carry = compiled(carry, tabs)
         jax.block_until_ready(carry)
         best = min(best, (time.perf_counter() - t) * 1e3 / 3)
-      del carry
       return best / n
 
     data = {}
@@ -161,8 +160,8 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
       q = jax.random.normal(key, (1, t_, cfg["n"], cfg["h"]), jnp.bfloat16)
       k = jax.random.normal(jax.random.PRNGKey(1), (1, t_, cfg["m"], cfg["h"]), jnp.bfloat16)
       pos = jnp.arange(t_, dtype=jnp.int32)[None]
-      cos, sin = RP.rope_tables(pos, cfg["h"], 500000.0, scaling)
-      inv = jnp.asarray(RP.rope_inv_freq(cfg["h"], 500000.0, scaling))
+      cos, sin = RP.rope_tables(pos, cfg["h"], 500000.0, LLAMA31_SCALING)
+      inv = jnp.asarray(RP.rope_inv_freq(cfg["h"], 500000.0, LLAMA31_SCALING))
       data[model, t_] = (q, k, pos, cos, sin, inv,
                          2 * (q.nbytes + k.nbytes) + cos.nbytes + sin.nbytes)
 
@@ -284,7 +283,6 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
     print("\n".join(lines), flush=True)
     with open(os.path.join(out, "rope_sweep.txt"), "w") as f:
       f.write("\n".join(lines) + "\n")
-    del data
 
   def sweeps():
     t_, d = (16384, 4096) if VOCAB == 128256 else (64, 256)
@@ -377,9 +375,7 @@ def run_jax(out, sweep, budget_s, ops, rope_variants="", rope_budget_s=50.0, rop
       q = jax.random.normal(key, (1, t_, n, h), jnp.bfloat16)
       k = jax.random.normal(key, (1, t_, m, h), jnp.bfloat16)
       pos = jnp.arange(t_, dtype=jnp.int32)[None]
-      cos, sin = RP.rope_tables(pos, h, 500000.0, {"rope_type": "llama3", "factor": 8.0,
-                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 8192})
+      cos, sin = RP.rope_tables(pos, h, 500000.0, LLAMA31_SCALING)
       nb = 2 * (q.nbytes + k.nbytes) + cos.nbytes + sin.nbytes
       for impl in ("pallas", "xla"):
         def one():

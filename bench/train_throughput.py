@@ -112,8 +112,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     early = None
     if not args.no_overlap and not args.mesh:
+        # the preset's library switches are set here, on the main thread, before loading starts
         early = concurrent.futures.ThreadPoolExecutor(1).submit(
-            compile_from_abstract, base, presets[0], targs, args)
+            compile_from_abstract, base, apply_preset(presets[0]), targs, args)
     model, _ = jaxsloth.load_model(base, dtype="bfloat16", load_in_4bit=True)
     jax.block_until_ready(model.params)
     t_load = time.perf_counter() - t0
@@ -139,12 +140,12 @@ def main(argv=None):
         frozen = model.replace(lora=None)
         key = jax.random.PRNGKey(0)
         with ctx:  # the mesh, when there is one
-            t = time.perf_counter()
             if k == 0 and early is not None:   # compiled while loading: wait for it, run it
                 compiled, t_compile = early.result()
                 info["compile_overlapped_s"] = round(t_compile, 1)
                 step = compiled
             else:
+                t = time.perf_counter()
                 compiled = step.lower(lora, opt, frozen, batch, key).compile()
                 t_compile = time.perf_counter() - t
             mem = compiled.memory_analysis()
@@ -201,13 +202,15 @@ def _f32_dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def compile_from_abstract(base, preset, targs, args):
-    """(compiled step of ``preset``, seconds) from ``jaxsloth.abstract_model`` (no weights needed):
-    runs on a thread while the checkpoint loads. The batch and key are small concrete arrays."""
+def compile_from_abstract(base, mem, targs, args):
+    """(compiled step with the memory options ``mem`` (``apply_preset``), seconds) from
+    ``jaxsloth.abstract_model`` (no weights needed): runs on a thread while the checkpoint loads.
+    The batch and key are small concrete arrays."""
     t = time.perf_counter()
     abstract = jaxsloth.abstract_model(base, dtype="bfloat16", load_in_4bit=True, implementation=args.impl)
     abstract = jax.eval_shape(lambda m: jaxsloth.add_lora(m, r=args.r, lora_alpha=args.r), abstract)
-    tx, step, lora, _, _ = build_step(abstract, preset, None, targs, abstract_lora=True)
+    tx = make_optimizer(targs, targs.max_steps)
+    step, lora = make_train_step(tx, **mem), abstract.lora
     batch = random_batch(abstract.config.vocab_size, args.batch, args.seq)
     compiled = step.lower(lora, jax.eval_shape(tx.init, lora), abstract.replace(lora=None), batch,
                           jax.random.PRNGKey(0)).compile()
@@ -235,15 +238,16 @@ def place_on_mesh(model, spec: str | None, info: dict):
     return shard_model(model.replace(lora=None), mesh).replace(lora=model.lora), mesh
 
 
-def build_step(model, preset: str, mesh, targs, abstract_lora: bool = False):
-    """(tx, jitted step, fresh LoRA, optimizer state, context to trace/run in) for one preset.
+def apply_preset(preset: str) -> dict:
+    """make_train_step's memory options for ``preset``, after setting the library switches it names
+    (jit caches cleared when they change; call it on the main thread).
 
     preset: a remat name, optionally with memory options: "offload/mlp=2048/group=2/ce=512"
     (mlp: tokens per MLP chunk; group: layers per remat group; ce: tokens per loss chunk; unroll: the
     layer scan's unroll factor, default the library's: straight-line layers with "none", else 1;
     dot=f32: the NF4 GEMM writes f32 and casts, the behaviour before session 2, for A/B;
-    rope=pallas|xla: the RoPE implementation the model uses when it leaves the choice to the op).
-    On a mesh with fsdp=1 the step is the shard_map data-parallel one, else GSPMD (as the Trainer).
+    tie=1: the experimental NF4 backward barrier; rope=pallas|xla: the RoPE implementation the model
+    uses when it leaves the choice to the op).
     """
     import pallas_kernels.nf4_matmul as nm
 
@@ -258,10 +262,16 @@ def build_step(model, preset: str, mesh, targs, abstract_lora: bool = False):
     if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie or rope_mod._DEFAULT_ON_GPU != rope_impl:
         nm._dot, nm.TIE_BACKWARD_TO_COTANGENT, rope_mod._DEFAULT_ON_GPU = want, tie, rope_impl
         jax.clear_caches()
+    return mem
+
+
+def build_step(model, preset: str, mesh, targs):
+    """(tx, jitted step, fresh LoRA, optimizer state, context to trace/run in) for one preset
+    (``apply_preset``). On a mesh with fsdp=1 the step is the shard_map data-parallel one, else
+    GSPMD (as the Trainer)."""
+    mem = apply_preset(preset)
     tx = make_optimizer(targs, targs.max_steps)
     lora = model.lora  # host arrays (lora_to_host): placed below as a fresh copy the step may donate
-    if abstract_lora:  # shapes only (compile_from_abstract)
-        return tx, make_train_step(tx, **mem), lora, None, contextlib.nullcontext()
     if mesh is None:
         lora = jax.tree_util.tree_map(jnp.array, lora)
         return tx, make_train_step(tx, **mem), lora, tx.init(lora), contextlib.nullcontext()

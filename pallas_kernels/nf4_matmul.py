@@ -203,6 +203,7 @@ def _decode(c, lut_ref, decode: str):
 # selector arithmetic are tested on CPU; the PTX string itself only on the GPU.
 
 
+@functools.cache
 def _prmt_planes():
   """(low-byte plane, high-byte plane): 4 little-endian words each, word j = codes 4j..4j+3."""
   b16 = _quant().NF4_CODE.astype(jnp.bfloat16).view(np.uint16)
@@ -211,6 +212,7 @@ def _prmt_planes():
   return words(b16 & 0xFF), words(b16 >> 8)
 
 
+@functools.cache
 def _prmt_asm() -> str:
   """PTX: 4 code bytes in $4 -> one word per byte in $0..$3 (high-nibble bf16 in the upper half)."""
   lo, hi = _prmt_planes()
@@ -541,7 +543,6 @@ def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, de
       ga = g[:, None] * a
       return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
     g = dy_ref[:, pl.ds(r0, bn)]
-    hi, lo = _decode(c, lut_ref, decode)
     acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
     acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
     return acc_e, acc_o

@@ -64,7 +64,11 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None)
 
 def rope_tables(position_ids, head_dim: int, theta: float, rope_scaling: dict | None = None):
   """cos, sin [B, S, head_dim] f32 for integer position_ids [B, S] (HF Llama convention)."""
-  inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, rope_scaling))
+  return _tables_of(position_ids, jnp.asarray(rope_inv_freq(head_dim, theta, rope_scaling)))
+
+
+def _tables_of(position_ids, inv_freq):
+  """cos, sin [..., H] f32 of integer positions [...] and inv_freq [H/2]."""
   freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
@@ -184,10 +188,11 @@ def _load_tables(t_refs, t0, bt, tok_bound, half, tables, transposed, evict):
   load = functools.partial(_common.load, eviction_policy=evict)
   out = []
   rows = pl.ds(t0, bt)
+  if tables == "positions":   # the block's positions, loaded once for every frequency chunk
+    pos_ref, inv_ref = t_refs
+    pos = load(pos_ref.at[rows], _common.tail_mask((bt,), (tok_bound,)))
   for c0, cw in _pow2_chunks(half):
     if tables == "positions":
-      pos_ref, inv_ref = t_refs
-      pos = load(pos_ref.at[rows], _common.tail_mask((bt,), (tok_bound,)))
       inv = load(inv_ref.at[pl.ds(c0, cw)], None)
       ang = pos.astype(jnp.float32)[:, None] * inv[None, :]    # as rope_tables: one f32 product
       c1 = c2 = jnp.cos(ang)
@@ -277,10 +282,10 @@ def _rope_kernel(*refs, n_x, heads, n_tokens, n_blocks, bt, half, cfg, transpose
     jax.lax.fori_loop(0, (n_blocks - p + n_prog - 1) // n_prog, body, 0)
 
 
-def _apply_pallas(q3, k3, t1, t2, config=None, transposed=False):
+def _apply_pallas(q3, k3, t1, t2, config, transposed=False):
   """q3 [T,N,H], k3 [T,M,H]; t1, t2 = cos, sin [T,H] f32, or positions [T] int32 and inv_freq
   [H/2] f32 for config.tables == "positions". transposed: rotate by the adjoint (the backward)."""
-  cfg = RopeConfig() if config is None else config
+  cfg = config
   n_tokens, _, h = q3.shape
   half = h // 2
   h_p = 2 * _common.next_pow2(half)
@@ -302,13 +307,9 @@ def _apply_pallas(q3, k3, t1, t2, config=None, transposed=False):
   return tuple(outs)
 
 
-def _tables_xla(t1, t2, tables, h):
+def _tables_xla(t1, t2, tables):
   """cos, sin [T, H] f32 for the XLA paths: the tables themselves, or computed from positions."""
-  if tables != "positions":
-    return t1, t2
-  freqs = t1.astype(jnp.float32)[:, None] * t2
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return (t1, t2) if tables != "positions" else _tables_of(t1, t2)
 
 
 def _rotate_xla(x3, cos2, sin2):
@@ -339,7 +340,7 @@ def _zero_cotangent(x):
 def _rope(q3, k3, t1, t2, impl, backward, config):
   if impl == "pallas":
     return _apply_pallas(q3, k3, t1, t2, config)
-  return _apply_xla(q3, k3, *_tables_xla(t1, t2, config.tables, q3.shape[-1]))
+  return _apply_xla(q3, k3, *_tables_xla(t1, t2, config.tables))
 
 
 def _rope_fwd(q3, k3, t1, t2, impl, backward, config):
@@ -350,7 +351,7 @@ def _rope_bwd(impl, backward, config, res, g):
   t1, t2 = res
   dq, dk = g
   if backward == "reference":
-    cos2, sin2 = _tables_xla(t1, t2, config.tables, dq.shape[-1])
+    cos2, sin2 = _tables_xla(t1, t2, config.tables)
     _, vjp = jax.vjp(lambda a, b: (_rotate_ref(a, cos2, sin2), _rotate_ref(b, cos2, sin2)),
                      dq.astype(jnp.float32), dk.astype(jnp.float32))
     gq, gk = vjp((dq.astype(jnp.float32), dk.astype(jnp.float32)))
@@ -358,7 +359,7 @@ def _rope_bwd(impl, backward, config, res, g):
   elif impl == "pallas":
     gq, gk = _apply_pallas(dq, dk, t1, t2, config, transposed=True)  # adjoint in the kernel
   else:
-    cos2, sin2 = _tables_xla(t1, t2, config.tables, dq.shape[-1])
+    cos2, sin2 = _tables_xla(t1, t2, config.tables)
     gq, gk = _apply_xla(dq, dk, cos2, _transposed_sin(sin2))
   # Tables and positions are constants of the rotation: no gradient flows into them.
   return gq, gk, _zero_cotangent(t1), _zero_cotangent(t2)

@@ -39,20 +39,29 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def verify_triton_modules(monkeypatch):
-    """Run MLIR's verifier (op and type constraints) on every Triton module Pallas lowers while the
-    test runs: on a CPU machine this catches what only the GPU's Triton parse would report (e.g. an
-    unsigned inline-asm result). Uses a private JAX hook; yields a one-item list counting the
-    verified modules, or None where a JAX version lacks the hook."""
+def triton_lowering(monkeypatch):
+    """Lower Pallas kernels through Triton (JAXSLOTH_PALLAS_INTERPRET=0, jit caches cleared before
+    and after, so no interpreted trace is reused or leaks out) and run MLIR's verifier (op and type
+    constraints) on every Triton module lowered while the test runs: on a CPU machine this catches
+    what only the GPU's Triton parse would report (e.g. an unsigned inline-asm result). Uses a
+    private JAX hook; yields a one-item list counting the verified modules, or None where a JAX
+    version lacks the hook."""
     from jax._src.pallas.triton import pallas_call_registration as reg
 
+    monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
     lower = getattr(getattr(reg, "lowering", None), "lower_jaxpr_to_triton_module", None)
-    count = None if lower is None else [0]
+    count = None
     if lower is not None:
+        count = [0]
+
         def verified(*args, **kwargs):
             result = lower(*args, **kwargs)
             result.module.operation.verify()
             count[0] += 1
             return result
         monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", verified)
-    yield count
+    jax.clear_caches()
+    try:
+        yield count
+    finally:
+        jax.clear_caches()

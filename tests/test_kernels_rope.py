@@ -145,14 +145,15 @@ def _run_fast(fn):
   return jax.jit(fn).lower().compile(compiler_options=opts)()
 
 
-def _rotate(name, q, k, pos, h, scaling=LLAMA31, **kw):
-  """The variant `name` of R.VARIANTS through its entry point (tables or positions)."""
+def _rotate(name, q, k, pos, h):
+  """The variant `name` of R.VARIANTS through its entry point (tables or positions), Llama-3.1
+  scaled frequencies."""
   cfg = R.VARIANTS[name]
   if cfg.tables == "positions":
-    inv = jnp.asarray(rope_inv_freq(h, 500000.0, scaling))
-    return apply_rope_positions(q, k, pos, inv, implementation="pallas", config=cfg, **kw)
-  cos, sin = rope_tables(pos, h, 500000.0, scaling)
-  return apply_rope(q, k, cos, sin, implementation="pallas", config=cfg, **kw)
+    inv = jnp.asarray(rope_inv_freq(h, 500000.0, LLAMA31))
+    return apply_rope_positions(q, k, pos, inv, implementation="pallas", config=cfg)
+  cos, sin = rope_tables(pos, h, 500000.0, LLAMA31)
+  return apply_rope(q, k, cos, sin, implementation="pallas", config=cfg)
 
 
 @pytest.mark.parametrize("name", list(R.VARIANTS))
@@ -205,24 +206,19 @@ def test_config_corners(cfg):
     _close(g, w, 1e-5)
 
 
-def test_variants_lower_to_triton(monkeypatch, verify_triton_modules):
+def test_variants_lower_to_triton(triton_lowering):
   """Every variant, forward and backward, through the Triton lowering for "cuda" (on any machine):
   catches primitives or hints (eviction policies) that only the GPU path uses. 8B heads, bf16."""
-  monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
-  jax.clear_caches()  # no interpreted trace of apply_rope may be reused (nor leak out below)
-  try:
-    q = jax.ShapeDtypeStruct((1, 40, 32, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 40, 8, 128), jnp.bfloat16)
-    pos = jnp.zeros((1, 40), jnp.int32)
-    for name, cfg in R.VARIANTS.items():
-      def fb(a, b):
-        out, vjp = jax.vjp(lambda u, v: _rotate(name, u, v, pos, 128), a, b)
-        return out + vjp(out)
-      text = jax.jit(fb).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
-      assert text.count("@__gpu$xla.gpu.triton(") == (4 if cfg.split_qk else 2), name
-    assert verify_triton_modules is None or verify_triton_modules[0] >= 2 * len(R.VARIANTS)
-  finally:
-    jax.clear_caches()
+  q = jax.ShapeDtypeStruct((1, 40, 32, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 40, 8, 128), jnp.bfloat16)
+  pos = jnp.zeros((1, 40), jnp.int32)
+  for name, cfg in R.VARIANTS.items():
+    def fb(a, b):
+      out, vjp = jax.vjp(lambda u, v: _rotate(name, u, v, pos, 128), a, b)
+      return out + vjp(out)
+    text = jax.jit(fb).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == (4 if cfg.split_qk else 2), name
+  assert triton_lowering is None or triton_lowering[0] >= 2 * len(R.VARIANTS)
 
 
 def test_half_tables_read_the_first_half_only():

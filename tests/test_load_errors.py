@@ -159,18 +159,20 @@ def test_reader_equals_safetensors_and_prefetch_budget_bounds_reads(ckpt):
     ref = load_file(path)
     extra = {"u8": np.arange(7, dtype=np.uint8), "i32": np.arange(-3, 3, dtype=np.int32).reshape(2, 3),
              "f32": np.linspace(-1, 1, 10, dtype=np.float32)}
-    save_file({**ref, **extra}, path)
+    tensors = {**ref, **extra}
+    save_file(tensors, path)
     sf = SafetensorsFile(path)
     names = sorted(sf.keys())
+    largest = max(sf.nbytes(m) for m in names)
     for budget in (1, 1 << 30):
         pf = _Prefetcher([(sf, n) for n in names], budget=budget)
         try:
             for i, n in enumerate(names):
                 got = pf.get(i)
-                want = {**ref, **extra}[n]
+                want = tensors[n]
                 assert got.dtype == want.dtype and got.shape == want.shape, n
                 np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
-                assert pf.in_flight <= max(budget, max(sf.nbytes(m) for m in names))
+                assert pf.in_flight <= max(budget, largest)
         finally:
             pf.close()
 
@@ -221,13 +223,10 @@ def test_abstract_model_matches_the_loaded_one_and_its_compiled_step_runs(tiny_c
     np.testing.assert_allclose(float(got[2]["loss"]), float(want[2]["loss"]), rtol=1e-6)
 
 
-
-def test_sharded_checkpoint_loads_as_the_single_file_one(tmp_path):
+def test_sharded_checkpoint_loads_as_the_single_file_one(tiny_checkpoint):
     """Several shards (the reader thread switching files, out of index order) give the same arrays."""
-    from jaxsloth.tiny import make_tiny_checkpoint
-
-    one = make_tiny_checkpoint(tmp_path / "one", "llama3", seed=5)
-    many = make_tiny_checkpoint(tmp_path / "many", "llama3", seed=5, shard_bytes=20_000)
+    one = tiny_checkpoint("llama3")
+    many = tiny_checkpoint("llama3", shard_bytes=20_000)
     assert len(list(many.glob("*.safetensors"))) > 3
     a, _ = jaxsloth.load_model(one, dtype="float32")
     b, _ = jaxsloth.load_model(many, dtype="float32")

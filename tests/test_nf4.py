@@ -282,17 +282,16 @@ def test_kernels_without_double_quant(plan):
 
 
 @pytest.mark.parametrize("plan", [p for p in PLANS if p != "xla"])
-def test_kernels_lower_for_the_gpu(plan, monkeypatch, verify_triton_modules):
+def test_kernels_lower_for_the_gpu(plan, triton_lowering):
   """The Triton lowering (not the interpreter) accepts every kernel, fwd and bwd: catches Pallas
   ops without a Triton rule on a CPU machine (Triton's own compile still needs the GPU)."""
-  monkeypatch.setenv("JAXSLOTH_PALLAS_INTERPRET", "0")
   q = quantize_nf4(_weight(96, 256, seed=10))
   m = 1 if plan.startswith("gemv") else 7
   f = jax.jit(lambda x, dy: jax.vjp(lambda x: nf4_matmul(x, q, plan=PLANS[plan]), x)[1](dy))
   args = (jnp.ones((m, 256), jnp.bfloat16), jnp.ones((m, 96), jnp.bfloat16))
   text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in text          # the kernels went through Triton, not the interpreter
-  assert verify_triton_modules is None or verify_triton_modules[0] >= 2   # fwd and bwd verified
+  assert triton_lowering is None or triton_lowering[0] >= 2   # fwd and bwd verified
 
 
 def test_prmt_follows_ptx_semantics():
