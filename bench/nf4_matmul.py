@@ -148,7 +148,8 @@ class JaxBench:
 
 
 def _sweep_plans(mod):
-  """(bucket, pass, plan) candidates. Buckets: m1 (M=1), small (M=16), large (M=4096).
+  """(bucket, pass, plan) candidates. Buckets (SWEEP_MS): m1 (M=1), small (M=16), mid (M=256),
+  large (M=2048 and 4096).
 
   History (bench/RESULTS.md "NF4 matmul"): session 4 swept 14 GEMV tilings at M=1 (f32 table,
   16 x 8 prefetched won) and 8 tensor-core tilings at M=16 (select tree, 128 x 4, 8 warps won);
@@ -171,6 +172,9 @@ def _sweep_plans(mod):
                                    ("prmt", 8, 16, 4), ("prmt", 32, 4, 8), ("f32", 16, 8, 4)):
     out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, gemv_fma=True, bn=bn,
                                chunk=chunk, unroll=1, num_warps=warps, prefetch=True)))
+  # (session 7) the GEMV's hi * x_even + lo * x_odd as one explicit FMA
+  for bn, chunk in ((16, 8), (8, 8), (16, 4)):
+    out.append(("m1", "fwd", P("fused", "xla", **dict(gemv1, bn=bn, chunk=chunk, pair_fma=True))))
   for bwd_bn in (128, 256):
     for decode in ("pair", "prmt"):
       out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode, **gemv1)))
@@ -189,16 +193,48 @@ def _sweep_plans(mod):
   for bn, split, programs in ((64, 4, 0), (64, 8, 0), (64, 0, 1024), (64, 0, 2048), (32, 0, 1024)):
     out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=2, split=split,
                                                           fwd_programs=programs))))
+  # (session 7) one quantization block per step, the absmax applied to the dot's result
+  for bn, programs, inter, warps in ((64, 1024, False, 4), (64, 2048, False, 4),
+                                     (32, 1024, False, 4), (64, 1024, True, 4),
+                                     (128, 1024, False, 8), (64, 0, False, 4)):
+    out.append(("small", "fwd", P("fused", "xla", **dict(
+        tc16, bn=bn, chunk=1, fwd_programs=programs, scale_after=True, interleave=inter,
+        x_split=not inter, num_warps=warps))))
   for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
     out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
-  # large M: the dequant kernel (scales decoded in the kernel) + cuBLAS
-  for decode in ("select", "f32"):
-    out.append(("large", "fwd", P("dequant", "dequant", decode=decode, dq_bn=16, dq_blocks=4)))
+  # M=256 and large M: the dequant kernel (scales decoded in the kernel) + cuBLAS, against
+  # (session 7) tensor-core fused kernels with a grid over x's rows (Plan.bm): each program decodes
+  # its [bn, 64 * chunk] W tile in registers once per bm rows of x, the decoded W the dot's left
+  # operand; interleave: W put in column order in registers (x read as is), else x split by XLA.
+  for bucket in ("mid", "large"):
+    out.append((bucket, "fwd", P("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4)))
+  tiled = dict(decode="prmt", unroll=1, w_lhs=True)
+  for bn, bm, chunk, warps, stages, inter in (
+      (128, 128, 1, 8, 3, True), (128, 128, 1, 4, 3, True), (128, 256, 1, 8, 3, True),
+      (64, 128, 1, 4, 4, True), (128, 128, 2, 8, 3, True), (256, 128, 1, 8, 3, True),
+      (128, 128, 1, 8, 4, True), (128, 128, 1, 8, 3, False), (64, 256, 1, 8, 3, True)):
+    plan = P("fused", "xla", **dict(tiled, bn=bn, bm=bm, chunk=chunk, num_warps=warps,
+                                    num_stages=stages, interleave=inter, x_split=not inter))
+    out.append(("large", "fwd", plan))
+    out.append(("mid", "fwd", plan))
+  # the decoded W as the right operand (staged through shared memory)
+  out.append(("large", "fwd", P("fused", "xla", decode="prmt", unroll=1, bn=128, bm=128,
+                                num_warps=8, interleave=True)))
+  # M=256, x in one tile (session 7, 8B gate/up: 64 rows, interleave, 4 warps 0.0876 ms; the
+  # dequant kernel + cuBLAS 0.1254; bf16 dot 0.0553; with 1024 programs (split-K) 0.1262)
+  for bn, warps, inter, lhs, after, stages in (
+      (64, 4, True, True, False, 3), (64, 4, False, True, False, 3), (32, 4, True, True, False, 3),
+      (64, 4, True, True, True, 3), (64, 4, False, True, True, 3), (128, 8, True, True, True, 3),
+      (64, 8, True, True, True, 3), (64, 4, True, False, False, 3), (128, 8, True, False, False, 3),
+      (64, 4, True, True, True, 4), (64, 4, True, True, False, 4)):
+    out.append(("mid", "fwd", P("fused", "xla", decode="prmt", unroll=1, bn=bn, chunk=1,
+                                num_warps=warps, interleave=inter, x_split=not inter, w_lhs=lhs,
+                                scale_after=after, num_stages=stages)))
   return out
 
 
 SWEEP_SHAPE = (14336, 4096)
-SWEEP_MS = {"m1": 1, "small": 16, "large": 4096}
+SWEEP_MS = {"m1": (1,), "small": (16,), "mid": (256,), "large": (2048, 4096)}
 
 
 def run_sweep(fh, deadline, buckets=None):
@@ -207,39 +243,49 @@ def run_sweep(fh, deadline, buckets=None):
   b = JaxBench()
   n, k = SWEEP_SHAPE
   cands = _sweep_plans(b.mod)
-  results = []
-  for bucket, m in SWEEP_MS.items():
+  results = {}   # (bucket, pass, plan) -> summed ms over the bucket's Ms (all of them measured)
+  for bucket, bucket_ms in SWEEP_MS.items():
     if buckets and bucket not in buckets:
       continue
-    ops = b.operands(n, k, m)
-    for bkt, p, plan in cands:
-      if bkt != bucket:
-        continue
-      if time.time() > deadline:
-        _emit(fh, section="sweep", note="deadline reached")
-        break
-      try:
-        ms = b.time_impl("plan", n, k, m, passes=(p,), plan=plan, ops=ops)[p]
-        results.append((bucket, p, ms, plan))
-        _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
-              **{"pass": p, "ms": ms})
-      except Exception as e:  # a config that does not lower is a result too
-        _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
-              error=f"{type(e).__name__}: {str(e)[:300]}")
-    del ops
+    b.time_impl("bf16", n, k, bucket_ms[0], passes=("fwd",))   # warm-up; logged baselines below
+    for m in bucket_ms:
+      ops = b.operands(n, k, m)
+      _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, impl="bf16",
+            **{"pass": "fwd", "ms": b.time_impl("bf16", n, k, m, passes=("fwd",), ops=ops)["fwd"]})
+      for bkt, p, plan in cands:
+        if bkt != bucket:
+          continue
+        if time.time() > deadline:
+          _emit(fh, section="sweep", note="deadline reached")
+          break
+        key = (bucket, p, plan)
+        try:
+          ms = b.time_impl("plan", n, k, m, passes=(p,), plan=plan, ops=ops)[p]
+          results.setdefault(key, []).append(ms)
+          _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+                **{"pass": p, "ms": ms})
+        except Exception as e:  # a config that does not lower is a result too
+          results.pop(key, None)
+          _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, plan=dataclasses.asdict(plan),
+                error=f"{type(e).__name__}: {str(e)[:300]}")
+      del ops
   tuned = {}
   for bucket in SWEEP_MS:
     if buckets and bucket not in buckets:
       tuned[bucket] = dataclasses.asdict(b.mod.TUNED[bucket])
       continue
-    fwd = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd")
-    fb = sorted((ms, plan) for bkt, p, ms, plan in results if bkt == bucket and p == "fwd+bwd")
+    # ranked by the summed time over the bucket's Ms; only plans measured at all of them
+    ranked = lambda pas: sorted(
+        ((sum(t), plan) for (bkt, p, plan), t in results.items()
+         if bkt == bucket and p == pas and len(t) == len(SWEEP_MS[bucket])),
+        key=lambda r: r[0])
+    fwd, fb = ranked("fwd"), ranked("fwd+bwd")
     if not fwd:
       continue
     f = fwd[0][1]
     bw = fb[0][1] if fb else f
-    if bucket == "large":   # both passes dequantize the same way
-      bw = dataclasses.replace(f, bwd=f.fwd)
+    if bucket in ("mid", "large"):   # the backward: dequant kernel (f32 table, bit-identical
+      bw = dataclasses.replace(f, bwd="dequant", bwd_decode="f32")   # to XLA's) + cuBLAS
     tuned[bucket] = dataclasses.asdict(dataclasses.replace(
         f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, bwd_gemv=bw.gemv,
         bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps))
@@ -413,7 +459,7 @@ def sweep_report(recs) -> str:
   best = {}
   lines = ["\n### sweep (best 3 per bucket/pass)\n"]
   for r in recs:
-    if r.get("section") != "sweep" or "ms" not in r:
+    if r.get("section") != "sweep" or "ms" not in r or "plan" not in r:
       continue
     best.setdefault((r["kind"], r["pass"], r["N"], r["K"], r["M"]), []).append((r["ms"], r["plan"]))
   for key, v in sorted(best.items()):
@@ -423,7 +469,8 @@ def sweep_report(recs) -> str:
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
                                         "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv",
                                         "gemv_fma", "split", "num_stages",
-                                        "fwd_programs")}
+                                        "fwd_programs", "bm", "interleave", "scale_after",
+                                        "pair_fma")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:
@@ -473,14 +520,15 @@ def main():
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
-  ap.add_argument("--buckets", default="", help="sweep only these dispatch buckets (m1,small,large)")
+  ap.add_argument("--buckets", default="", help="sweep only these dispatch buckets (m1,small,mid,large)")
   ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
   ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()
   if args.tiny:
     global SHAPES, SWEEP_SHAPE, SWEEP_MS
     SHAPES = {"8B": {"q/o": (128, 256)}}
-    SWEEP_SHAPE, SWEEP_MS = (128, 256), {"m1": 1, "small": 16, "large": 64}
+    SWEEP_SHAPE, SWEEP_MS = (128, 256), {"m1": (1,), "small": (16,), "mid": (32,),
+                                         "large": (64, 96)}
   os.makedirs(args.out, exist_ok=True)
   models = args.models.split(",")
   ms = [int(v) for v in args.ms.split(",")]

@@ -93,21 +93,32 @@ class Plan:
                              # instead of stride-2 loads in the kernel
   gemv: bool = False         # fused, M <= GEMV_MAX_M (bwd: M == 1): CUDA-core multiplies and
                              # reductions, no tensor-core dot
-  bwd_decode: str | None = None     # the fused bwd's own decode / num_warps / gemv (None: as
+  bwd_decode: str | None = None     # the bwd's own decode / num_warps / gemv (None: as
   bwd_num_warps: int | None = None  # the fwd)
   bwd_gemv: bool | None = None
   fwd_programs: int = 0      # fused fwd with split=0: split K until this many programs (0: 2 per
                              # SM); the latency-bound tensor-core kernel at M=16 wants ~8 per SM
   gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
                              # across steps (explicit fma.rn.f32), reduced once at the end
+  pair_fma: bool = False     # fused fwd GEMV: hi * x_even + lo * x_odd as one explicit FMA
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
                              # operand (Hopper's wgmma may take it from registers; as the right
                              # operand it must be staged through shared memory)
+  bm: int = 0                # fused fwd, tensor cores: rows of x per program (grid over M, any M;
+                             # each program decodes its W tile again); 0: all of x in one tile
+                             # (M <= FUSED_MAX_M)
+  scale_after: bool = False  # fused fwd, tensor cores, w_lhs: one quantization block per step,
+                             # dotted unscaled; the absmax multiplies the [bn, bm] dot result
+                             # instead of every decoded value (fewer conversions per weight)
+  interleave: bool = False   # fused fwd, tensor cores: the decoded high/low-nibble tiles are
+                             # interleaved into W's column order in registers, so x is read as is
+                             # (no stride-2 loads, no XLA even/odd split of x)
 
 
-FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
+FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile (the fwd with
+                             # Plan.bm excepted)
 
-# Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "large".
+# Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "mid", "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
 # Sweeps of 2026-11-27 (session 6, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
 # M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, PTX byte-permute decode, the next tile
@@ -123,12 +134,15 @@ TUNED: dict[str, Plan] = {
     "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
                   w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
                   bwd_decode="prmt", bwd_num_warps=4),
+    "mid": Plan("fused", "dequant", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
+                interleave=True, num_warps=4, bwd_decode="f32", dq_bn=16, dq_blocks=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
+MID_MAX_M = FUSED_MAX_M   # "mid": 16 < M <= MID_MAX_M (x in one tile)
 
 
 def _bucket(m: int) -> str:
-  return "m1" if m == 1 else "small" if m <= 16 else "large"
+  return "m1" if m == 1 else "small" if m <= 16 else "mid" if m <= MID_MAX_M else "large"
 
 
 def _auto_plan(m: int, impl: str | None) -> Plan:
@@ -389,13 +403,16 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
 # share of K, `chunk` quantization blocks per step, codes loaded as a [bn, chunk, P] tile.
 
 def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype, gemv, m,
-                      x_split, prefetch, w_lhs, gemv_fma):
+                      x_split, prefetch, w_lhs, gemv_fma, bm, interleave, scale_after,
+                      pair_fma):
   """y[:, rows] over this program's K range.
 
   gemv=False: tensor-core dots of x's even/odd columns with the decoded high/low-nibble tiles
     (x [Mp, K] read with stride 2, or split into even/odd columns by XLA when x_split).
   gemv=True: CUDA-core multiplies and row sums, one accumulator per row of x (M <= GEMV_MAX_M);
     x is [M * B, blocksize] (row i * B + b: block b of x's row i), read with stride 2.
+  Tensor cores: the program's bm rows of x start at program_id(2) * bm (one M tile unless
+  Plan.bm); with interleave, one dot of x's contiguous columns with the W tile in column order.
   """
   if x_split:
     xe_ref, xo_ref, codes_ref, *refs = refs
@@ -404,6 +421,7 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
   *sc, lut_ref, o_ref = refs
   r0 = pl.program_id(0) * bn
   s = pl.program_id(1)
+  xrows = pl.ds(pl.program_id(2) * bm, bm)
   dims = (((1,), (1,)), ((), ()))
   width = chunk * p
 
@@ -427,24 +445,30 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
         xb = pl.ds(i * nb + b0, chunk)
         xe = x_ref[xb, pl.ds(0, p, stride=2)].astype(jnp.float32)
         xo = x_ref[xb, pl.ds(1, p, stride=2)].astype(jnp.float32)
-        part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
+        if pair_fma:
+          part = jnp.sum(_fma(hi, xe[None], lo * xo[None]), axis=2)     # [bn, chunk]
+        else:
+          part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)
         new.append(acc[i] + jnp.sum(part * a, axis=1))
       return tuple(new)
-    a = a[:, :, None]
-    we = (hi * a).reshape(bn, width).astype(cdtype)
-    wo = (lo * a).reshape(bn, width).astype(cdtype)
-    if x_split:
-      xe, xo = xe_ref[:, pl.ds(b0 * p, width)], xo_ref[:, pl.ds(b0 * p, width)]
+    # scale_after (one quantization block per step, W the left operand): the dot takes the
+    # unscaled codebook values, and its [bn, bm] result is scaled per row of W
+    scaled = (lambda v: v) if scale_after else (lambda v: v * a[:, :, None])
+    dot = lambda u, v: jax.lax.dot_general(*((u, v) if w_lhs else (v, u)), dims,
+                                           preferred_element_type=jnp.float32)
+    if interleave:   # [bn, chunk, P, 2] -> W's columns b0 * 2P .. in order
+      wt = jnp.stack([scaled(hi).astype(cdtype), scaled(lo).astype(cdtype)], axis=-1)
+      part = dot(wt.reshape(bn, 2 * width), x_ref[xrows, pl.ds(b0 * 2 * p, 2 * width)])
     else:
-      xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
-      xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
-    if w_lhs:    # acc [bn, Mp]
-      acc += jax.lax.dot_general(we, xe, dims, preferred_element_type=jnp.float32)
-      acc += jax.lax.dot_general(wo, xo, dims, preferred_element_type=jnp.float32)
-    else:        # acc [Mp, bn]
-      acc += jax.lax.dot_general(xe, we, dims, preferred_element_type=jnp.float32)
-      acc += jax.lax.dot_general(xo, wo, dims, preferred_element_type=jnp.float32)
-    return acc
+      we = scaled(hi).reshape(bn, width).astype(cdtype)
+      wo = scaled(lo).reshape(bn, width).astype(cdtype)
+      if x_split:
+        xe, xo = xe_ref[xrows, pl.ds(b0 * p, width)], xo_ref[xrows, pl.ds(b0 * p, width)]
+      else:
+        xe = x_ref[xrows, pl.ds(b0 * 2 * p, width, stride=2)]
+        xo = x_ref[xrows, pl.ds(b0 * 2 * p + 1, width, stride=2)]
+      part = dot(we, xe) + dot(wo, xo)      # w_lhs: [bn, bm], else [bm, bn]
+    return acc + (part * a if scale_after else part)
 
   def loop(acc):
     if prefetch:   # the next step's loads are issued before this step's math: latency hidden
@@ -468,14 +492,12 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
     acc = loop(tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
     for i in range(m):
       o_ref[s, i, rows] = acc[i].astype(o_ref.dtype)
+  elif w_lhs:   # acc is y.T's tile: stored transposed
+    acc = loop(jnp.zeros((bn, bm), jnp.float32))
+    o_ref[s, xrows, rows] = acc.T.astype(o_ref.dtype)
   else:
-    mp = (xe_ref if x_split else x_ref).shape[0]
-    if w_lhs:    # output [split, N, Mp]: y transposed
-      acc = loop(jnp.zeros((bn, mp), jnp.float32))
-      o_ref[s, rows, :] = acc.astype(o_ref.dtype)
-    else:
-      acc = loop(jnp.zeros((mp, bn), jnp.float32))
-      o_ref[s, :, rows] = acc.astype(o_ref.dtype)
+    acc = loop(jnp.zeros((bm, bn), jnp.float32))
+    o_ref[s, xrows, rows] = acc.astype(o_ref.dtype)
 
 
 GEMV_MAX_M = 16     # the CUDA-core body keeps one accumulator per row of x
@@ -490,35 +512,37 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   gemv = plan.gemv and m <= GEMV_MAX_M
   bn = min(plan.bn, max(16 if not gemv else 1, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
-  chunk = _largest_divisor(nb, plan.chunk)
-  split = _split_for(n_pad // bn, nb // chunk, plan.split, plan.fwd_programs)
-  steps = nb // chunk // split
-  unroll = _largest_divisor(steps, plan.unroll)
+  scale_after = plan.scale_after and plan.w_lhs and not gemv
+  chunk = 1 if scale_after else _largest_divisor(nb, plan.chunk)
   codes, sc = _prepared(w, n_pad)
   codes = codes.reshape(n_pad, nb, p)
-  x_split = plan.x_split and not gemv
+  interleave = plan.interleave and not gemv
+  x_split = plan.x_split and not gemv and not interleave
   w_lhs = plan.w_lhs and not gemv
   if gemv:
-    mp = m
+    mp = bm = m
     xs = (x2.reshape(m * nb, 2 * p),)
   else:
-    mp = max(16, _common.next_pow2(m))
+    bm = min(plan.bm, max(16, _common.next_pow2(m))) if plan.bm else max(16, _common.next_pow2(m))
+    mp = -(-m // bm) * bm
     xp = _pad_rows(x2, mp)
     xs = (xp[:, 0::2], xp[:, 1::2]) if x_split else (xp,)
+  split = _split_for(n_pad // bn * (mp // bm), nb // chunk, plan.split, plan.fwd_programs)
+  steps = nb // chunk // split
+  unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
                              unroll=unroll, dq=w.double_quant, decode=plan.decode,
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
                              prefetch=plan.prefetch, w_lhs=w_lhs,
-                             gemv_fma=plan.gemv_fma and gemv and m == 1)
+                             gemv_fma=plan.gemv_fma and gemv and m == 1, bm=bm,
+                             interleave=interleave, scale_after=scale_after,
+                             pair_fma=plan.pair_fma and gemv)
   # one K split: the program writes y in x's dtype; else f32 partials that XLA sums
   out_dtype = x2.dtype if split == 1 else jnp.float32
-  shape = (split, n_pad, mp) if w_lhs else (split, mp, n_pad)
-  part = _call(kernel, jax.ShapeDtypeStruct(shape, out_dtype),
-               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
+  part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), out_dtype),
+               (n_pad // bn, split, mp // bm), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
                                                                     _tables(plan.decode))
   y = part[0] if split == 1 else part.sum(0)
-  if w_lhs:
-    y = y.T
   return y[:m, :n].astype(x2.dtype)
 
 
@@ -610,7 +634,8 @@ def _forward(x2, w: NF4, plan: Plan):
 def _backward(dy2, w: NF4, plan: Plan):
   if plan.bwd == "fused":
     return _fused_bwd(dy2, w, plan)
-  wd = _dense(w, dy2.dtype, plan.bwd, plan)
+  wd = _dense(w, dy2.dtype, plan.bwd, dataclasses.replace(plan, decode=plan.bwd_decode or
+                                                            plan.decode))
   return _dot(dy2, wd)
 
 
@@ -677,8 +702,9 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   m = int(np.prod(lead)) if lead else 1
   if plan is None:
     plan = _auto_plan(m, implementation)
-  if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
-    plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
+  if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:   # the bwd, and the fwd without M
+    plan = dataclasses.replace(plan, fwd=plan.fwd if plan.bm else   # tiles, hold all of x's rows
+                               plan.fwd.replace("fused", "dequant"),
                                bwd=plan.bwd.replace("fused", "dequant"))
   y = _matmul2d(x.reshape(m, k), w, plan)
   return y.reshape(lead + (n,))
