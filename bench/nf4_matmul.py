@@ -155,7 +155,13 @@ def _sweep_plans(mod):
   16 x 8 prefetched won) and 8 tensor-core tilings at M=16 (select tree, 128 x 4, 8 warps won);
   session 6 added the PTX byte-permute decode ("prmt"), which won both buckets (M=1: 0.0246 vs
   0.0288 ms; M=16 with the decoded W as the dot's left operand: 0.0468 vs 0.0955 ms), and the
-  FMA-accumulating GEMV. This list keeps the winners and their neighbours.
+  FMA-accumulating GEMV; session 7 added the "mid" bucket (M=256: x in one tile, the decoded W
+  interleaved into column order won, 0.0874 vs 0.1259 ms for dequant + cuBLAS), the row-accumulating
+  M=1 backward, and measured (commit f2d09f9) three ideas that lost, no longer listed: the fused
+  forward with a grid over x's rows at M=2048/4096 (best 0.695 / 1.38 ms against 0.367 / 0.665 for
+  dequant + cuBLAS, 10 tilings), the absmax applied to each block's dot result instead of every
+  decoded value (M=16: 0.0387 vs 0.0380; M=256: 0.146 vs 0.0874) and the GEMV's pair products as
+  one FMA (0.0237 vs 0.0238). This list keeps the winners and their neighbours.
   """
   P = mod.Plan
   tc16 = dict(decode="prmt", bn=64, chunk=4, unroll=1, x_split=True, w_lhs=True, prefetch=True)
@@ -172,12 +178,14 @@ def _sweep_plans(mod):
                                    ("prmt", 8, 16, 4), ("prmt", 32, 4, 8), ("f32", 16, 8, 4)):
     out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, gemv_fma=True, bn=bn,
                                chunk=chunk, unroll=1, num_warps=warps, prefetch=True)))
-  # (session 7) the GEMV's hi * x_even + lo * x_odd as one explicit FMA
-  for bn, chunk in ((16, 8), (8, 8), (16, 4)):
-    out.append(("m1", "fwd", P("fused", "xla", **dict(gemv1, bn=bn, chunk=chunk, pair_fma=True))))
   for bwd_bn in (128, 256):
     for decode in ("pair", "prmt"):
       out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode, **gemv1)))
+  # (session 7) the bwd GEMV accumulating [bn, P] elementwise, rows summed once at the end
+  for bwd_bn, decode in ((32, "pair"), (64, "pair"), (32, "prmt"), (64, "prmt"), (16, "pair"),
+                        (128, "pair")):
+    out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode=decode,
+                                   bwd_row_acc=True, **gemv1)))
   # M=16: tensor-core dots of the decoded W (left operand) with x's even/odd columns
   # (an ncu profile of 64 x 4 at 70B gate/up: 448 programs of 4 warps, 40% issue slots busy,
   # DRAM 19%: latency-bound, so split-K and smaller tiles for more warps per SM)
@@ -193,43 +201,28 @@ def _sweep_plans(mod):
   for bn, split, programs in ((64, 4, 0), (64, 8, 0), (64, 0, 1024), (64, 0, 2048), (32, 0, 1024)):
     out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=2, split=split,
                                                           fwd_programs=programs))))
-  # (session 7) one quantization block per step, the absmax applied to the dot's result
-  for bn, programs, inter, warps in ((64, 1024, False, 4), (64, 2048, False, 4),
-                                     (32, 1024, False, 4), (64, 1024, True, 4),
-                                     (128, 1024, False, 8), (64, 0, False, 4)):
-    out.append(("small", "fwd", P("fused", "xla", **dict(
-        tc16, bn=bn, chunk=1, fwd_programs=programs, scale_after=True, interleave=inter,
-        x_split=not inter, num_warps=warps))))
   for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
     out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bn, bwd_decode=decode, **tc16)))
-  # M=256 and large M: the dequant kernel (scales decoded in the kernel) + cuBLAS, against
-  # (session 7) tensor-core fused kernels with a grid over x's rows (Plan.bm): each program decodes
-  # its [bn, 64 * chunk] W tile in registers once per bm rows of x, the decoded W the dot's left
-  # operand; interleave: W put in column order in registers (x read as is), else x split by XLA.
+  # M=256 and large M: the dequant kernel (scales decoded in the kernel) + cuBLAS; at M=256
+  # against the fused kernel with x in one tile (interleave: W put in column order in registers,
+  # x read as is; else x split into even/odd columns by XLA; W the left or right operand)
   for bucket in ("mid", "large"):
     out.append((bucket, "fwd", P("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4)))
-  tiled = dict(decode="prmt", unroll=1, w_lhs=True)
-  for bn, bm, chunk, warps, stages, inter in (
-      (128, 128, 1, 8, 3, True), (128, 128, 1, 4, 3, True), (128, 256, 1, 8, 3, True),
-      (64, 128, 1, 4, 4, True), (128, 128, 2, 8, 3, True), (256, 128, 1, 8, 3, True),
-      (128, 128, 1, 8, 4, True), (128, 128, 1, 8, 3, False), (64, 256, 1, 8, 3, True)):
-    plan = P("fused", "xla", **dict(tiled, bn=bn, bm=bm, chunk=chunk, num_warps=warps,
-                                    num_stages=stages, interleave=inter, x_split=not inter))
-    out.append(("large", "fwd", plan))
-    out.append(("mid", "fwd", plan))
-  # the decoded W as the right operand (staged through shared memory)
-  out.append(("large", "fwd", P("fused", "xla", decode="prmt", unroll=1, bn=128, bm=128,
-                                num_warps=8, interleave=True)))
-  # M=256, x in one tile (session 7, 8B gate/up: 64 rows, interleave, 4 warps 0.0876 ms; the
-  # dequant kernel + cuBLAS 0.1254; bf16 dot 0.0553; with 1024 programs (split-K) 0.1262)
-  for bn, warps, inter, lhs, after, stages in (
-      (64, 4, True, True, False, 3), (64, 4, False, True, False, 3), (32, 4, True, True, False, 3),
-      (64, 4, True, True, True, 3), (64, 4, False, True, True, 3), (128, 8, True, True, True, 3),
-      (64, 8, True, True, True, 3), (64, 4, True, False, False, 3), (128, 8, True, False, False, 3),
-      (64, 4, True, True, True, 4), (64, 4, True, True, False, 4)):
+  for bn, warps, inter, lhs, stages in (
+      (64, 4, True, True, 3), (64, 4, False, True, 3), (32, 4, True, True, 3),
+      (128, 4, True, True, 3), (64, 8, True, True, 3), (64, 4, True, False, 3),
+      (128, 8, True, False, 3), (64, 4, True, True, 4)):
     out.append(("mid", "fwd", P("fused", "xla", decode="prmt", unroll=1, bn=bn, chunk=1,
                                 num_warps=warps, interleave=inter, x_split=not inter, w_lhs=lhs,
-                                scale_after=after, num_stages=stages)))
+                                num_stages=stages)))
+  # M=256 backward: the fused tensor-core bwd (dy in one tile) against the dequant kernel + cuBLAS
+  mid = dict(decode="prmt", unroll=1, bn=64, chunk=1, num_warps=4, interleave=True, w_lhs=True)
+  out.append(("mid", "fwd+bwd", P("fused", "dequant", bwd_decode="f32", dq_bn=16, dq_blocks=4,
+                                  **mid)))
+  for bwd_bn, warps, decode in ((64, 4, "prmt"), (128, 4, "prmt"), (128, 8, "prmt"),
+                                (256, 8, "prmt"), (64, 8, "prmt"), (128, 8, "pair")):
+    out.append(("mid", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_num_warps=warps,
+                                    bwd_decode=decode, **mid)))
   return out
 
 
@@ -284,11 +277,12 @@ def run_sweep(fh, deadline, buckets=None):
       continue
     f = fwd[0][1]
     bw = fb[0][1] if fb else f
-    if bucket in ("mid", "large"):   # the backward: dequant kernel (f32 table, bit-identical
-      bw = dataclasses.replace(f, bwd="dequant", bwd_decode="f32")   # to XLA's) + cuBLAS
+    if bucket == "large":   # the backward: dequant kernel (f32 table, bit-identical to XLA's)
+      bw = dataclasses.replace(f, bwd="dequant", bwd_decode="f32")   # + cuBLAS
     tuned[bucket] = dataclasses.asdict(dataclasses.replace(
         f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, bwd_gemv=bw.gemv,
-        bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps))
+        bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps,
+        bwd_row_acc=bw.bwd_row_acc, dq_bn=bw.dq_bn, dq_blocks=bw.dq_blocks))
   _emit(fh, section="sweep", tuned=tuned)
   with open(os.path.join(os.path.dirname(fh.name), "tuned.json"), "w") as f:
     json.dump(tuned, f)
@@ -469,8 +463,7 @@ def sweep_report(recs) -> str:
                                         "prefetch", "bwd_bn", "bwd_decode", "x_split", "gemv",
                                         "num_warps", "dq_bn", "dq_blocks", "w_lhs", "bwd_gemv",
                                         "gemv_fma", "split", "num_stages",
-                                        "fwd_programs", "bm", "interleave", "scale_after",
-                                        "pair_fma")}
+                                        "fwd_programs", "interleave", "bwd_row_acc")}
       lines.append(f"{key}: {ms:.4f} ms {short}")
   errs = [r for r in recs if "error" in r]
   for r in errs[:20]:

@@ -96,46 +96,50 @@ class Plan:
   bwd_decode: str | None = None     # the bwd's own decode / num_warps / gemv (None: as
   bwd_num_warps: int | None = None  # the fwd)
   bwd_gemv: bool | None = None
+  bwd_row_acc: bool = False  # fused bwd GEMV (M == 1): per-row products accumulated elementwise,
+                             # one reduction over the rows at the end instead of one per step
   fwd_programs: int = 0      # fused fwd with split=0: split K until this many programs (0: 2 per
                              # SM); the latency-bound tensor-core kernel at M=16 wants ~8 per SM
   gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
                              # across steps (explicit fma.rn.f32), reduced once at the end
-  pair_fma: bool = False     # fused fwd GEMV: hi * x_even + lo * x_odd as one explicit FMA
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
                              # operand (Hopper's wgmma may take it from registers; as the right
                              # operand it must be staged through shared memory)
-  bm: int = 0                # fused fwd, tensor cores: rows of x per program (grid over M, any M;
-                             # each program decodes its W tile again); 0: all of x in one tile
-                             # (M <= FUSED_MAX_M)
-  scale_after: bool = False  # fused fwd, tensor cores, w_lhs: one quantization block per step,
-                             # dotted unscaled; the absmax multiplies the [bn, bm] dot result
-                             # instead of every decoded value (fewer conversions per weight)
   interleave: bool = False   # fused fwd, tensor cores: the decoded high/low-nibble tiles are
                              # interleaved into W's column order in registers, so x is read as is
                              # (no stride-2 loads, no XLA even/odd split of x)
 
 
-FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile (the fwd with
-                             # Plan.bm excepted)
+FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "mid", "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
-# Sweeps of 2026-11-27 (session 6, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up 14336x4096:
+# Sweeps of 2026-11-27 (sessions 6 and 7, H100, bench/RESULTS.md "NF4 matmul"), 8B gate/up
+# 14336x4096:
 # M=1: the CUDA-core GEMV with [16, 8, 32] code tiles, PTX byte-permute decode, the next tile
-# prefetched, 0.0240 ms (f32 table 0.0288; FMA-accumulating GEMV 0.0251; bf16 dot 0.043; XLA
-# dequant+dot 0.126). M=16: tensor-core dots with the decoded W as the left operand over [64, 2 x 32]
-# tiles, byte-permute decode, 4 warps, K split until ~1024 programs: 0.0389 ms (unsplit 0.0451;
-# session 4's select tree with W as the right operand 0.0955; bf16 dot 0.048; XLA 0.129). Backward:
-# 256-row steps, the bf16-pair table at M=1, byte permutes at M=16. M > 16: the Pallas dequant (f32
-# table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of 32 x 8 at M=4096 (session 4).
+# prefetched, 0.0238 ms (f32 table 0.031; FMA-accumulating GEMV 0.0251; bf16 dot 0.043; XLA
+# dequant+dot 0.125); its backward steps over 128 rows, bf16-pair table, products accumulated
+# elementwise and summed over rows once: fwd+bwd 0.066 ms (a row sum every step: 0.084).
+# M=16: tensor-core dots with the decoded W as the left operand over [64, 2 x 32] tiles,
+# byte-permute decode, 4 warps, K split until ~2048 programs: 0.0380 ms (1024: 0.0395; unsplit
+# 0.0458; session 4's select tree with W as the right operand 0.0955; bf16 dot 0.0485; XLA 0.128).
+# Backward: 256-row steps, byte permutes.
+# 16 < M <= 256 ("mid", measured at 256): the same with x in one [256, K] tile, one quantization
+# block per step and the decoded tile interleaved into W's column order (x read as is): 0.0874 ms
+# (x split into even/odd columns by XLA 0.18; the Pallas dequant + cuBLAS 0.1259; bf16 dot 0.055);
+# its backward (tensor cores, 64-row steps) fwd+bwd 0.188 ms (dequant + cuBLAS 0.216).
+# M > 256: the Pallas dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of
+# 32 x 8 at M=4096 (session 4). The fused kernel with a grid over x's rows (session 7, commit
+# f2d09f9, best of 10 tilings) took 0.695 ms at M=2048 and 1.38 ms at M=4096 against 0.367 / 0.665
+# for dequant + cuBLAS: Triton's dots with W decoded per M tile run far below cuBLAS.
 TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
-               prefetch=True, bwd_bn=256, bwd_decode="pair"),
+               prefetch=True, bwd_bn=128, bwd_decode="pair", bwd_row_acc=True),
     "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
-                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
+                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=2048, bwd_bn=256,
                   bwd_decode="prmt", bwd_num_warps=4),
-    "mid": Plan("fused", "dequant", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
-                interleave=True, num_warps=4, bwd_decode="f32", dq_bn=16, dq_blocks=4),
+    "mid": Plan("fused", "fused", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
+                interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt", bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 MID_MAX_M = FUSED_MAX_M   # "mid": 16 < M <= MID_MAX_M (x in one tile)
@@ -403,16 +407,14 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
 # share of K, `chunk` quantization blocks per step, codes loaded as a [bn, chunk, P] tile.
 
 def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype, gemv, m,
-                      x_split, prefetch, w_lhs, gemv_fma, bm, interleave, scale_after,
-                      pair_fma):
+                      x_split, prefetch, w_lhs, gemv_fma, interleave):
   """y[:, rows] over this program's K range.
 
   gemv=False: tensor-core dots of x's even/odd columns with the decoded high/low-nibble tiles
     (x [Mp, K] read with stride 2, or split into even/odd columns by XLA when x_split).
   gemv=True: CUDA-core multiplies and row sums, one accumulator per row of x (M <= GEMV_MAX_M);
     x is [M * B, blocksize] (row i * B + b: block b of x's row i), read with stride 2.
-  Tensor cores: the program's bm rows of x start at program_id(2) * bm (one M tile unless
-  Plan.bm); with interleave, one dot of x's contiguous columns with the W tile in column order.
+  interleave: one dot of x's contiguous columns with the W tile put in column order.
   """
   if x_split:
     xe_ref, xo_ref, codes_ref, *refs = refs
@@ -421,7 +423,6 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
   *sc, lut_ref, o_ref = refs
   r0 = pl.program_id(0) * bn
   s = pl.program_id(1)
-  xrows = pl.ds(pl.program_id(2) * bm, bm)
   dims = (((1,), (1,)), ((), ()))
   width = chunk * p
 
@@ -445,30 +446,25 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
         xb = pl.ds(i * nb + b0, chunk)
         xe = x_ref[xb, pl.ds(0, p, stride=2)].astype(jnp.float32)
         xo = x_ref[xb, pl.ds(1, p, stride=2)].astype(jnp.float32)
-        if pair_fma:
-          part = jnp.sum(_fma(hi, xe[None], lo * xo[None]), axis=2)     # [bn, chunk]
-        else:
-          part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)
+        part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
         new.append(acc[i] + jnp.sum(part * a, axis=1))
       return tuple(new)
-    # scale_after (one quantization block per step, W the left operand): the dot takes the
-    # unscaled codebook values, and its [bn, bm] result is scaled per row of W
-    scaled = (lambda v: v) if scale_after else (lambda v: v * a[:, :, None])
+    scaled = lambda v: v * a[:, :, None]
     dot = lambda u, v: jax.lax.dot_general(*((u, v) if w_lhs else (v, u)), dims,
                                            preferred_element_type=jnp.float32)
     if interleave:   # [bn, chunk, P, 2] -> W's columns b0 * 2P .. in order
       wt = jnp.stack([scaled(hi).astype(cdtype), scaled(lo).astype(cdtype)], axis=-1)
-      part = dot(wt.reshape(bn, 2 * width), x_ref[xrows, pl.ds(b0 * 2 * p, 2 * width)])
+      part = dot(wt.reshape(bn, 2 * width), x_ref[:, pl.ds(b0 * 2 * p, 2 * width)])
     else:
       we = scaled(hi).reshape(bn, width).astype(cdtype)
       wo = scaled(lo).reshape(bn, width).astype(cdtype)
       if x_split:
-        xe, xo = xe_ref[xrows, pl.ds(b0 * p, width)], xo_ref[xrows, pl.ds(b0 * p, width)]
+        xe, xo = xe_ref[:, pl.ds(b0 * p, width)], xo_ref[:, pl.ds(b0 * p, width)]
       else:
-        xe = x_ref[xrows, pl.ds(b0 * 2 * p, width, stride=2)]
-        xo = x_ref[xrows, pl.ds(b0 * 2 * p + 1, width, stride=2)]
-      part = dot(we, xe) + dot(wo, xo)      # w_lhs: [bn, bm], else [bm, bn]
-    return acc + (part * a if scale_after else part)
+        xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
+        xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
+      part = dot(we, xe) + dot(wo, xo)
+    return acc + part                       # w_lhs: [bn, Mp], else [Mp, bn]
 
   def loop(acc):
     if prefetch:   # the next step's loads are issued before this step's math: latency hidden
@@ -493,11 +489,11 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
     for i in range(m):
       o_ref[s, i, rows] = acc[i].astype(o_ref.dtype)
   elif w_lhs:   # acc is y.T's tile: stored transposed
-    acc = loop(jnp.zeros((bn, bm), jnp.float32))
-    o_ref[s, xrows, rows] = acc.T.astype(o_ref.dtype)
+    acc = loop(jnp.zeros((bn, o_ref.shape[1]), jnp.float32))
+    o_ref[s, :, rows] = acc.T.astype(o_ref.dtype)
   else:
-    acc = loop(jnp.zeros((bm, bn), jnp.float32))
-    o_ref[s, xrows, rows] = acc.astype(o_ref.dtype)
+    acc = loop(jnp.zeros((o_ref.shape[1], bn), jnp.float32))
+    o_ref[s, :, rows] = acc.astype(o_ref.dtype)
 
 
 GEMV_MAX_M = 16     # the CUDA-core body keeps one accumulator per row of x
@@ -512,44 +508,41 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   gemv = plan.gemv and m <= GEMV_MAX_M
   bn = min(plan.bn, max(16 if not gemv else 1, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
-  scale_after = plan.scale_after and plan.w_lhs and not gemv
-  chunk = 1 if scale_after else _largest_divisor(nb, plan.chunk)
+  chunk = _largest_divisor(nb, plan.chunk)
   codes, sc = _prepared(w, n_pad)
   codes = codes.reshape(n_pad, nb, p)
   interleave = plan.interleave and not gemv
   x_split = plan.x_split and not gemv and not interleave
   w_lhs = plan.w_lhs and not gemv
   if gemv:
-    mp = bm = m
+    mp = m
     xs = (x2.reshape(m * nb, 2 * p),)
   else:
-    bm = min(plan.bm, max(16, _common.next_pow2(m))) if plan.bm else max(16, _common.next_pow2(m))
-    mp = -(-m // bm) * bm
+    mp = max(16, _common.next_pow2(m))
     xp = _pad_rows(x2, mp)
     xs = (xp[:, 0::2], xp[:, 1::2]) if x_split else (xp,)
-  split = _split_for(n_pad // bn * (mp // bm), nb // chunk, plan.split, plan.fwd_programs)
+  split = _split_for(n_pad // bn, nb // chunk, plan.split, plan.fwd_programs)
   steps = nb // chunk // split
   unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
                              unroll=unroll, dq=w.double_quant, decode=plan.decode,
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
                              prefetch=plan.prefetch, w_lhs=w_lhs,
-                             gemv_fma=plan.gemv_fma and gemv and m == 1, bm=bm,
-                             interleave=interleave, scale_after=scale_after,
-                             pair_fma=plan.pair_fma and gemv)
+                             gemv_fma=plan.gemv_fma and gemv and m == 1, interleave=interleave)
   # one K split: the program writes y in x's dtype; else f32 partials that XLA sums
   out_dtype = x2.dtype if split == 1 else jnp.float32
   part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), out_dtype),
-               (n_pad // bn, split, mp // bm), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
+               (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
                                                                     _tables(plan.decode))
   y = part[0] if split == 1 else part.sum(0)
   return y[:m, :n].astype(x2.dtype)
 
 
 def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, decode, cdtype,
-                      gemv):
+                      gemv, row_acc):
   """dx's even/odd columns of quantization block b (program_id 0), looping over this program's
-  rows of W: tensor-core dots, or (gemv, M == 1) CUDA-core multiplies and column sums."""
+  rows of W: tensor-core dots, or (gemv, M == 1) CUDA-core multiplies and column sums (row_acc:
+  elementwise into [bn, P] accumulators, summed over the rows once at the end)."""
   *sc, lut_ref, oe_ref, oo_ref = refs
   b = pl.program_id(0)
   s = pl.program_id(1)
@@ -565,14 +558,18 @@ def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, de
     if gemv:
       g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
       ga = g[:, None] * a
+      if row_acc:
+        return acc_e + hi * ga, acc_o + lo * ga
       return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
     g = dy_ref[:, pl.ds(r0, bn)]
     acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
     acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
     return acc_e, acc_o
 
-  zeros = jnp.zeros((p,) if gemv else (mp, p), jnp.float32)
+  zeros = jnp.zeros(((bn, p) if row_acc else (p,)) if gemv else (mp, p), jnp.float32)
   acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
+  if gemv and row_acc:
+    acc_e, acc_o = jnp.sum(acc_e, axis=0), jnp.sum(acc_o, axis=0)
   if gemv:
     oe_ref[s, 0, cols] = acc_e
     oo_ref[s, 0, cols] = acc_o
@@ -596,7 +593,8 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
   decode = plan.bwd_decode or plan.decode
   plan = dataclasses.replace(plan, num_warps=plan.bwd_num_warps or plan.num_warps)
   kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, nb=nb, rows_per_prog=n_pad // split,
-                             dq=w.double_quant, decode=decode, cdtype=dy2.dtype, gemv=gemv)
+                             dq=w.double_quant, decode=decode, cdtype=dy2.dtype, gemv=gemv,
+                             row_acc=gemv and plan.bwd_row_acc)
   g = jnp.pad(dy2, ((0, mp - m), (0, n_pad - n)))
   shape = jax.ShapeDtypeStruct((split, mp, k // 2), jnp.float32)
   oe, oo = _call(kernel, (shape, shape), (nb, split), plan, "nf4_matmul_fused_bwd")(
@@ -702,9 +700,8 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   m = int(np.prod(lead)) if lead else 1
   if plan is None:
     plan = _auto_plan(m, implementation)
-  if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:   # the bwd, and the fwd without M
-    plan = dataclasses.replace(plan, fwd=plan.fwd if plan.bm else   # tiles, hold all of x's rows
-                               plan.fwd.replace("fused", "dequant"),
+  if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
+    plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
                                bwd=plan.bwd.replace("fused", "dequant"))
   y = _matmul2d(x.reshape(m, k), w, plan)
   return y.reshape(lead + (n,))

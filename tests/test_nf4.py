@@ -231,21 +231,14 @@ PLANS = {
                      prefetch=True, bwd_bn=16),
     "gemv-prmt": Plan("fused", "fused", decode="prmt", gemv=True, bn=8, chunk=2, prefetch=True,
                       bwd_bn=16),
-    # a grid over x's rows (16 per program), W decoded once per M tile; interleave: the decoded
-    # tile put in W's column order in registers, x read as is
-    "tiled-wlhs": Plan("fused", "fused", decode="prmt", bn=16, chunk=2, unroll=1, x_split=True,
-                       w_lhs=True, bm=16, bwd_bn=16),
-    "tiled-interleave": Plan("fused", "fused", decode="prmt", bn=16, chunk=2, unroll=1,
-                             w_lhs=True, interleave=True, bm=16, bwd_bn=16),
-    # the absmax applied to each quantization block's dot result, not to every decoded value
-    "scale-after": Plan("fused", "fused", decode="prmt", bn=16, unroll=1, w_lhs=True,
-                        interleave=True, scale_after=True, bm=16, bwd_bn=16),
-    "scale-after-split": Plan("fused", "fused", decode="f32", bn=32, w_lhs=True, x_split=True,
-                              scale_after=True, prefetch=True, bwd_bn=16),
-    "gemv-pair-fma": Plan("fused", "fused", decode="prmt", gemv=True, pair_fma=True, bn=8,
-                          chunk=2, prefetch=True, bwd_bn=16),
+    # the decoded tile put in W's column order in registers, x read as is
+    "wlhs-interleave": Plan("fused", "fused", decode="prmt", bn=16, chunk=2, unroll=1,
+                            w_lhs=True, interleave=True, bwd_bn=16),
+    # the bwd GEMV accumulating elementwise, rows summed once
+    "gemv-row-acc": Plan("fused", "fused", decode="prmt", gemv=True, bn=8, chunk=2,
+                         bwd_bn=16, bwd_row_acc=True, split=2),
     "interleave-f32": Plan("fused", "fused", decode="f32", bn=32, chunk=1, interleave=True,
-                           bm=16, bwd_bn=16),
+                           bwd_bn=16),
 }
 # (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
 SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
@@ -260,7 +253,7 @@ def _check_close(got, ref):
 # every plan on the odd shape, the main plans on all (interpret mode is slow: keep CI < 2 min)
 CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("fused-f32", "dequant-f32")
          or s == SHAPES[1] or (p.startswith("gemv") and s[0] == 1)
-         or (p.startswith(("tiled", "scale-after")) and s[0] == 33)]
+         or (p == "wlhs-interleave" and s[0] == 33)]
 
 
 @pytest.mark.parametrize("plan,mnk", CASES, ids=lambda v: v if isinstance(v, str) else
@@ -278,22 +271,6 @@ def test_matmul_and_grad_match_reference(plan, mnk):
   dx_ref = jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0]
   assert dx.dtype == jnp.bfloat16
   _check_close(dx, dx_ref)
-
-
-@pytest.mark.parametrize("plan", ["tiled-wlhs", "tiled-interleave", "scale-after"])
-def test_tiled_forward_beyond_the_one_tile_limit(plan):
-  """M > FUSED_MAX_M: a plan with M tiles keeps its fused forward (3 tiles of 128 rows, the last
-  one padded); the backward falls back to the dequant kernel + dot."""
-  m = nf4_mod.FUSED_MAX_M + 44
-  q = quantize_nf4(_weight(40, 128, seed=11))
-  x = jax.random.normal(jax.random.key(12), (m, 128), jnp.bfloat16)
-  p = dataclasses.replace(PLANS[plan], bm=128)
-  f = jax.jit(lambda x: nf4_matmul(x, q, plan=p))
-  _check_close(f(x), nf4_matmul_reference(x, q))
-  assert "nf4_matmul_fused_fwd" in str(jax.make_jaxpr(f)(x))
-  dy = jax.random.normal(jax.random.key(13), (m, 40), jnp.bfloat16)
-  dx = jax.vjp(f, x)[1](dy)[0]
-  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
 
 
 @pytest.mark.parametrize("plan", ["fused-f32", "dequant-f32"])
@@ -507,9 +484,8 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
 @pytest.mark.parametrize("plan", ["fused-select", "gemv-select", "split-pair", "dequant-f32",
                                   "chunk-select", "gemv-pair-chunk", "gemv-prefetch",
                                   "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt",
-                                  "gemv-fma", "tiled-wlhs", "tiled-interleave",
-                                  "interleave-f32", "scale-after", "scale-after-split",
-                                  "gemv-pair-fma"])
+                                  "gemv-fma", "wlhs-interleave", "interleave-f32",
+                                  "gemv-row-acc"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
@@ -526,21 +502,25 @@ def test_gpu_kernels_match_reference(plan, mnk):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["tiled-wlhs", "tiled-interleave", "interleave-f32"])
-@pytest.mark.parametrize("bn,bm,warps", [(128, 128, 8), (64, 256, 8), (128, 64, 4)])
-def test_gpu_tiled_forward_at_training_tiles(plan, bn, bm, warps):
-  """The M-tiled fused forward with the sweep's tile sizes, M = 2.3 tiles of 128 rows (past
-  FUSED_MAX_M), N and K off the tiles."""
-  m, n, k = 300, 1000, 4160
-  p = dataclasses.replace(PLANS[plan], bn=bn, bm=bm, num_warps=warps)
+@pytest.mark.parametrize("plan", ["wlhs-interleave", "interleave-f32"])
+@pytest.mark.parametrize("m", [200, 256])
+def test_gpu_interleave_at_the_mid_bucket_tiles(plan, m):
+  """x in one tile of up to 256 rows with the mid bucket's tiles (64 rows of W, one quantization
+  block per step, 4 warps), N and K off the tiles; fwd and the tensor-core bwd."""
+  n, k = 1000, 4160
+  p = dataclasses.replace(PLANS[plan], bn=64, chunk=1, num_warps=4, bwd_bn=64)
   q = quantize_nf4(_weight(n, k, seed=4, dtype=jnp.bfloat16))
   x = jax.random.normal(jax.random.key(5), (m, k), jnp.bfloat16)
-  _check_close(jax.jit(lambda x: nf4_matmul(x, q, plan=p))(x), nf4_matmul_reference(x, q))
+  f = jax.jit(lambda x: nf4_matmul(x, q, plan=p))
+  _check_close(f(x), nf4_matmul_reference(x, q))
+  dy = jax.random.normal(jax.random.key(6), (m, n), jnp.bfloat16)
+  dx = jax.vjp(f, x)[1](dy)[0]
+  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 16, 300, 2048])
+@pytest.mark.parametrize("m", [1, 5, 16, 200, 300, 2048])
 def test_gpu_measured_dispatch_matches_reference(m):
   """The default plans (TUNED, one per bucket: M=1, M<=16, M<=MID_MAX_M, above)."""
   q = quantize_nf4(_weight(4096, 4096, seed=m, dtype=jnp.bfloat16))
