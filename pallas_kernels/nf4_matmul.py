@@ -13,11 +13,12 @@ Implementations (`implementation=`):
   "pallas"  portable Pallas kernels (Triton lowering on GPU, interpreter on CPU). Every kernel
             reads the stored absmax (uint8 + double-quant state) and decodes the scales of its
             tile in registers: no XLA pass writes an f32 absmax first.
-            - fused (small M): reads 4-bit codes, decodes in registers, never writes W:
+            - fused (M <= 256): reads 4-bit codes, decodes in registers, never writes W:
               fwd grid (N / bn, split-K), each program loops over its K range `chunk`
               quantization blocks per step ([bn, chunk, P] code tiles, optionally the next
               step's tiles prefetched): tensor-core dots of x's even/odd columns with the
-              decoded high/low-nibble tiles, or (gemv, M <= 16) CUDA-core multiplies and row
+              decoded high/low-nibble tiles (or of x's columns with the tile interleaved back
+              into W's order), or (gemv, M <= 16) CUDA-core multiplies and row
               sums. bwd grid (B, split-N): dx's even/odd columns of one block, looping over N.
               Decode by PTX byte permutes / select tree / bf16-pair table / f32 table (Plan).
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
@@ -26,15 +27,16 @@ Implementations (`implementation=`):
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
-Where it stands (H100, session 6, bench/RESULTS.md "NF4 matmul"): M=1, the GEMV with the
-byte-permute decode runs 1.3-2.0x faster than the bf16 dot on the 8B/70B q/o, gate/up, down and 70B
-k/v weights (8B k/v, 2 MB of codes: 1.3x slower), at up to 1.45 TB/s of 4-bit data: bound by the
-integer (ALU) pipe the decode runs on, 70% busy in an ncu profile. M=16: tensor-core dots with the
-decoded W as the left operand, K split to ~1024 programs: 1.09-1.30x faster than the bf16 dot on
-the gate/up and down weights and the 70B q/o; slower on the 8B q/o (1.08x) and the k/v weights
-(1.10-1.53x). Large M (session 4): fwd at M=16384 0.84-1.04x the bf16 dot, M=4096 1.08-1.12x,
-M=2048 1.18-1.25x: the dequant pass is a fixed cost per call that only a fused wgmma kernel (not
-written) removes.
+Where it stands (H100, session 7, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot):
+M=1, the GEMV with the byte-permute decode runs 1.24-1.98x faster on the 8B/70B q/o, gate/up, down
+and 70B k/v weights (8B k/v, 2 MB of codes: 1.3x slower), bound by the integer (ALU) pipe the decode
+runs on (70% busy in an ncu profile). M=16: tensor-core dots with the decoded W as the left
+operand, K split to ~2048 programs: 1.09-1.35x faster on the gate/up and down weights and the 70B
+q/o; slower on the 8B q/o (1.11x) and the k/v weights (1.08-1.45x). M=256: the same kernel with W
+interleaved into column order, 1.19-1.68x the bf16 dot (XLA dequant+dot 1.47-2.52x). Large M: the
+Pallas dequant + cuBLAS, 1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384: the dequant
+pass is a fixed cost per call that only a fused wgmma kernel removes (not written; a Triton-lowered
+fused kernel measured 2.3x).
 """
 
 from __future__ import annotations
