@@ -174,6 +174,9 @@ def _sweep_plans(mod):
   # M=1: CUDA-core GEMV over [bn, chunk, 32] code tiles, the next step's tiles prefetched; fma:
   # elementwise FMAs into a [bn, chunk, 32] accumulator, reduced once at the end
   out.append(("m1", "fwd", P("fused", "xla", **gemv1)))
+  # (session 7, for the narrow k/v and q/o weights) the K split's program target
+  for bn, programs in ((16, 128), (16, 512), (8, 512), (16, 1024)):
+    out.append(("m1", "fwd", P("fused", "xla", **dict(gemv1, bn=bn, fwd_programs=programs))))
   for decode, bn, chunk, warps in (("prmt", 16, 8, 4), ("prmt", 8, 8, 4), ("prmt", 16, 4, 4),
                                    ("prmt", 8, 16, 4), ("prmt", 32, 4, 8), ("f32", 16, 8, 4)):
     out.append(("m1", "fwd", P("fused", "xla", decode=decode, gemv=True, gemv_fma=True, bn=bn,
@@ -198,7 +201,8 @@ def _sweep_plans(mod):
                                                           num_stages=stages))))
   # (split 4 won the above on 14336 x 4096: 0.0402 ms against 0.0438 for 2 and 0.0451 for none;
   # a program target carries that to other shapes)
-  for bn, split, programs in ((64, 4, 0), (64, 8, 0), (64, 0, 1024), (64, 0, 2048), (32, 0, 1024)):
+  for bn, split, programs in ((64, 4, 0), (64, 8, 0), (64, 0, 1024), (64, 0, 2048), (32, 0, 1024),
+                             (32, 0, 512), (16, 0, 512), (16, 0, 256), (64, 0, 512)):
     out.append(("small", "fwd", P("fused", "xla", **dict(tc16, bn=bn, chunk=2, split=split,
                                                           fwd_programs=programs))))
   for decode, bn in (("prmt", 128), ("prmt", 256), ("pair", 128)):
@@ -513,12 +517,15 @@ def main():
   ap.add_argument("--ms", default=",".join(map(str, MS)))
   ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
+  ap.add_argument("--sweep-shape", default="", help="N x K of the swept weight, e.g. 1024x4096")
   ap.add_argument("--buckets", default="", help="sweep only these dispatch buckets (m1,small,mid,large)")
   ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
   ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()
+  global SHAPES, SWEEP_SHAPE, SWEEP_MS
+  if args.sweep_shape:
+    SWEEP_SHAPE = tuple(int(v) for v in args.sweep_shape.split("x"))
   if args.tiny:
-    global SHAPES, SWEEP_SHAPE, SWEEP_MS
     SHAPES = {"8B": {"q/o": (128, 256)}}
     SWEEP_SHAPE, SWEEP_MS = (128, 256), {"m1": (1,), "small": (16,), "mid": (32,),
                                          "large": (64, 96)}
