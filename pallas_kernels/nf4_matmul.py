@@ -151,7 +151,13 @@ def _bucket(m: int) -> str:
   return "m1" if m == 1 else "small" if m <= 16 else "mid" if m <= MID_MAX_M else "large"
 
 
-def _auto_plan(m: int, impl: str | None) -> Plan:
+# Decodes that round the 16 codebook values to bf16 ("pair", "prmt"; the value times its absmax is
+# then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but a 2^-9
+# relative error per weight for f32 x, where the XLA reference keeps the codebook in f32.
+_BF16_CODEBOOK_DECODES = ("pair", "prmt")
+
+
+def _auto_plan(m: int, impl: str | None, dtype=jnp.bfloat16) -> Plan:
   if impl == "xla" or (impl is None and not (_common.on_gpu() and _common.pallas_supported())):
     return Plan("xla", "xla")
   plan = TUNED[_bucket(m)]
@@ -159,6 +165,10 @@ def _auto_plan(m: int, impl: str | None) -> Plan:
     plan = dataclasses.replace(
         plan, fwd="dequant" if plan.fwd == "xla" else plan.fwd,
         bwd="dequant" if plan.bwd == "xla" else plan.bwd)
+  if jnp.dtype(dtype).itemsize > 2:   # f32 x: the exact f32 codebook in both passes
+    exact = lambda d: "f32" if d in _BF16_CODEBOOK_DECODES else d
+    plan = dataclasses.replace(plan, decode=exact(plan.decode),
+                               bwd_decode=exact(plan.bwd_decode or plan.decode))
   return plan
 
 
@@ -701,7 +711,7 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   lead = x.shape[:-1]
   m = int(np.prod(lead)) if lead else 1
   if plan is None:
-    plan = _auto_plan(m, implementation)
+    plan = _auto_plan(m, implementation, x.dtype)
   if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
     plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
                                bwd=plan.bwd.replace("fused", "dequant"))

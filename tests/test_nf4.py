@@ -256,21 +256,44 @@ CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("fused-f32", "dequant-f3
          or (p == "wlhs-interleave" and s[0] == 33)]
 
 
+def _check_against_reference(q, x, plan=None, dy_seed=7):
+  """Jitted nf4_matmul (plan None: the dispatch) and its dx for a random dy against the f32
+  reference; returns (y, dx)."""
+  f = jax.jit(lambda x: nf4_matmul(x, q, plan=plan))
+  y = f(x)
+  _check_close(y, nf4_matmul_reference(x, q))
+  dy = jax.random.normal(jax.random.key(dy_seed), y.shape, jnp.bfloat16)
+  dx = jax.vjp(f, x)[1](dy)[0]
+  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+  return y, dx
+
+
 @pytest.mark.parametrize("plan,mnk", CASES, ids=lambda v: v if isinstance(v, str) else
                          "x".join(map(str, v)))
 def test_matmul_and_grad_match_reference(plan, mnk):
   m, n, k = mnk
   q = quantize_nf4(_weight(n, k, seed=m))
   x = jax.random.normal(jax.random.key(m + 1), (m, k), jnp.bfloat16)
-  f = jax.jit(lambda x: nf4_matmul(x, q, plan=PLANS[plan]))
-  y = f(x)
-  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-  _check_close(y, nf4_matmul_reference(x, q))
-  dy = jax.random.normal(jax.random.key(7), (m, n), jnp.bfloat16)
-  dx = jax.vjp(f, x)[1](dy)[0]
-  dx_ref = jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0]
-  assert dx.dtype == jnp.bfloat16
-  _check_close(dx, dx_ref)
+  y, dx = _check_against_reference(q, x, PLANS[plan])
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("m", [1, 5, 40, 300])
+def test_dispatch_keeps_f32_inputs_exact(m):
+  """The measured plans decode through bf16-rounded codebooks; for f32 x the dispatch switches both
+  passes to the exact f32 codebook, so the Pallas path matches the XLA path to f32 rounding."""
+  assert nf4_mod._auto_plan(m, "pallas", jnp.bfloat16).decode in ("prmt", "pair", "f32")
+  plan = nf4_mod._auto_plan(m, "pallas", jnp.float32)
+  assert "prmt" not in (plan.decode, plan.bwd_decode) and "pair" not in (plan.decode,
+                                                                          plan.bwd_decode)
+  q = quantize_nf4(_weight(72, 192, seed=m))
+  x = jax.random.normal(jax.random.key(m), (m, 192), jnp.float32)
+  f = lambda impl: jax.jit(lambda x: nf4_matmul(x, q, implementation=impl))
+  dy = jax.random.normal(jax.random.key(m + 1), (m, 72), jnp.float32)
+  (a, da), (b, db) = [(f(i)(x), jax.vjp(f(i), x)[1](dy)[0]) for i in ("pallas", "xla")]
+  for got, ref in ((a, b), (da, db)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0,
+                               atol=1e-5 * float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("plan", ["fused-f32", "dequant-f32"])
@@ -493,11 +516,7 @@ def test_gpu_kernels_match_reference(plan, mnk):
   p = dataclasses.replace(PLANS[plan], bn=64, bwd_bn=64, dq_bn=32, dq_blocks=8, split=0)
   q = quantize_nf4(_weight(n, k, seed=1, dtype=jnp.bfloat16))
   x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-  f = jax.jit(lambda x: nf4_matmul(x, q, plan=p))
-  _check_close(f(x), nf4_matmul_reference(x, q))
-  dy = jax.random.normal(jax.random.key(3), (m, n), jnp.bfloat16)
-  dx = jax.vjp(f, x)[1](dy)[0]
-  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+  _check_against_reference(q, x, p, dy_seed=3)
 
 
 @gpu
@@ -511,11 +530,7 @@ def test_gpu_interleave_at_the_mid_bucket_tiles(plan, m):
   p = dataclasses.replace(PLANS[plan], bn=64, chunk=1, num_warps=4, bwd_bn=64)
   q = quantize_nf4(_weight(n, k, seed=4, dtype=jnp.bfloat16))
   x = jax.random.normal(jax.random.key(5), (m, k), jnp.bfloat16)
-  f = jax.jit(lambda x: nf4_matmul(x, q, plan=p))
-  _check_close(f(x), nf4_matmul_reference(x, q))
-  dy = jax.random.normal(jax.random.key(6), (m, n), jnp.bfloat16)
-  dx = jax.vjp(f, x)[1](dy)[0]
-  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+  _check_against_reference(q, x, p, dy_seed=6)
 
 
 @gpu
@@ -525,11 +540,7 @@ def test_gpu_measured_dispatch_matches_reference(m):
   """The default plans (TUNED, one per bucket: M=1, M<=16, M<=MID_MAX_M, above)."""
   q = quantize_nf4(_weight(4096, 4096, seed=m, dtype=jnp.bfloat16))
   x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
-  f = jax.jit(lambda x: nf4_matmul(x, q))
-  _check_close(f(x), nf4_matmul_reference(x, q))
-  dy = jax.random.normal(jax.random.key(m + 1), (m, 4096), jnp.bfloat16)
-  dx = jax.vjp(f, x)[1](dy)[0]
-  _check_close(dx, jax.vjp(lambda x: nf4_matmul_reference(x, q), x)[1](dy.astype(jnp.float32))[0])
+  _check_against_reference(q, x, dy_seed=m + 1)
 
 
 @gpu
