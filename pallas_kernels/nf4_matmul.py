@@ -23,7 +23,8 @@ Implementations (`implementation=`):
               Decode by PTX byte permutes / select tree / bf16-pair table / f32 table (Plan).
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
               cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
-  None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU.
+  None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU. For f32 x
+            the plans keep the exact f32 codebook (the measured ones round it to bf16).
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
@@ -319,6 +320,14 @@ def _largest_divisor(n: int, cap: int) -> int:
   return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
+def _pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two that divides n and is <= cap (a tile dim: Triton needs powers of 2)."""
+  d = 1
+  while d * 2 <= cap and n % (d * 2) == 0:
+    d *= 2
+  return d
+
+
 def _pad_rows(a, rows: int):
   return a if a.shape[0] == rows else jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
@@ -520,7 +529,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   gemv = plan.gemv and m <= GEMV_MAX_M
   bn = min(plan.bn, max(16 if not gemv else 1, _common.next_pow2(n)))
   n_pad = -(-n // bn) * bn
-  chunk = _largest_divisor(nb, plan.chunk)
+  chunk = _pow2_divisor(nb, plan.chunk)   # [bn, chunk, P] tiles: K = 192 (B = 3) gives 1
   codes, sc = _prepared(w, n_pad)
   codes = codes.reshape(n_pad, nb, p)
   interleave = plan.interleave and not gemv

@@ -326,6 +326,19 @@ def test_kernels_lower_for_the_gpu(plan, triton_lowering):
   assert triton_lowering is None or triton_lowering[0] >= 2   # fwd and bwd verified
 
 
+@pytest.mark.parametrize("bucket,m", [("m1", 1), ("small", 5), ("mid", 40)])
+@pytest.mark.parametrize("k", [192, 320, 448])
+def test_dispatched_plans_lower_for_odd_block_counts(bucket, m, k, triton_lowering):
+  """K / blocksize = 3, 5, 7 quantization blocks per row: the measured plans' [bn, chunk, P] tiles
+  stay powers of two (the Triton lowering refuses others; on the H100, K=192 at M=1 did)."""
+  q = quantize_nf4(_weight(96, k, seed=k))
+  plan = nf4_mod.TUNED[bucket]
+  assert nf4_mod._bucket(m) == bucket
+  f = jax.jit(lambda x, dy: jax.vjp(lambda x: nf4_matmul(x, q, plan=plan), x)[1](dy))
+  args = (jnp.ones((m, k), jnp.bfloat16), jnp.ones((m, 96), jnp.bfloat16))
+  assert "__gpu$xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_prmt_follows_ptx_semantics():
   """The emulation of PTX prmt.b32 (default mode): byte i of the result is byte (nibble i & 7) of
   {b, a}, or that byte's sign replicated when the nibble's bit 3 is set."""
@@ -535,11 +548,13 @@ def test_gpu_interleave_at_the_mid_bucket_tiles(plan, m):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 16, 200, 300, 2048])
-def test_gpu_measured_dispatch_matches_reference(m):
-  """The default plans (TUNED, one per bucket: M=1, M<=16, M<=MID_MAX_M, above)."""
-  q = quantize_nf4(_weight(4096, 4096, seed=m, dtype=jnp.bfloat16))
-  x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+@pytest.mark.parametrize("m,k", [(1, 4096), (5, 4096), (16, 4096), (200, 4096), (300, 4096),
+                                 (2048, 4096), (1, 4160), (16, 4160), (200, 4160)])
+def test_gpu_measured_dispatch_matches_reference(m, k):
+  """The default plans (TUNED, one per bucket: M=1, M<=16, M<=MID_MAX_M, above); K=4160 has 65
+  quantization blocks per row (odd: one block per step)."""
+  q = quantize_nf4(_weight(4096, k, seed=m, dtype=jnp.bfloat16))
+  x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
   _check_against_reference(q, x, dy_seed=m + 1)
 
 
