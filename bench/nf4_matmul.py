@@ -331,6 +331,31 @@ def run_table(fh, deadline, impls, models, ms):
         del ops
 
 
+def run_split_rounds(fh, deadline, models, m=16, rounds=3):
+  """The M=16 K-split rule on every shape: the dispatched plan with each split rule and the bf16
+  dot, timed `rounds` times with the candidates interleaved round by round (medians are taken by
+  the reader): single timings of these 5-30 us ops vary by ~10%."""
+  b = JaxBench()
+  base = b.mod.TUNED["small"]
+  rules = {"programs=512": dict(fwd_programs=512), "programs=1024": dict(fwd_programs=1024),
+           "programs=2048": dict(fwd_programs=2048), "split=8": dict(split=8),
+           "split=4": dict(split=4)}
+  for model in models:
+    for proj, (n, k) in SHAPES[model].items():
+      ops = b.operands(n, k, m)
+      for r in range(rounds):
+        for name, kw in [("bf16", None)] + list(rules.items()):
+          if time.time() > deadline:
+            _emit(fh, section="splits", note="deadline reached")
+            return
+          plan = None if kw is None else dataclasses.replace(base, **kw)
+          t = b.time_impl("bf16" if plan is None else "plan", n, k, m, passes=("fwd",),
+                          plan=plan, ops=ops)
+          _emit(fh, section="splits", model=model, proj=proj, N=n, K=k, M=m, rule=name,
+                round=r, ms=t["fwd"])
+      del ops
+
+
 def run_quantize_timing(fh):
   b = JaxBench()
   jax, jnp = b.jax, b.jnp
@@ -544,6 +569,8 @@ def main():
         run_torch(fh, deadline, models, ms)
       elif args.section == "quantize":
         run_quantize_timing(fh)
+      elif args.section == "splits":
+        run_split_rounds(fh, deadline, models)
     return
   start = time.time()
   end = start + args.budget

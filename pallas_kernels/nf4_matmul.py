@@ -32,8 +32,8 @@ Where it stands (H100, session 7, bench/RESULTS.md "NF4 matmul"; forward against
 M=1, the GEMV with the byte-permute decode runs 1.24-1.98x faster on the 8B/70B q/o, gate/up, down
 and 70B k/v weights (8B k/v, 2 MB of codes: 1.3x slower), bound by the integer (ALU) pipe the decode
 runs on (70% busy in an ncu profile). M=16: tensor-core dots with the decoded W as the left
-operand, K split to ~2048 programs: 1.09-1.35x faster on the gate/up and down weights and the 70B
-q/o; slower on the 8B q/o (1.11x) and the k/v weights (1.08-1.45x). M=256: the same kernel with W
+operand, K split to ~1024 programs: 1.14-1.30x faster on the gate/up and down weights and the 70B
+q/o, level on the 8B q/o (1.00x), slower on the k/v weights (1.09-1.52x; medians of 3 rounds). M=256: the same kernel with W
 interleaved into column order, 1.19-1.68x the bf16 dot (XLA dequant+dot 1.47-2.52x). Large M: the
 Pallas dequant + cuBLAS, 1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384: the dequant
 pass is a fixed cost per call that only a fused wgmma kernel removes (not written; a Triton-lowered
@@ -124,8 +124,11 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 # dequant+dot 0.125); its backward steps over 128 rows, bf16-pair table, products accumulated
 # elementwise and summed over rows once: fwd+bwd 0.066 ms (a row sum every step: 0.084).
 # M=16: tensor-core dots with the decoded W as the left operand over [64, 2 x 32] tiles,
-# byte-permute decode, 4 warps, K split until ~2048 programs: 0.0380 ms (1024: 0.0395; unsplit
-# 0.0458; session 4's select tree with W as the right operand 0.0955; bf16 dot 0.0485; XLA 0.128).
+# byte-permute decode, 4 warps, K split until ~1024 programs: 0.0387 ms (unsplit 0.0458; session 4's
+# select tree with W as the right operand 0.0955; bf16 dot 0.0474; XLA 0.128). The split rule was
+# chosen on all eight 8B/70B weights, medians of 3 interleaved rounds (run `nf4_splits`): mean
+# ratio to the bf16 dot 0.958 for ~1024 programs, 0.970 for ~2048, 0.976 for ~512, 0.986 for a
+# fixed 8-way split (a single timing on this weight had preferred 2048: 0.0380 vs 0.0395).
 # Backward: 256-row steps, byte permutes.
 # 16 < M <= 256 ("mid", measured at 256): the same with x in one [256, K] tile, one quantization
 # block per step and the decoded tile interleaved into W's column order (x read as is): 0.0874 ms
@@ -139,7 +142,7 @@ TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
                prefetch=True, bwd_bn=128, bwd_decode="pair", bwd_row_acc=True),
     "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
-                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=2048, bwd_bn=256,
+                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
                   bwd_decode="prmt", bwd_num_warps=4),
     "mid": Plan("fused", "fused", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
                 interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt", bwd_num_warps=4),
