@@ -240,11 +240,10 @@ def run_sweep(fh, deadline, buckets=None):
   b = JaxBench()
   n, k = SWEEP_SHAPE
   cands = _sweep_plans(b.mod)
-  results = {}   # (bucket, pass, plan) -> summed ms over the bucket's Ms (all of them measured)
+  results = {}   # (bucket, pass, plan) -> its ms at each of the bucket's Ms
   for bucket, bucket_ms in SWEEP_MS.items():
     if buckets and bucket not in buckets:
       continue
-    b.time_impl("bf16", n, k, bucket_ms[0], passes=("fwd",))   # warm-up; logged baselines below
     for m in bucket_ms:
       ops = b.operands(n, k, m)
       _emit(fh, section="sweep", kind=bucket, N=n, K=k, M=m, impl="bf16",
@@ -543,7 +542,8 @@ def main():
   ap.add_argument("--impls", default="bf16,ours,xla")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with small shapes")
   ap.add_argument("--sweep-shape", default="", help="N x K of the swept weight, e.g. 1024x4096")
-  ap.add_argument("--buckets", default="", help="sweep only these dispatch buckets (m1,small,mid,large)")
+  ap.add_argument("--buckets", default="",
+                  help="sweep only these dispatch buckets (m1,small,mid,large)")
   ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
   ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()

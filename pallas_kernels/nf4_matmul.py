@@ -33,8 +33,9 @@ M=1, the GEMV with the byte-permute decode runs 1.24-1.98x faster on the 8B/70B 
 and 70B k/v weights (8B k/v, 2 MB of codes: 1.3x slower), bound by the integer (ALU) pipe the decode
 runs on (70% busy in an ncu profile). M=16: tensor-core dots with the decoded W as the left
 operand, K split to ~1024 programs: 1.14-1.30x faster on the gate/up and down weights and the 70B
-q/o, level on the 8B q/o (1.00x), slower on the k/v weights (1.09-1.52x; medians of 3 rounds). M=256: the same kernel with W
-interleaved into column order, 1.19-1.68x the bf16 dot (XLA dequant+dot 1.47-2.52x). Large M: the
+q/o, level on the 8B q/o (1.00x), slower on the k/v weights (1.09-1.52x; medians of 3 rounds).
+M=256: the same kernel with W interleaved into column order, 1.19-1.68x the bf16 dot (XLA
+dequant+dot 1.47-2.52x). Large M: the
 Pallas dequant + cuBLAS, 1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384: the dequant
 pass is a fixed cost per call that only a fused wgmma kernel removes (not written; a Triton-lowered
 fused kernel measured 2.3x).
@@ -148,11 +149,11 @@ TUNED: dict[str, Plan] = {
                 interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt", bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
-MID_MAX_M = FUSED_MAX_M   # "mid": 16 < M <= MID_MAX_M (x in one tile)
 
 
 def _bucket(m: int) -> str:
-  return "m1" if m == 1 else "small" if m <= 16 else "mid" if m <= MID_MAX_M else "large"
+  # "mid" (16 < M <= FUSED_MAX_M): the fused kernels with x in one tile
+  return "m1" if m == 1 else "small" if m <= 16 else "mid" if m <= FUSED_MAX_M else "large"
 
 
 # Decodes that round the 16 codebook values to bf16 ("pair", "prmt"; the value times its absmax is
@@ -324,7 +325,7 @@ def _largest_divisor(n: int, cap: int) -> int:
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
-  """The largest power of two that divides n and is <= cap (a tile dim: Triton needs powers of 2)."""
+  """The largest power of two dividing n, at most cap (a tile dim: Triton needs powers of 2)."""
   d = 1
   while d * 2 <= cap and n % (d * 2) == 0:
     d *= 2

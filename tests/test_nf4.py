@@ -284,8 +284,7 @@ def test_dispatch_keeps_f32_inputs_exact(m):
   passes to the exact f32 codebook, so the Pallas path matches the XLA path to f32 rounding."""
   assert nf4_mod._auto_plan(m, "pallas", jnp.bfloat16).decode in ("prmt", "pair", "f32")
   plan = nf4_mod._auto_plan(m, "pallas", jnp.float32)
-  assert "prmt" not in (plan.decode, plan.bwd_decode) and "pair" not in (plan.decode,
-                                                                          plan.bwd_decode)
+  assert not {plan.decode, plan.bwd_decode} & set(nf4_mod._BF16_CODEBOOK_DECODES)
   q = quantize_nf4(_weight(72, 192, seed=m))
   x = jax.random.normal(jax.random.key(m), (m, 192), jnp.float32)
   f = lambda impl: jax.jit(lambda x: nf4_matmul(x, q, implementation=impl))
@@ -551,7 +550,7 @@ def test_gpu_interleave_at_the_mid_bucket_tiles(plan, m):
 @pytest.mark.parametrize("m,k", [(1, 4096), (5, 4096), (16, 4096), (200, 4096), (300, 4096),
                                  (2048, 4096), (1, 4160), (16, 4160), (200, 4160)])
 def test_gpu_measured_dispatch_matches_reference(m, k):
-  """The default plans (TUNED, one per bucket: M=1, M<=16, M<=MID_MAX_M, above); K=4160 has 65
+  """The default plans (TUNED, one per bucket: M=1, M<=16, M<=FUSED_MAX_M, above); K=4160 has 65
   quantization blocks per row (odd: one block per step)."""
   q = quantize_nf4(_weight(4096, k, seed=m, dtype=jnp.bfloat16))
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
