@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
@@ -104,6 +106,11 @@ class JaxBench:
     return r, qs, wds, xs, dys
 
   def time_impl(self, impl, n, k, m, passes=("fwd", "fwd+bwd"), plan=None, ops=None):
+    return {p: self.timer(impl, n, k, m, p, plan, ops)() for p in passes}
+
+  def timer(self, impl, n, k, m, pas, plan=None, ops=None):
+    """A function timing one pass ("fwd" or "fwd+bwd") in ms per op; compiled at its first call,
+    so timing it again (interleaved rounds) costs no compile."""
     jax, jnp, mod = self.jax, self.jnp, self.mod
     r, qs, wds, xs, dys = ops if ops is not None else self.operands(n, k, m)
     if impl == "bf16":
@@ -115,7 +122,6 @@ class JaxBench:
         op = lambda x, w: mod.nf4_matmul(x, w, plan=plan)
       else:
         op = lambda x, w: mod.nf4_matmul(x, w, implementation=None if impl == "ours" else impl)
-    res = {}
     # Small ops (M <= 256) run `inner` times in a loop inside the jit: one dispatch per call, so
     # the host's per-call cost (~20 us per op with 4 copies) does not hide the device time. Each
     # iteration feeds a zero-weighted piece of its outputs into the next x (a tiny fused add), so
@@ -135,16 +141,15 @@ class JaxBench:
         return jax.lax.fori_loop(0, inner, it, list(xs))
       return jax.jit(call)
 
-    if "fwd" in passes:
+    if pas == "fwd":
       f = looped(op, lambda y: y[:, :1])
-      res["fwd"] = _time_calls(jax, f, (xs, weights), r * inner)
-    if "fwd+bwd" in passes:
-      def fb(x, w, dy):
-        y, vjp = jax.vjp(lambda x: op(x, w), x)
-        return y, vjp(dy)[0]
-      f = looped(fb, lambda o: o[1] + o[0][:, :1])   # y is used: the forward is not dropped
-      res["fwd+bwd"] = _time_calls(jax, f, (xs, weights, dys), r * inner)
-    return res
+      return lambda: _time_calls(jax, f, (xs, weights), r * inner)
+
+    def fb(x, w, dy):
+      y, vjp = jax.vjp(lambda x: op(x, w), x)
+      return y, vjp(dy)[0]
+    f = looped(fb, lambda o: o[1] + o[0][:, :1])   # y is used: the forward is not dropped
+    return lambda: _time_calls(jax, f, (xs, weights, dys), r * inner)
 
 
 def _sweep_plans(mod):
@@ -227,6 +232,32 @@ def _sweep_plans(mod):
                                 (256, 8, "prmt"), (64, 8, "prmt"), (128, 8, "pair")):
     out.append(("mid", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_num_warps=warps,
                                     bwd_decode=decode, **mid)))
+  # (session 8) "prmt_bf16": one PTX block gives both tiles scaled in bf16 (no f32 split, multiply
+  # and conversion per value); tensor-core plans only, so at M=1 they race the GEMV
+  bf = dict(tc16, decode="prmt_bf16")
+  for bucket in ("m1", "small"):
+    for bn, chunk, warps, programs, inter in (
+        (64, 2, 4, 1024, False), (64, 4, 4, 1024, False), (64, 2, 4, 512, False),
+        (64, 2, 4, 2048, False), (32, 2, 4, 1024, False), (128, 2, 4, 1024, False),
+        (128, 2, 8, 1024, False), (64, 2, 4, 1024, True), (64, 4, 4, 1024, True),
+        (128, 4, 8, 1024, True)):
+      out.append((bucket, "fwd", P("fused", "xla", **dict(
+          bf, bn=bn, chunk=chunk, num_warps=warps, fwd_programs=programs, interleave=inter,
+          x_split=not inter))))
+  # (the backward candidates of a bucket share one forward, so their times rank the backwards)
+  for bwd_bn, warps in ((128, 4), (256, 4), (64, 4), (256, 8)):
+    out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode="prmt_bf16",
+                                   bwd_gemv=False, bwd_num_warps=warps, **gemv1)))
+    out.append(("small", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode="prmt_bf16",
+                                      bwd_num_warps=warps, **tc16)))
+  for bn, warps, chunk, stages in ((64, 4, 1, 3), (128, 4, 1, 3), (64, 8, 1, 3), (128, 8, 1, 3),
+                                   (64, 4, 2, 3), (32, 4, 1, 3)):
+    out.append(("mid", "fwd", P("fused", "xla", decode="prmt_bf16", unroll=1, bn=bn, chunk=chunk,
+                                num_warps=warps, interleave=True, w_lhs=True,
+                                num_stages=stages)))
+  for bwd_bn, warps in ((64, 4), (128, 4), (128, 8)):
+    out.append(("mid", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_num_warps=warps,
+                                    bwd_decode="prmt_bf16", **dict(mid, decode="prmt_bf16"))))
   return out
 
 
@@ -234,12 +265,16 @@ SWEEP_SHAPE = (14336, 4096)
 SWEEP_MS = {"m1": (1,), "small": (16,), "mid": (256,), "large": (2048, 4096)}
 
 
-def run_sweep(fh, deadline, buckets=None):
+def run_sweep(fh, deadline, buckets=None, decode=None):
   """Time the candidates on the 8B gate/up weight; write the winners to tuned.json (buckets not
-  swept keep the dispatch in the code)."""
+  swept keep the dispatch in the code). decode: only the candidates with that decode, and the
+  dispatch in the code as theirs to beat."""
   b = JaxBench()
   n, k = SWEEP_SHAPE
   cands = _sweep_plans(b.mod)
+  if decode:
+    cands = [c for c in cands if c[2].decode == decode] + [
+        (bucket, p, b.mod.TUNED[bucket]) for bucket in SWEEP_MS for p in ("fwd", "fwd+bwd")]
   results = {}   # (bucket, pass, plan) -> its ms at each of the bucket's Ms
   for bucket, bucket_ms in SWEEP_MS.items():
     if buckets and bucket not in buckets:
@@ -283,7 +318,8 @@ def run_sweep(fh, deadline, buckets=None):
     if bucket == "large":   # the backward: dequant kernel (f32 table, bit-identical to XLA's)
       bw = dataclasses.replace(f, bwd="dequant", bwd_decode="f32")   # + cuBLAS
     tuned[bucket] = dataclasses.asdict(dataclasses.replace(
-        f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split, bwd_gemv=bw.gemv,
+        f, bwd=bw.bwd, bwd_bn=bw.bwd_bn, split=bw.split,
+        bwd_gemv=bw.gemv if bw.bwd_gemv is None else bw.bwd_gemv,
         bwd_decode=bw.bwd_decode or bw.decode, bwd_num_warps=bw.bwd_num_warps or bw.num_warps,
         bwd_row_acc=bw.bwd_row_acc, dq_bn=bw.dq_bn, dq_blocks=bw.dq_blocks))
   _emit(fh, section="sweep", tuned=tuned)
@@ -353,6 +389,59 @@ def run_split_rounds(fh, deadline, models, m=16, rounds=3):
           _emit(fh, section="splits", model=model, proj=proj, N=n, K=k, M=m, rule=name,
                 round=r, ms=t["fwd"])
       del ops
+
+
+def _best_swept(out_dir, bucket, decode):
+  """The fastest forward plan of `bucket` with `decode` in this run's sweep, or None."""
+  best = None
+  for r in _load(os.path.join(out_dir, "results_sweep.jsonl")):
+    if (r.get("kind") == bucket and r.get("pass") == "fwd" and "ms" in r and "plan" in r
+        and r["plan"].get("decode") == decode and (best is None or r["ms"] < best[0])):
+      best = (r["ms"], r["plan"])
+  return None if best is None else best[1]
+
+
+def run_decode_rounds(fh, deadline, models, rounds=3):
+  """Every shape at M = 1, 16, 256: the bf16 dot, the dispatch in the code ("current") and the
+  same bucket with the "prmt_bf16" decode ("bf16-scaled": this run's fastest swept prmt_bf16 plan,
+  else the current plan with that decode), timed `rounds` times interleaved (medians by the
+  reader), forward and, at M <= 16, fwd+bwd."""
+  b = JaxBench()
+  out_dir = os.path.dirname(fh.name)
+  current = dict(b.mod.TUNED)
+  new = {}
+  for bucket in ("m1", "small", "mid"):
+    swept = _best_swept(out_dir, bucket, "prmt_bf16")
+    plan = (b.mod.Plan(**swept) if swept else
+            dataclasses.replace(current[bucket], decode="prmt_bf16", gemv=False))
+    # its backward: this bucket's bwd with the prmt_bf16 decode, tensor cores
+    new[bucket] = dataclasses.replace(plan, fwd="fused", bwd="fused", bwd_decode="prmt_bf16",
+                                      bwd_gemv=False,
+                                      bwd_bn=current[bucket].bwd_bn if bucket != "m1" else 256,
+                                      bwd_num_warps=4)
+  _emit(fh, section="decode", plans={k: dataclasses.asdict(v) for k, v in new.items()})
+  for m, bucket in ((1, "m1"), (16, "small"), (256, "mid")):
+    for model in models:
+      for proj, (n, k) in SHAPES[model].items():
+        ops = b.operands(n, k, m)
+        passes = ("fwd", "fwd+bwd") if m <= 16 else ("fwd",)
+        timers = {(name, p): b.timer(impl, n, k, m, p, plan, ops)
+                  for name, impl, plan in (("bf16", "bf16", None),
+                                           ("current", "plan", current[bucket]),
+                                           ("bf16-scaled", "plan", new[bucket]))
+                  for p in passes}
+        for r in range(rounds):
+          for (name, p), timer in timers.items():
+            if time.time() > deadline:
+              _emit(fh, section="decode", note="deadline reached")
+              return
+            try:
+              _emit(fh, section="decode", model=model, proj=proj, N=n, K=k, M=m, impl=name,
+                    round=r, **{"pass": p, "ms": timer()})
+            except Exception as e:
+              _emit(fh, section="decode", model=model, proj=proj, N=n, K=k, M=m, impl=name,
+                    round=r, error=f"{type(e).__name__}: {str(e)[:300]}", **{"pass": p})
+        del ops, timers
 
 
 def run_quantize_timing(fh):
@@ -500,6 +589,30 @@ def sweep_report(recs) -> str:
   return "\n".join(lines)
 
 
+def decode_report(recs) -> str:
+  """The decode section: medians over rounds, ms and the ratio to the bf16 dot."""
+  t = {}
+  for r in recs:
+    if r.get("section") == "decode" and "ms" in r:
+      t.setdefault((r["M"], r["pass"], r["model"], r["proj"], r["N"], r["K"]), {}).setdefault(
+          r["impl"], []).append(r["ms"])
+  if not t:
+    return ""
+  lines = ["\n### decode: medians of interleaved rounds, ms (ratio to the bf16 dot)\n",
+           "| M | pass | model | proj (N x K) | bf16 | current | bf16-scaled | new / current |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for (m, p, model, proj, n, k), v in sorted(t.items()):
+    med = {name: float(np.median(ts)) for name, ts in v.items()}
+    b = med.get("bf16")
+    cell = lambda name: (f"{med[name]:.4f} ({med[name] / b:.2f})" if name in med and b
+                         else f"{med[name]:.4f}" if name in med else "-")
+    ratio = (f"{med['bf16-scaled'] / med['current']:.3f}"
+             if "bf16-scaled" in med and "current" in med else "-")
+    lines.append(f"| {m} | {p} | {model} | {proj} ({n} x {k}) | {cell('bf16')} | "
+                 f"{cell('current')} | {cell('bf16-scaled')} | {ratio} |")
+  return "\n".join(lines)
+
+
 def env_report() -> str:
   info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   try:
@@ -544,6 +657,8 @@ def main():
   ap.add_argument("--sweep-shape", default="", help="N x K of the swept weight, e.g. 1024x4096")
   ap.add_argument("--buckets", default="",
                   help="sweep only these dispatch buckets (m1,small,mid,large)")
+  ap.add_argument("--sweep-decode", default="",
+                  help="sweep only the candidates with this decode (and the current dispatch)")
   ap.add_argument("--pytest-k", default="not nothing", help="pytest -k selection")
   ap.add_argument("--shares", default="", help="e.g. pytest=0.3,table=0.9")
   args = ap.parse_args()
@@ -562,7 +677,8 @@ def main():
     path = os.path.join(args.out, f"results_{args.section}.jsonl")
     with open(path, "a") as fh:
       if args.section == "sweep":
-        run_sweep(fh, deadline, args.buckets.split(",") if args.buckets else None)
+        run_sweep(fh, deadline, args.buckets.split(",") if args.buckets else None,
+                  args.sweep_decode or None)
       elif args.section == "table":
         run_table(fh, deadline, args.impls.split(","), models, ms)
       elif args.section == "torch":
@@ -571,6 +687,8 @@ def main():
         run_quantize_timing(fh)
       elif args.section == "splits":
         run_split_rounds(fh, deadline, models)
+      elif args.section == "decode":
+        run_decode_rounds(fh, deadline, models)
     return
   start = time.time()
   end = start + args.budget
@@ -581,10 +699,12 @@ def main():
   with open(log, "a") as fh:
     fh.write(env_report() + "\n")
   me = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--models", args.models,
-        "--ms", args.ms, "--impls", args.impls, "--buckets", args.buckets] + (
+        "--ms", args.ms, "--impls", args.impls, "--buckets", args.buckets,
+        "--sweep-decode", args.sweep_decode] + (
             ["--tiny"] if args.tiny else [])
   # shares of the remaining budget, in order; torch gets a fixed slot at the end
-  share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.2, "table": 1.0, "torch": 1.0}
+  share = {"pytest": 0.3, "quantize": 0.04, "sweep": 0.2, "table": 1.0, "torch": 1.0,
+           "splits": 1.0, "decode": 1.0}
   for kv in filter(None, args.shares.split(",")):
     name, val = kv.split("=")
     share[name] = float(val)
@@ -604,9 +724,10 @@ def main():
       _sub(me + ["--section", sec, "--deadline", str(time.time() + budget - 10)], log,
            budget + 20, env)
   recs = []
-  for sec in ("sweep", "table", "torch", "quantize"):
+  for sec in ("sweep", "table", "torch", "quantize", "decode"):
     recs += _load(os.path.join(args.out, f"results_{sec}.jsonl"))
-  report = env_report() + "\n" + make_report(recs) + "\n" + sweep_report(recs)
+  report = (env_report() + "\n" + make_report(recs) + "\n" + sweep_report(recs) + "\n"
+            + decode_report(recs))
   for r in recs:
     if r.get("section") == "quantize":
       report += "\n" + json.dumps(r)

@@ -82,7 +82,10 @@ class Plan:
   bwd: str = "xla"
   decode: str = "f32"        # "f32": two 16-entry f32 lookups per byte; "pair": one u32 lookup of
                              # two bf16-rounded values per byte; "select": a where-tree, no lookup;
-                             # "prmt": PTX byte permutes to the "pair" words, no table (fused)
+                             # "prmt": PTX byte permutes to the "pair" words, no table (fused);
+                             # "prmt_bf16": the same permutes, and the tensor-core kernels get
+                             # both tiles from one PTX block already scaled, in bf16 (bf16 x;
+                             # elsewhere it decodes as "prmt")
   bn: int = 64               # fused fwd: rows of W per program
   split: int = 0             # fused fwd split-K / bwd split-N (0: enough programs for 2 per SM)
   chunk: int = 1             # fused fwd: quantization blocks per loop step ([bn, chunk, P] tile)
@@ -159,7 +162,7 @@ def _bucket(m: int) -> str:
 # Decodes that round the 16 codebook values to bf16 ("pair", "prmt"; the value times its absmax is
 # then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but a 2^-9
 # relative error per weight for f32 x, where the XLA reference keeps the codebook in f32.
-_BF16_CODEBOOK_DECODES = ("pair", "prmt")
+_BF16_CODEBOOK_DECODES = ("pair", "prmt", "prmt_bf16")
 
 
 def _auto_plan(m: int, impl: str | None, dtype=jnp.bfloat16) -> Plan:
@@ -195,7 +198,7 @@ def _tables(decode: str):
     b16 = _quant().NF4_CODE.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
     b = np.arange(256)
     return jnp.asarray((b16[b >> 4] << 16) | b16[b & 15], jnp.uint32)   # [256] u32
-  if decode in ("select", "prmt"):
+  if decode in ("select", "prmt", "prmt_bf16"):
     return jnp.zeros((16,), jnp.float32)                           # unused placeholder
   raise ValueError(f"unknown decode {decode!r}")
 
@@ -215,7 +218,7 @@ def _decode(c, lut_ref, decode: str):
   ci = c.astype(jnp.int32)
   if decode == "f32":
     return lut_ref[ci >> 4], lut_ref[ci & 15]
-  if decode in ("pair", "prmt"):
+  if decode in ("pair", "prmt", "prmt_bf16"):
     v = lut_ref[ci] if decode == "pair" else _decode_prmt(c)
     hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
     lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
@@ -299,6 +302,102 @@ def _decode_prmt(c):
       _prmt_asm(), args=[c], constraints="=r,=r,=r,=r,r", pack=4,
       result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.int32)])
   return jax.lax.bitcast_convert_type(w, jnp.uint32)
+
+
+# decode="prmt_bf16" (the tensor-core kernels, bf16 operands): one PTX block does the same lookups
+# for 4 code bytes and hands out both tiles ready for the dot: the bf16 values of the high nibbles
+# and of the low nibbles, each multiplied by its absmax (rounded to bf16) with bf16x2 FMAs. That
+# replaces, per value, the split of the pair word into an f32 (an integer op), an f32 multiply
+# and a conversion back to bf16: ~3.5 instead of ~5.6 instructions per value, most of the saving
+# on the integer pipe that bounds these kernels. Each weight is rounded three times (codebook,
+# absmax, product: within ~1.5 bf16 ulp of the f32 dequantization instead of 0.5).
+# Pallas' public inline-asm op returns one result, so the two-result op is a small primitive of
+# ours lowered to the same Triton op (`_asm2_p`, internal Pallas-Triton API, jax 0.10 - 0.11).
+
+
+@functools.cache
+def _prmt_bf16_asm() -> str:
+  """PTX: 4 code bytes in $4 and their bf16 scales as pairs in $5 (bytes 0, 1) and $6 (bytes 2, 3)
+  -> the scaled bf16 values of the high nibbles in $0 (bytes 0, 1) and $1 (2, 3), of the low
+  nibbles in $2 and $3; the first byte's value in the low half of each word."""
+  lo, hi = _prmt_planes()
+  regs = ".reg .b32 c, p, q, s, t, u, a, b, L, H, z, l0, l1, l2, l3, h0, h1, h2, h3;"
+  consts = " ".join(f"mov.b32 l{j}, {lo[j]:#010x}; mov.b32 h{j}, {hi[j]:#010x};" for j in range(4))
+  body = ["mov.b32 c, $4; mov.b32 p, $5; mov.b32 q, $6; shr.b32 u, c, 16;",   # inputs first: an
+          "mov.b32 z, 0x80008000;"]        # output may share an input's register; -0.0 addends
+  for src, sc, (oh, ol) in (("c", "p", ("$0", "$2")), ("u", "q", ("$1", "$3"))):
+    body.append(f"and.b32 s, {src}, 0x7777; shr.b32 t, {src}, 1; and.b32 t, t, 0x4444; "
+                "or.b32 t, t, 0x3210;")
+    body.append("prmt.b32 a, l0, l1, s; prmt.b32 b, l2, l3, s; prmt.b32 L, a, b, t;")
+    body.append("prmt.b32 a, h0, h1, s; prmt.b32 b, h2, h3, s; prmt.b32 H, a, b, t;")
+    body.append(f"prmt.b32 a, L, H, 0x7351; prmt.b32 b, L, H, 0x6240; "
+                f"fma.rn.bf16x2 {oh}, a, {sc}, z; fma.rn.bf16x2 {ol}, b, {sc}, z;")
+  return "{ " + regs + " " + consts + " " + " ".join(body) + " }"
+
+
+@functools.cache
+def _asm2_p():
+  """A two-result `tt.elementwise_inline_asm` for Pallas' Triton lowering (GPU only)."""
+  from jax._src import core as jax_core
+  from jax._src.lib.triton import dialect as tt_dialect
+  from jax._src.pallas.triton import lowering as triton_lowering
+  from jax.interpreters import mlir
+
+  prim = jax_core.Primitive("jaxsloth_elementwise_inline_asm2")
+  prim.multiple_results = True
+
+  @prim.def_abstract_eval
+  def _abstract(*avals, asm, constraints, pack, result_shape_dtypes):
+    del asm, constraints, pack
+    if any(a.shape != avals[0].shape for a in avals):
+      raise ValueError("elementwise inline asm: all arguments must have one shape")
+    return [jax_core.ShapedArray(r.shape, r.dtype) for r in result_shape_dtypes]
+
+  @triton_lowering.register_lowering(prim)
+  def _lower(ctx, *args, asm, constraints, pack, result_shape_dtypes):
+    del result_shape_dtypes
+    op = tt_dialect.ElementwiseInlineAsmOp(
+        [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out], asm,
+        constraints=constraints, pure=True, packed_element=pack, args=list(args))
+    return list(op.results)
+
+  return prim
+
+
+def _prmt_bf16_emulated(c, s):
+  """The PTX block in jnp, one code byte at a time: (high-nibble, low-nibble) bf16 values times
+  the bf16 scales s (an exact product rounded once, as fma.rn with a -0.0 addend)."""
+  lo, hi = _prmt_planes()
+  u = lambda v: jnp.full(c.shape, v, jnp.uint32)
+  r = c.astype(jnp.uint32)
+  sel = r & 0x77
+  t = ((r >> 1) & 0x44) | 0x10
+  lp = _prmt(_prmt(u(lo[0]), u(lo[1]), sel), _prmt(u(lo[2]), u(lo[3]), sel), t)
+  hp = _prmt(_prmt(u(hi[0]), u(hi[1]), sel), _prmt(u(hi[2]), u(hi[3]), sel), t)
+  value = lambda perm: jax.lax.bitcast_convert_type(
+      (_prmt(lp, hp, u(perm)) & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
+  scaled = lambda v: (v.astype(jnp.float32) * s.astype(jnp.float32)).astype(jnp.bfloat16)
+  return scaled(value(0x7351)), scaled(value(0x6240))
+
+
+def _decode_prmt_bf16(c, a):
+  """uint8 codes [..., P] and f32 scales broadcastable to them -> (high-nibble, low-nibble) values
+  times the scales, bf16 [..., P]: the PTX on the GPU, its jnp emulation in interpret mode."""
+  s = jnp.broadcast_to(a.astype(jnp.bfloat16), c.shape)
+  if _common.interpret():
+    return _prmt_bf16_emulated(c, s)
+  out = jax.ShapeDtypeStruct(c.shape, jnp.bfloat16)
+  hi, lo = _asm2_p().bind(c, s, asm=_prmt_bf16_asm(), constraints="=r,=r,=r,=r,r,r,r", pack=4,
+                          result_shape_dtypes=(out, out))
+  return hi, lo
+
+
+def _kernel_decode(decode: str, cdtype, gemv: bool) -> str:
+  """The decode a kernel runs: "prmt_bf16" only where its bf16 products feed a tensor-core dot
+  of bf16 operands; elsewhere (GEMV bodies, f16 x, the dequant kernel) the "prmt" lookups."""
+  if decode == "prmt_bf16" and (gemv or jnp.dtype(cdtype) != jnp.bfloat16):
+    return "prmt"
+  return decode
 
 
 def _fma(a, b, c):
@@ -421,7 +520,8 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
   n_pad = -(-n // bn) * bn
   codes, sc = _prepared(w, n_pad)
   kernel = functools.partial(_dequant_kernel, bn=bn, nblk=nblk, p=p, nb=nb, dq=w.double_quant,
-                             decode=plan.decode, dtype=jnp.dtype(dtype))
+                             decode=_kernel_decode(plan.decode, dtype, True),
+                             dtype=jnp.dtype(dtype))
   out = _call(kernel, jax.ShapeDtypeStruct((n_pad, k // 2, 2), dtype), (n_pad // bn, nb // nblk),
               plan, "nf4_dequant")(codes, *sc, _tables(plan.decode))
   return out.reshape(n_pad, k)[:n]
@@ -459,8 +559,10 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
 
   def compute(t, acc, c, a_raw):
     b0 = (s * steps + t) * chunk
-    hi, lo = _decode(c, lut_ref, decode)
     a = _scale_values(sc, a_raw, r0, bn, b0, chunk, nb, dq)            # [bn, chunk] f32
+    if decode == "prmt_bf16":   # tensor-core bodies only: both tiles scaled, in bf16, from the PTX
+      return acc + dots(b0, *_decode_prmt_bf16(c, a[:, :, None]))
+    hi, lo = _decode(c, lut_ref, decode)
     if gemv and gemv_fma:   # M == 1: elementwise FMAs into [bn, chunk, P], one reduction at the end
       xe = x_ref[pl.ds(b0, chunk), pl.ds(0, p, stride=2)].astype(jnp.float32)
       xo = x_ref[pl.ds(b0, chunk), pl.ds(1, p, stride=2)].astype(jnp.float32)
@@ -474,22 +576,23 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
         part = jnp.sum(hi * xe[None] + lo * xo[None], axis=2)           # [bn, chunk]
         new.append(acc[i] + jnp.sum(part * a, axis=1))
       return tuple(new)
-    scaled = lambda v: v * a[:, :, None]
+    scaled = lambda v: (v * a[:, :, None]).astype(cdtype)
+    return acc + dots(b0, scaled(hi), scaled(lo))
+
+  def dots(b0, whi, wlo):
+    """x times the step's scaled high/low-nibble tiles [bn, chunk, P] (cdtype), blocks b0..:
+    [bn, Mp] (w_lhs) or [Mp, bn]."""
     dot = lambda u, v: jax.lax.dot_general(*((u, v) if w_lhs else (v, u)), dims,
                                            preferred_element_type=jnp.float32)
     if interleave:   # [bn, chunk, P, 2] -> W's columns b0 * 2P .. in order
-      wt = jnp.stack([scaled(hi).astype(cdtype), scaled(lo).astype(cdtype)], axis=-1)
-      part = dot(wt.reshape(bn, 2 * width), x_ref[:, pl.ds(b0 * 2 * p, 2 * width)])
+      wt = jnp.stack([whi, wlo], axis=-1)
+      return dot(wt.reshape(bn, 2 * width), x_ref[:, pl.ds(b0 * 2 * p, 2 * width)])
+    if x_split:
+      xe, xo = xe_ref[:, pl.ds(b0 * p, width)], xo_ref[:, pl.ds(b0 * p, width)]
     else:
-      we = scaled(hi).reshape(bn, width).astype(cdtype)
-      wo = scaled(lo).reshape(bn, width).astype(cdtype)
-      if x_split:
-        xe, xo = xe_ref[:, pl.ds(b0 * p, width)], xo_ref[:, pl.ds(b0 * p, width)]
-      else:
-        xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
-        xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
-      part = dot(we, xe) + dot(wo, xo)
-    return acc + part                       # w_lhs: [bn, Mp], else [Mp, bn]
+      xe = x_ref[:, pl.ds(b0 * 2 * p, width, stride=2)]
+      xo = x_ref[:, pl.ds(b0 * 2 * p + 1, width, stride=2)]
+    return dot(whi.reshape(bn, width), xe) + dot(wlo.reshape(bn, width), xo)
 
   def loop(acc):
     if prefetch:   # the next step's loads are issued before this step's math: latency hidden
@@ -550,7 +653,8 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   steps = nb // chunk // split
   unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
-                             unroll=unroll, dq=w.double_quant, decode=plan.decode,
+                             unroll=unroll, dq=w.double_quant,
+                             decode=_kernel_decode(plan.decode, x2.dtype, gemv),
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
                              prefetch=plan.prefetch, w_lhs=w_lhs,
                              gemv_fma=plan.gemv_fma and gemv and m == 1, interleave=interleave)
@@ -579,6 +683,11 @@ def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, de
     r0 = s * rows_per_prog + t * bn
     c = codes_ref[pl.ds(r0, bn), cols]
     a = _scales(sc, r0, bn, b, 1, nb, dq)                                # [bn, 1]
+    if decode == "prmt_bf16":   # tensor-core body only: both tiles scaled, in bf16, from the PTX
+      g = dy_ref[:, pl.ds(r0, bn)]
+      whi, wlo = _decode_prmt_bf16(c, a)
+      return (acc_e + jnp.dot(g, whi, preferred_element_type=jnp.float32),
+              acc_o + jnp.dot(g, wlo, preferred_element_type=jnp.float32))
     hi, lo = _decode(c, lut_ref, decode)
     if gemv:
       g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
@@ -615,7 +724,7 @@ def _fused_bwd(dy2, w: NF4, plan: Plan):
   n_pad = -(-n // bn) * bn
   split = _split_for(nb, n_pad // bn, plan.split)
   codes, sc = _prepared(w, n_pad)
-  decode = plan.bwd_decode or plan.decode
+  decode = _kernel_decode(plan.bwd_decode or plan.decode, dy2.dtype, gemv)
   plan = dataclasses.replace(plan, num_warps=plan.bwd_num_warps or plan.num_warps)
   kernel = functools.partial(_fused_bwd_kernel, bn=bn, p=p, nb=nb, rows_per_prog=n_pad // split,
                              dq=w.double_quant, decode=decode, cdtype=dy2.dtype, gemv=gemv,

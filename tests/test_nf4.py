@@ -239,6 +239,12 @@ PLANS = {
                          bwd_bn=16, bwd_row_acc=True, split=2),
     "interleave-f32": Plan("fused", "fused", decode="f32", bn=32, chunk=1, interleave=True,
                            bwd_bn=16),
+    # both tiles scaled in bf16 by the PTX block (its jnp emulation in interpret mode)
+    "wlhs-prmt-bf16": Plan("fused", "fused", decode="prmt_bf16", bn=16, chunk=2, unroll=1,
+                           x_split=True, w_lhs=True, prefetch=True, bwd_bn=16),
+    "interleave-prmt-bf16": Plan("fused", "fused", decode="prmt_bf16", bn=16, chunk=2, unroll=1,
+                                 w_lhs=True, interleave=True, bwd_bn=32, split=2),
+    "rhs-prmt-bf16": Plan("fused", "fused", decode="prmt_bf16", bn=16, chunk=1, bwd_bn=16),
 }
 # (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
 SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
@@ -253,7 +259,7 @@ def _check_close(got, ref):
 # every plan on the odd shape, the main plans on all (interpret mode is slow: keep CI < 2 min)
 CASES = [(p, s) for p in PLANS for s in SHAPES if p in ("fused-f32", "dequant-f32")
          or s == SHAPES[1] or (p.startswith("gemv") and s[0] == 1)
-         or (p == "wlhs-interleave" and s[0] == 33)]
+         or (p in ("wlhs-interleave", "interleave-prmt-bf16") and s[0] == 33)]
 
 
 def _check_against_reference(q, x, plan=None, dy_seed=7):
@@ -364,9 +370,24 @@ def test_prmt_decode_is_the_bf16_codebook():
   assert asm.count("prmt.b32") == 16 and asm.count("0x5140") == 2
 
 
+def _bf16x2_fma(a, b, c):
+  """PTX fma.rn.bf16x2 on uint32 words: per 16-bit half, a * b + c rounded once to bf16 (f64 holds
+  the exact value of any bf16 product plus a bf16 addend of these magnitudes)."""
+  half = lambda w, i: ((w >> (16 * i)) & 0xFFFF).astype(np.uint32)
+  as_f = lambda h: (h << 16).view(np.float32).astype(np.float64)
+  out = np.zeros_like(a)
+  for i in range(2):
+    exact = as_f(half(a, i)) * as_f(half(b, i)) + as_f(half(c, i))
+    r = np.asarray(jnp.asarray(exact.astype(np.float32)).astype(jnp.bfloat16))
+    assert np.all(exact.astype(np.float32) == exact)   # so that one f32 -> bf16 rounding is exact
+    out |= r.view(np.uint16).astype(np.uint32) << (16 * i)
+  return out
+
+
 def _run_ptx(asm: str, inputs: dict) -> dict:
-  """A tiny interpreter for the straight-line b32 PTX of `_prmt_asm` (mov, and, or, shr, prmt) on
-  numpy uint32 arrays: operands are registers or immediates; returns every register."""
+  """A tiny interpreter for the straight-line b32 PTX of `_prmt_asm` and `_prmt_bf16_asm` (mov,
+  and, or, shr, prmt, fma.rn.bf16x2) on numpy uint32 arrays: operands are registers or
+  immediates; returns every register."""
   regs = {k: np.asarray(v, np.uint32) for k, v in inputs.items()}
   val = lambda o: np.uint32(int(o, 0)) if o[0].isdigit() else regs[o]
   body = asm.strip().removeprefix("{").removesuffix("}")
@@ -377,13 +398,15 @@ def _run_ptx(asm: str, inputs: dict) -> dict:
     d, *src = [o.strip() for o in rest.split(",")]
     a = [val(o) for o in src]
     if op == "mov.b32":
-      regs[d] = np.broadcast_to(a[0], next(iter(inputs.values())).shape).astype(np.uint32)
+      regs[d] = np.broadcast_to(a[0], next(iter(inputs.values())).shape).astype(np.uint32).copy()
     elif op == "and.b32":
       regs[d] = a[0] & a[1]
     elif op == "or.b32":
       regs[d] = a[0] | a[1]
     elif op == "shr.b32":
       regs[d] = a[0] >> a[1]
+    elif op == "fma.rn.bf16x2":
+      regs[d] = _bf16x2_fma(*np.broadcast_arrays(*a))
     elif op == "prmt.b32":
       regs[d] = np.asarray(nf4_mod._prmt(jnp.asarray(a[0], jnp.uint32), jnp.asarray(a[1], jnp.uint32),
                                          jnp.asarray(a[2], jnp.uint32)))
@@ -404,6 +427,62 @@ def test_prmt_asm_text_computes_the_pair_words():
   for i in range(4):
     np.testing.assert_array_equal(out[f"${i}"], pair[(words >> (8 * i)) & 0xFF])
   np.testing.assert_array_equal(out["$4"], words)      # the input register is never written
+
+
+def _bf16_words(v):
+  """bf16 values -> their 16-bit patterns as uint32."""
+  return np.asarray(jnp.asarray(v, jnp.bfloat16)).view(np.uint16).astype(np.uint32)
+
+
+def test_prmt_bf16_emulation_scales_the_bf16_codebook():
+  """Every byte and a spread of scales: the emulated block gives bf16(bf16(code) * bf16(scale)) of
+  the high and of the low nibble, within 1.5 bf16 ulp of the f32 dequantization."""
+  c = jnp.tile(jnp.arange(256, dtype=jnp.int32), 5).astype(jnp.uint8)
+  a = jnp.repeat(jnp.asarray([0.0, 1.0, 0.0123, 3.7, -2.5e-3], jnp.float32), 256)
+  hi, lo = nf4_mod._prmt_bf16_emulated(c, a.astype(jnp.bfloat16))
+  assert hi.dtype == lo.dtype == jnp.bfloat16
+  code_bf = NF4_CODE.astype(jnp.bfloat16).astype(np.float32)
+  a_bf = np.asarray(a.astype(jnp.bfloat16), np.float32)
+  for got, nib in ((hi, np.asarray(c) >> 4), (lo, np.asarray(c) & 15)):
+    want = np.asarray(jnp.asarray(code_bf[nib] * a_bf).astype(jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+    exact = NF4_CODE[nib].astype(np.float64) * np.asarray(a, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=1.5 * 2**-7, atol=0)
+
+
+def test_prmt_bf16_asm_text_computes_the_scaled_values():
+  """The two-result PTX block itself, run by the small interpreter: for 4 code bytes in $4 and
+  bf16 scale pairs in $5, $6, the words $0..$3 hold what the emulation gives, byte by byte (the
+  first byte of each pair in the low half), and no input register is written."""
+  rng = np.random.default_rng(1)
+  n = 4096
+  words = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+  scales = rng.uniform(-4, 4, (n, 4)).astype(np.float32) * 10.0 ** rng.integers(-3, 2, (n, 4))
+  sb = _bf16_words(scales)                                            # [n, 4] 16-bit patterns
+  regs_in = {"$4": words, "$5": sb[:, 0] | (sb[:, 1] << 16), "$6": sb[:, 2] | (sb[:, 3] << 16)}
+  out = _run_ptx(nf4_mod._prmt_bf16_asm(), regs_in)
+  codes = ((words[:, None] >> (8 * np.arange(4))) & 0xFF).astype(np.uint8)   # [n, 4]
+  hi, lo = nf4_mod._prmt_bf16_emulated(jnp.asarray(codes), jnp.asarray(scales, jnp.bfloat16))
+  for (r0, r1), want in ((("$0", "$1"), hi), (("$2", "$3"), lo)):
+    w = _bf16_words(want)
+    np.testing.assert_array_equal(out[r0], w[:, 0] | (w[:, 1] << 16))
+    np.testing.assert_array_equal(out[r1], w[:, 2] | (w[:, 3] << 16))
+  for r, v in regs_in.items():
+    np.testing.assert_array_equal(out[r], v)
+
+
+def test_prmt_bf16_falls_back_where_no_bf16_dot_takes_it():
+  """GEMV bodies, f16 operands and the dequant kernel decode "prmt_bf16" with the "prmt" lookups;
+  f32 x gets the exact codebook from the dispatch; f16 x through the fused plan is still right."""
+  assert nf4_mod._kernel_decode("prmt_bf16", jnp.bfloat16, False) == "prmt_bf16"
+  assert nf4_mod._kernel_decode("prmt_bf16", jnp.bfloat16, True) == "prmt"
+  assert nf4_mod._kernel_decode("prmt_bf16", jnp.float16, False) == "prmt"
+  assert nf4_mod._kernel_decode("prmt", jnp.bfloat16, False) == "prmt"
+  q = quantize_nf4(_weight(24, 128, seed=3))
+  x = jax.random.normal(jax.random.key(4), (5, 128), jnp.float16)
+  y = jax.jit(lambda x: nf4_matmul(x, q, plan=PLANS["wlhs-prmt-bf16"]))(x)
+  assert y.dtype == jnp.float16
+  _check_close(y, nf4_matmul_reference(x, q))
 
 
 def test_pallas_dequant_is_bit_identical_to_xla():
@@ -520,7 +599,8 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
                                   "chunk-select", "gemv-pair-chunk", "gemv-prefetch",
                                   "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt",
                                   "gemv-fma", "wlhs-interleave", "interleave-f32",
-                                  "gemv-row-acc"])
+                                  "gemv-row-acc", "wlhs-prmt-bf16", "interleave-prmt-bf16",
+                                  "rhs-prmt-bf16"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
@@ -533,7 +613,7 @@ def test_gpu_kernels_match_reference(plan, mnk):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["wlhs-interleave", "interleave-f32"])
+@pytest.mark.parametrize("plan", ["wlhs-interleave", "interleave-f32", "interleave-prmt-bf16"])
 @pytest.mark.parametrize("m", [200, 256])
 def test_gpu_interleave_at_the_mid_bucket_tiles(plan, m):
   """x in one tile of up to 256 rows with the mid bucket's tiles (64 rows of W, one quantization
