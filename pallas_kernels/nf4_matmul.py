@@ -144,12 +144,14 @@ FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one til
 # for dequant + cuBLAS: Triton's dots with W decoded per M tile run far below cuBLAS.
 TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
-               prefetch=True, bwd_bn=128, bwd_decode="pair", bwd_row_acc=True),
-    "small": Plan("fused", "fused", decode="prmt", bn=64, chunk=2, unroll=1, x_split=True,
+               prefetch=True, bwd_bn=256, bwd_decode="prmt_bf16", bwd_gemv=False,
+               bwd_num_warps=4),
+    "small": Plan("fused", "fused", decode="prmt_bf16", bn=64, chunk=2, unroll=1, x_split=True,
                   w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
-                  bwd_decode="prmt", bwd_num_warps=4),
+                  bwd_decode="prmt_bf16", bwd_num_warps=4),
     "mid": Plan("fused", "fused", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
-                interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt", bwd_num_warps=4),
+                interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt_bf16",
+                bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
 
@@ -392,10 +394,14 @@ def _decode_prmt_bf16(c, a):
   return hi, lo
 
 
-def _kernel_decode(decode: str, cdtype, gemv: bool) -> str:
+def _kernel_decode(decode: str, cdtype, gemv: bool, interleave: bool = False) -> str:
   """The decode a kernel runs: "prmt_bf16" only where its bf16 products feed a tensor-core dot
-  of bf16 operands; elsewhere (GEMV bodies, f16 x, the dequant kernel) the "prmt" lookups."""
-  if decode == "prmt_bf16" and (gemv or jnp.dtype(cdtype) != jnp.bfloat16):
+  of bf16 operands; elsewhere (GEMV bodies, f16 x, the dequant kernel) the "prmt" lookups.
+  Not with `interleave` either: joining the two results of the PTX block into W's column order
+  came out wrong on the GPU (H100 and H200, jax 0.11.2: relative errors ~1, matching no swap of
+  the nibbles; bench/diag/prmt_bf16_interleave.py), while each result fed to its own dot is right,
+  so that combination keeps the "prmt" decode."""
+  if decode == "prmt_bf16" and (gemv or interleave or jnp.dtype(cdtype) != jnp.bfloat16):
     return "prmt"
   return decode
 
@@ -654,7 +660,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
                              unroll=unroll, dq=w.double_quant,
-                             decode=_kernel_decode(plan.decode, x2.dtype, gemv),
+                             decode=_kernel_decode(plan.decode, x2.dtype, gemv, interleave),
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
                              prefetch=plan.prefetch, w_lhs=w_lhs,
                              gemv_fma=plan.gemv_fma and gemv and m == 1, interleave=interleave)

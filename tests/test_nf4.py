@@ -245,6 +245,9 @@ PLANS = {
     "interleave-prmt-bf16": Plan("fused", "fused", decode="prmt_bf16", bn=16, chunk=2, unroll=1,
                                  w_lhs=True, interleave=True, bwd_bn=32, split=2),
     "rhs-prmt-bf16": Plan("fused", "fused", decode="prmt_bf16", bn=16, chunk=1, bwd_bn=16),
+    # the M=1 GEMV forward with the tensor-core backward (dy padded to 16 rows)
+    "gemv-tc-bwd-bf16": Plan("fused", "fused", decode="prmt_bf16", gemv=True, bn=8, chunk=2,
+                             prefetch=True, bwd_gemv=False, bwd_bn=32),
 }
 # (M, N, K): M and N off every tile size; K a multiple of the blocksize (64).
 SHAPES = [(1, 40, 128), (7, 96, 192), (33, 24, 256)]
@@ -288,7 +291,8 @@ def test_matmul_and_grad_match_reference(plan, mnk):
 def test_dispatch_keeps_f32_inputs_exact(m):
   """The measured plans decode through bf16-rounded codebooks; for f32 x the dispatch switches both
   passes to the exact f32 codebook, so the Pallas path matches the XLA path to f32 rounding."""
-  assert nf4_mod._auto_plan(m, "pallas", jnp.bfloat16).decode in ("prmt", "pair", "f32")
+  assert nf4_mod._auto_plan(m, "pallas", jnp.bfloat16).decode in ("prmt", "prmt_bf16", "pair",
+                                                                  "f32")
   plan = nf4_mod._auto_plan(m, "pallas", jnp.float32)
   assert not {plan.decode, plan.bwd_decode} & set(nf4_mod._BF16_CODEBOOK_DECODES)
   q = quantize_nf4(_weight(72, 192, seed=m))
@@ -478,6 +482,7 @@ def test_prmt_bf16_falls_back_where_no_bf16_dot_takes_it():
   assert nf4_mod._kernel_decode("prmt_bf16", jnp.bfloat16, True) == "prmt"
   assert nf4_mod._kernel_decode("prmt_bf16", jnp.float16, False) == "prmt"
   assert nf4_mod._kernel_decode("prmt", jnp.bfloat16, False) == "prmt"
+  assert nf4_mod._kernel_decode("prmt_bf16", jnp.bfloat16, False, interleave=True) == "prmt"
   q = quantize_nf4(_weight(24, 128, seed=3))
   x = jax.random.normal(jax.random.key(4), (5, 128), jnp.float16)
   y = jax.jit(lambda x: nf4_matmul(x, q, plan=PLANS["wlhs-prmt-bf16"]))(x)
@@ -600,7 +605,7 @@ def test_bnb_reader_rejects_k_not_multiple_of_blocksize():
                                   "chunk-prefetch", "wlhs-select", "wlhs-prmt", "gemv-prmt",
                                   "gemv-fma", "wlhs-interleave", "interleave-f32",
                                   "gemv-row-acc", "wlhs-prmt-bf16", "interleave-prmt-bf16",
-                                  "rhs-prmt-bf16"])
+                                  "rhs-prmt-bf16", "gemv-tc-bwd-bf16"])
 @pytest.mark.parametrize("mnk", [(1, 4096, 4096), (16, 1000, 4096)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_kernels_match_reference(plan, mnk):
