@@ -244,6 +244,10 @@ def _sweep_plans(mod):
                                        (128, 2, 8, 1024)):
       out.append((bucket, "fwd", P("fused", "xla", **dict(
           bf, bn=bn, chunk=chunk, num_warps=warps, fwd_programs=programs))))
+  # W as the dot's right operand (staged through shared memory) instead of the left
+  for bn, chunk, warps in ((64, 2, 4), (128, 2, 4), (64, 4, 4)):
+    out.append(("small", "fwd", P("fused", "xla", **dict(bf, bn=bn, chunk=chunk, num_warps=warps,
+                                                          fwd_programs=1024, w_lhs=False))))
   # (the backward candidates of a bucket share one forward, so their times rank the backwards)
   for bwd_bn, warps in ((128, 4), (256, 4), (64, 4), (256, 8)):
     out.append(("m1", "fwd+bwd", P("fused", "fused", bwd_bn=bwd_bn, bwd_decode="prmt_bf16",
@@ -276,6 +280,7 @@ def run_sweep(fh, deadline, buckets=None, decode=None):
   if decode:
     cands = [c for c in cands if decode in (c[2].decode, c[2].bwd_decode)] + [
         (bucket, p, b.mod.TUNED[bucket]) for bucket in SWEEP_MS for p in ("fwd", "fwd+bwd")]
+  cands = list(dict.fromkeys(cands))   # a plan listed twice would be timed twice per M and dropped
   results = {}   # (bucket, pass, plan) -> its ms at each of the bucket's Ms
   for bucket, bucket_ms in SWEEP_MS.items():
     if buckets and bucket not in buckets:
