@@ -168,6 +168,11 @@ VARIANTS = {
     "tok2_w4_pos_rows": RopeConfig(block_tokens=2, num_warps=4, tables="positions", load="rows"),
     "evict": RopeConfig(evict=True),                                 # L2 hints
     "tok2_w4_half_evict": RopeConfig(block_tokens=2, num_warps=4, tables="half", evict=True),
+    # (session 8) the winner's table and alias modes with other tile sizes, aimed at 70B
+    "tok1_w2_half_alias": RopeConfig(block_tokens=1, num_warps=2, tables="half", alias=True),
+    "tok1_w4_half_alias": RopeConfig(block_tokens=1, num_warps=4, tables="half", alias=True),
+    "tok2_w8_half_alias": RopeConfig(block_tokens=2, num_warps=8, tables="half", alias=True),
+    "tok4_w8_half_alias": RopeConfig(block_tokens=4, num_warps=8, tables="half", alias=True),
 }
 
 
