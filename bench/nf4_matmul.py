@@ -384,17 +384,17 @@ def run_split_rounds(fh, deadline, models, m=16, rounds=3):
   for model in models:
     for proj, (n, k) in SHAPES[model].items():
       ops = b.operands(n, k, m)
+      timers = {name: b.timer("bf16" if kw is None else "plan", n, k, m, "fwd",
+                              None if kw is None else dataclasses.replace(base, **kw), ops)
+                for name, kw in [("bf16", None)] + list(rules.items())}
       for r in range(rounds):
-        for name, kw in [("bf16", None)] + list(rules.items()):
+        for name, timer in timers.items():
           if time.time() > deadline:
             _emit(fh, section="splits", note="deadline reached")
             return
-          plan = None if kw is None else dataclasses.replace(base, **kw)
-          t = b.time_impl("bf16" if plan is None else "plan", n, k, m, passes=("fwd",),
-                          plan=plan, ops=ops)
           _emit(fh, section="splits", model=model, proj=proj, N=n, K=k, M=m, rule=name,
-                round=r, ms=t["fwd"])
-      del ops
+                round=r, ms=timer())
+      del ops, timers
 
 
 def _best_swept(out_dir, bucket, decode):

@@ -173,6 +173,9 @@ VARIANTS = {
     "tok1_w4_half_alias": RopeConfig(block_tokens=1, num_warps=4, tables="half", alias=True),
     "tok2_w8_half_alias": RopeConfig(block_tokens=2, num_warps=8, tables="half", alias=True),
     "tok4_w8_half_alias": RopeConfig(block_tokens=4, num_warps=8, tables="half", alias=True),
+    # full tables (any caller's cos, sin) with the 1-token tiles
+    "tok1_w4": RopeConfig(block_tokens=1, num_warps=4),
+    "tok1_w4_alias": RopeConfig(block_tokens=1, num_warps=4, alias=True),
 }
 
 
