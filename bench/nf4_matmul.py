@@ -378,9 +378,10 @@ def run_split_rounds(fh, deadline, models, m=16, rounds=3):
   the reader): single timings of these 5-30 us ops vary by ~10%."""
   b = JaxBench()
   base = b.mod.TUNED["small"]
-  rules = {"programs=512": dict(fwd_programs=512), "programs=1024": dict(fwd_programs=1024),
-           "programs=2048": dict(fwd_programs=2048), "split=8": dict(split=8),
-           "split=4": dict(split=4)}
+  one = lambda **kw: dict(kw, narrow_programs=0)   # the same rule for every N
+  rules = {"programs=512": one(fwd_programs=512), "programs=1024": one(fwd_programs=1024),
+           "programs=2048": one(fwd_programs=2048), "split=8": one(split=8),
+           "split=4": one(split=4)}
   for model in models:
     for proj, (n, k) in SHAPES[model].items():
       ops = b.operands(n, k, m)

@@ -195,7 +195,7 @@ import pallas_kernels.nf4_matmul as _nm  # noqa: E402
 import pallas_kernels.rope as rope_mod  # noqa: E402
 
 NF4_DOT = _nm._dot  # the library defaults, restored between presets
-ROPE_DEFAULT = rope_mod._DEFAULT_ON_GPU
+ROPE_DEFAULT = rope_mod.MODEL_DEFAULT_ON_GPU
 
 
 def _f32_dot(a, b):
@@ -259,8 +259,8 @@ def apply_preset(preset: str) -> dict:
     want = _f32_dot if kw.get("dot") == "f32" else NF4_DOT
     tie = kw.get("tie") == "1"
     rope_impl = kw.get("rope", ROPE_DEFAULT)
-    if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie or rope_mod._DEFAULT_ON_GPU != rope_impl:
-        nm._dot, nm.TIE_BACKWARD_TO_COTANGENT, rope_mod._DEFAULT_ON_GPU = want, tie, rope_impl
+    if nm._dot is not want or nm.TIE_BACKWARD_TO_COTANGENT != tie or rope_mod.MODEL_DEFAULT_ON_GPU != rope_impl:
+        nm._dot, nm.TIE_BACKWARD_TO_COTANGENT, rope_mod.MODEL_DEFAULT_ON_GPU = want, tie, rope_impl
         jax.clear_caches()
     return mem
 

@@ -31,7 +31,7 @@ from jaxsloth.quant import NF4
 from jaxsloth.sharding import constrain_heads, constrain_layer, constrain_rows, constrain_split, sequence_split
 from pallas_kernels.nf4_matmul import nf4_matmul
 from pallas_kernels.rmsnorm import rmsnorm
-from pallas_kernels.rope import MODEL_VARIANT, VARIANTS, apply_rope, rope_tables
+from pallas_kernels.rope import MODEL_VARIANT, VARIANTS, apply_rope, model_implementation, rope_tables
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # HF module path of each projection inside a decoder layer (used by convert/ and export).
@@ -199,7 +199,8 @@ def decoder_layer(cfg: LlamaConfig, x, layer, lora, cos, sin, attention_mask, se
     q = proj("q", h).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
     k = proj("k", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     v = proj("v", h).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-    q, k = apply_rope(q, k, cos, sin, implementation=impl, config=VARIANTS[MODEL_VARIANT])
+    q, k = apply_rope(q, k, cos, sin, implementation=model_implementation(impl),
+                      config=VARIANTS[MODEL_VARIANT])
     q, k, v = constrain_heads(q), constrain_heads(k), constrain_heads(v)  # no-ops unless FSDP splits S
     attn = constrain_rows(attention(q, k, v, attention_mask, segment_ids, attn_impl=attn_impl))
     attn = attn.reshape(b, s, cfg.q_dim)

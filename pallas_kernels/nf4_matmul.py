@@ -107,6 +107,7 @@ class Plan:
                              # one reduction over the rows at the end instead of one per step
   fwd_programs: int = 0      # fused fwd with split=0: split K until this many programs (0: 2 per
                              # SM); the latency-bound tensor-core kernel at M=16 wants ~8 per SM
+  narrow_programs: int = 0   # the same for weights of N <= NARROW_N rows (0: fwd_programs)
   gemv_fma: bool = False     # fused fwd GEMV at M == 1: FMAs into a [bn, chunk, P] accumulator
                              # across steps (explicit fma.rn.f32), reduced once at the end
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
@@ -118,6 +119,7 @@ class Plan:
 
 
 FUSED_MAX_M = 256            # the fused kernels keep all of x's rows in one tile
+NARROW_N = 4096              # Plan.narrow_programs applies up to this many rows of W
 
 # Measured dispatch on the GPU, by M bucket: "m1" (M == 1), "small" (M <= 16), "mid", "large".
 # bench/nf4_matmul.py --sweep measures the candidates and may override these in-process.
@@ -147,8 +149,8 @@ TUNED: dict[str, Plan] = {
                prefetch=True, bwd_bn=256, bwd_decode="prmt_bf16", bwd_gemv=False,
                bwd_num_warps=4),
     "small": Plan("fused", "fused", decode="prmt_bf16", bn=64, chunk=2, unroll=1, x_split=True,
-                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, bwd_bn=256,
-                  bwd_decode="prmt_bf16", bwd_num_warps=4),
+                  w_lhs=True, prefetch=True, num_warps=4, fwd_programs=1024, narrow_programs=512,
+                  bwd_bn=256, bwd_decode="prmt_bf16", bwd_num_warps=4),
     "mid": Plan("fused", "fused", decode="prmt", bn=64, chunk=1, unroll=1, w_lhs=True,
                 interleave=True, num_warps=4, bwd_bn=64, bwd_decode="prmt_bf16",
                 bwd_num_warps=4),
@@ -633,6 +635,13 @@ def _fused_fwd_kernel(*refs, bn, chunk, p, nb, steps, unroll, dq, decode, cdtype
 GEMV_MAX_M = 16     # the CUDA-core body keeps one accumulator per row of x
 
 
+def _fwd_split(n: int, row_tiles: int, steps: int, plan: Plan) -> int:
+  """The fused forward's K split: plan.split, else until about plan.fwd_programs programs
+  (plan.narrow_programs for weights of N <= NARROW_N rows); divides the loop's steps."""
+  programs = plan.narrow_programs if plan.narrow_programs and n <= NARROW_N else plan.fwd_programs
+  return _split_for(row_tiles, steps, plan.split, programs)
+
+
 def _fused_fwd(x2, w: NF4, plan: Plan):
   _check_kernel_blocksize(w)
   m, k = x2.shape
@@ -655,7 +664,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
     mp = max(16, _common.next_pow2(m))
     xp = _pad_rows(x2, mp)
     xs = (xp[:, 0::2], xp[:, 1::2]) if x_split else (xp,)
-  split = _split_for(n_pad // bn, nb // chunk, plan.split, plan.fwd_programs)
+  split = _fwd_split(n, n_pad // bn, nb // chunk, plan)
   steps = nb // chunk // split
   unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,

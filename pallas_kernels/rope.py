@@ -13,8 +13,9 @@ element is read and written once, cos/sin once per token. `RopeConfig` describes
 (tile sizes, warps, table mode, load mode, q/k split, aliasing, persistent programs) that
 `bench/kernels.py --sweep rope` times; `VARIANTS` names the candidates. Head dims whose halves
 are not a power of two (H = 96) are rotated in power-of-two chunks (48 = 32 + 16), head counts
-likewise. On GPU the default is nevertheless XLA's fused rotation, which measured as fast or
-faster (see _DEFAULT_ON_GPU).
+likewise. On GPU `apply_rope` defaults to the kernel (1 token per program, measured faster than
+XLA's fused rotation at 8B and 70B, see _DEFAULT_ON_GPU); the model keeps XLA's rotation unless its
+implementation is "pallas" (MODEL_DEFAULT_ON_GPU).
 """
 
 from __future__ import annotations
@@ -376,17 +377,32 @@ def _rope_bwd(impl, backward, config, res, g):
 _rope.defvjp(_rope_fwd, _rope_bwd)
 
 
-# XLA is the GPU default. The session-4 sweep (H100, 2026-11-27, bench/RESULTS.md "RoPE variants")
-# found variants that beat XLA's fused rotation in isolation, by little: "tok2_w4_half_alias" 0.965x
-# XLA's time fwd and 0.981x fwd+bwd (geometric mean over 8B/70B x 16K/64K tokens; 70B 64K fwd+bwd
-# 1.009x), at 90-103% of copy bandwidth, where "base" took 1.13-1.15x. Inside the model XLA also
-# fuses the rotation with its neighbours, and the training step was not re-measured with the
-# kernel, so the default stays; `implementation="pallas"` in the model runs MODEL_VARIANT.
-_DEFAULT_ON_GPU = "xla"
+# GPU defaults, from the session-8 sweeps (H100, 2026-11-27, bench/RESULTS.md "RoPE"; medians of 5
+# interleaved rounds, two runs on two machines): with one token per program and 4 warps the kernel
+# beats XLA's fused rotation at every size, fwd and fwd+bwd (8B/70B x 16K/64K tokens): full tables
+# ("tok1_w4", any cos/sin) 0.975x XLA's time fwd and 0.971x fwd+bwd (geometric means), the half
+# tables with aliased outputs ("tok1_w4_half_alias", the model's) 0.96x / 0.954x, at 93-100% of
+# copy bandwidth. Sessions 4-5's 2-token tiles had stayed 1-2% behind XLA at 70B.
+_DEFAULT_ON_GPU = "pallas"
+DEFAULT_CONFIG = "tok1_w4"                     # apply_rope(config=None)
+# apply_rope_positions (sin/cos computed in the kernel) was not re-measured with these tiles; its
+# best, "tok2_w4_pos_rows", was slower than XLA at 70B fwd+bwd (session 4), so XLA stays.
+_POSITIONS_DEFAULT_ON_GPU = "xla"
 
-# What the model runs for implementation="pallas": its tables come from rope_tables (equal halves),
-# so the half-table read is valid; the outputs overwrite q and k.
-MODEL_VARIANT = "tok2_w4_half_alias"
+# The model: implementation="pallas" runs MODEL_VARIANT (its tables come from rope_tables, whose
+# halves are equal, so the half-table read is valid; the outputs overwrite q and k). With the
+# model's implementation=None the rotation stays XLA's (MODEL_DEFAULT_ON_GPU): inside the training
+# step XLA fuses it with its neighbours, and the one step measured with the Pallas kernel (session
+# 5, the 2-token variant) ran no faster (0.7036 vs 0.7020 s per step).
+MODEL_VARIANT = "tok1_w4_half_alias"
+MODEL_DEFAULT_ON_GPU = "xla"
+
+
+def model_implementation(implementation: str | None) -> str:
+  """The rotation the model runs for its `implementation` argument."""
+  if implementation is None:
+    return _common.resolve(None, "model rope", MODEL_DEFAULT_ON_GPU)
+  return implementation
 
 
 def _check_qk(q, k, op):
@@ -398,7 +414,7 @@ def _check_qk(q, k, op):
 
 def _check_config(config, op, positions):
   if config is None:
-    return RopeConfig(tables="positions") if positions else RopeConfig()
+    return RopeConfig(tables="positions") if positions else VARIANTS[DEFAULT_CONFIG]
   if not isinstance(config, RopeConfig):
     raise ValueError(f"{op}: config must be a RopeConfig or None, got {type(config).__name__}")
   if positions != (config.tables == "positions"):
@@ -411,9 +427,10 @@ def _check_config(config, op, positions):
 def apply_rope(q, k, cos, sin, *, implementation=None, backward="kernel", config=None):
   """Rotate q [B,S,N,H] and k [B,S,M,H] by cos, sin [B,S,H]; returns (q', k') in their dtypes.
 
-  implementation: None (XLA: measured fastest on GPU, see _DEFAULT_ON_GPU) | "xla" | "pallas"
-  (interpreted on CPU). backward: "kernel" | "reference" (jax.vjp of `apply_rope_reference`).
-  config: a RopeConfig (tables "full" or "half") choosing the Pallas variant; None: the default.
+  implementation: None (Pallas on GPU: measured faster than XLA, see _DEFAULT_ON_GPU; XLA
+  elsewhere) | "xla" | "pallas" (interpreted on CPU). backward: "kernel" | "reference" (jax.vjp of
+  `apply_rope_reference`). config: a RopeConfig (tables "full" or "half") choosing the Pallas
+  variant; None: DEFAULT_CONFIG (full tables, valid for any cos, sin).
   """
   _check_qk(q, k, "apply_rope")
   b, s, _, h = q.shape
@@ -455,7 +472,7 @@ def apply_rope_positions(q, k, position_ids, inv_freq, *, implementation=None, b
                      f"{inv_freq.shape}")
   _common.check_backward(backward, "apply_rope_positions")
   config = _check_config(config, "apply_rope_positions", positions=True)
-  impl = _common.resolve(implementation, "apply_rope_positions", _DEFAULT_ON_GPU)
+  impl = _common.resolve(implementation, "apply_rope_positions", _POSITIONS_DEFAULT_ON_GPU)
   return _rope_tokens(q, k, position_ids.reshape(b * s).astype(jnp.int32),
                       inv_freq.astype(jnp.float32), impl, backward, config)
 

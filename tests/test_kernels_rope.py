@@ -206,6 +206,20 @@ def test_config_corners(cfg):
     _close(g, w, 1e-5)
 
 
+def test_default_config_takes_any_tables():
+  """apply_rope's default variant (the GPU default) reads full tables: random cos, sin whose halves
+  differ give the reference's rotation. The model's variant may read half tables (its tables are
+  rope_tables'), and the model keeps XLA's rotation unless asked for Pallas."""
+  assert R.VARIANTS[R.DEFAULT_CONFIG].tables == "full"
+  q, k = _qk(1, 7, 4, 2, 32, jnp.float32)
+  cos, sin = [jax.random.normal(jax.random.key(i), (1, 7, 32), jnp.float32) for i in (5, 6)]
+  for g, w in zip(apply_rope(q, k, cos, sin, implementation="pallas"),
+                  apply_rope_reference(q, k, cos, sin)):
+    _close(g, w, 1e-5)
+  assert R.model_implementation(None) == "xla" and R.MODEL_DEFAULT_ON_GPU == "xla"
+  assert R.model_implementation("pallas") == "pallas"
+
+
 def test_variants_lower_to_triton(triton_lowering):
   """Every variant, forward and backward, through the Triton lowering for "cuda" (on any machine):
   catches primitives or hints (eviction policies) that only the GPU path uses. 8B heads, bf16."""

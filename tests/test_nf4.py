@@ -348,6 +348,18 @@ def test_dispatched_plans_lower_for_odd_block_counts(bucket, m, k, triton_loweri
   assert "__gpu$xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_fwd_split_has_its_own_target_for_narrow_weights():
+  """K = 4096 in 32 steps of 2 blocks, 64-row tiles: N = 4096 (64 tiles) splits K to reach ~512
+  programs with narrow_programs=512 (8 ways), ~1024 without (16); N = 4160 is not narrow."""
+  plan = Plan("fused", "fused", bn=64, chunk=2, fwd_programs=1024, narrow_programs=512)
+  assert nf4_mod._fwd_split(4096, 64, 32, plan) == 8
+  assert nf4_mod._fwd_split(4096, 64, 32, dataclasses.replace(plan, narrow_programs=0)) == 16
+  assert nf4_mod._fwd_split(nf4_mod.NARROW_N + 64, 66, 32, plan) == 8   # 1024 // 66 -> 8 (512: 4)
+  assert nf4_mod._fwd_split(14336, 224, 32, plan) == 4
+  assert nf4_mod._fwd_split(4096, 64, 32, dataclasses.replace(plan, split=2)) == 2
+  assert nf4_mod.TUNED["small"].narrow_programs == 512
+
+
 def test_prmt_follows_ptx_semantics():
   """The emulation of PTX prmt.b32 (default mode): byte i of the result is byte (nibble i & 7) of
   {b, a}, or that byte's sign replicated when the nibble's bit 3 is set."""
