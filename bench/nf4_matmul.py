@@ -166,7 +166,10 @@ def _sweep_plans(mod):
   forward with a grid over x's rows at M=2048/4096 (best 0.695 / 1.38 ms against 0.367 / 0.665 for
   dequant + cuBLAS, 10 tilings), the absmax applied to each block's dot result instead of every
   decoded value (M=16: 0.0387 vs 0.0380; M=256: 0.146 vs 0.0874) and the GEMV's pair products as
-  one FMA (0.0237 vs 0.0238). This list keeps the winners and their neighbours.
+  one FMA (0.0237 vs 0.0238); session 8 added "prmt_bf16" (both tiles scaled in bf16 by one PTX
+  block), which won M=16 (0.0360 vs 0.0397 ms) and the tensor-core backward at M=1 (fwd+bwd 0.0600
+  vs 0.0669), lost the M=1 forward (0.0343 vs the GEMV's 0.0241) and, without the interleave it
+  cannot take, M=256 (0.176 vs 0.0898). This list keeps the winners and their neighbours.
   """
   P = mod.Plan
   tc16 = dict(decode="prmt", bn=64, chunk=4, unroll=1, x_split=True, w_lhs=True, prefetch=True)

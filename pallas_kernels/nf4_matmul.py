@@ -28,17 +28,17 @@ Implementations (`implementation=`):
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
-Where it stands (H100, session 7, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot):
-M=1, the GEMV with the byte-permute decode runs 1.24-1.98x faster on the 8B/70B q/o, gate/up, down
-and 70B k/v weights (8B k/v, 2 MB of codes: 1.3x slower), bound by the integer (ALU) pipe the decode
-runs on (70% busy in an ncu profile). M=16: tensor-core dots with the decoded W as the left
-operand, K split to ~1024 programs: 1.14-1.30x faster on the gate/up and down weights and the 70B
-q/o, level on the 8B q/o (1.00x), slower on the k/v weights (1.09-1.52x; medians of 3 rounds).
-M=256: the same kernel with W interleaved into column order, 1.19-1.68x the bf16 dot (XLA
-dequant+dot 1.47-2.52x). Large M: the
-Pallas dequant + cuBLAS, 1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384: the dequant
-pass is a fixed cost per call that only a fused wgmma kernel removes (not written; a Triton-lowered
-fused kernel measured 2.3x).
+Where it stands (H100, session 8, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot,
+medians of 3 interleaved rounds): M=1, the GEMV with the byte-permute decode runs 1.2-2.0x faster
+on the 8B/70B q/o, gate/up, down and 70B k/v weights (8B k/v, 2 MB of codes: 1.34x slower), bound
+by the integer (ALU) pipe the decode runs on. M=16: tensor-core dots with the decoded W as the left
+operand, both tiles scaled in bf16 by one PTX block ("prmt_bf16"), K split to ~1024 programs (~512
+for N <= 4096): 1.13-1.46x faster on the q/o, gate/up and down weights, level on 70B k/v, 1.46x
+slower on 8B k/v. fwd+bwd at M <= 16 (backward on tensor cores, M=1 included): 0.67-0.87x the bf16
+dot's time on the q/o (70B), gate/up and down weights. M=256: W interleaved into column order,
+1.3-1.8x the bf16 dot. Large M: the Pallas dequant + cuBLAS (session 7: 1.17-1.26x at M=2048,
+1.09-1.12x at 4096, 0.79-1.03x at 16384): the dequant pass is a fixed cost per call that only a
+fused wgmma kernel removes (not written; a Triton-lowered fused kernel measured 2.3x).
 """
 
 from __future__ import annotations
@@ -136,10 +136,17 @@ NARROW_N = 4096              # Plan.narrow_programs applies up to this many rows
 # ratio to the bf16 dot 0.958 for ~1024 programs, 0.970 for ~2048, 0.976 for ~512, 0.986 for a
 # fixed 8-way split (a single timing on this weight had preferred 2048: 0.0380 vs 0.0395).
 # Backward: 256-row steps, byte permutes.
+# Session 8 (runs `nf4_decode2`, `rope_splits`): "prmt_bf16" (both tiles scaled in bf16 by the PTX
+# block) took M=16 to 0.0363 ms (0.87-0.96x session 7's time on every 8B/70B weight), and the
+# tensor-core backward with it beat the M=1 GEMV backward: fwd+bwd 0.0589 vs 0.0664 ms (0.83-0.98x
+# on all weights but 70B k/v, 1.06x). Split rule re-measured: ~1024 programs still best on average,
+# ~512 better for N <= 4096 (8B q/o 0.89 vs 0.99 of the bf16 dot, also in session 7).
 # 16 < M <= 256 ("mid", measured at 256): the same with x in one [256, K] tile, one quantization
 # block per step and the decoded tile interleaved into W's column order (x read as is): 0.0874 ms
 # (x split into even/odd columns by XLA 0.18; the Pallas dequant + cuBLAS 0.1259; bf16 dot 0.055);
-# its backward (tensor cores, 64-row steps) fwd+bwd 0.188 ms (dequant + cuBLAS 0.216).
+# its backward (tensor cores, 64-row steps) fwd+bwd 0.188 ms (dequant + cuBLAS 0.216); with
+# "prmt_bf16" (session 8) the same, 0.191. The forward keeps "prmt": "prmt_bf16" cannot interleave
+# (_kernel_decode) and without the interleave took 0.176 ms at best (x split by XLA).
 # M > 256: the Pallas dequant (f32 table, 16 rows x 4 blocks per program) + cuBLAS, within 0.3% of
 # 32 x 8 at M=4096 (session 4). The fused kernel with a grid over x's rows (session 7, commit
 # f2d09f9, best of 10 tilings) took 0.695 ms at M=2048 and 1.38 ms at M=4096 against 0.367 / 0.665
