@@ -170,8 +170,8 @@ def _bucket(m: int) -> str:
   return "m1" if m == 1 else "small" if m <= 16 else "mid" if m <= FUSED_MAX_M else "large"
 
 
-# Decodes that round the 16 codebook values to bf16 ("pair", "prmt"; the value times its absmax is
-# then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but a 2^-9
+# Decodes that round the 16 codebook values to bf16 ("pair", "prmt", "prmt_bf16"; the value times
+# its absmax is then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but a 2^-9
 # relative error per weight for f32 x, where the XLA reference keeps the codebook in f32.
 _BF16_CODEBOOK_DECODES = ("pair", "prmt", "prmt_bf16")
 
@@ -375,6 +375,16 @@ def _asm2_p():
   return prim
 
 
+def _asm2_available() -> bool:
+  """Whether this JAX still has the internal Pallas-Triton API `_asm2_p` builds on (else the
+  kernels decode "prmt_bf16" as "prmt")."""
+  try:
+    _asm2_p()
+    return True
+  except (ImportError, AttributeError):
+    return False
+
+
 def _prmt_bf16_emulated(c, s):
   """The PTX block in jnp, one code byte at a time: (high-nibble, low-nibble) bf16 values times
   the bf16 scales s (an exact product rounded once, as fma.rn with a -0.0 addend)."""
@@ -409,8 +419,10 @@ def _kernel_decode(decode: str, cdtype, gemv: bool, interleave: bool = False) ->
   Not with `interleave` either: joining the two results of the PTX block into W's column order
   came out wrong on the GPU (H100 and H200, jax 0.11.2: relative errors ~1, matching no swap of
   the nibbles; bench/diag/prmt_bf16_interleave.py), while each result fed to its own dot is right,
-  so that combination keeps the "prmt" decode."""
-  if decode == "prmt_bf16" and (gemv or interleave or jnp.dtype(cdtype) != jnp.bfloat16):
+  so that combination keeps the "prmt" decode. So does a JAX without the internal API the
+  two-result op builds on."""
+  if decode == "prmt_bf16" and (gemv or interleave or jnp.dtype(cdtype) != jnp.bfloat16
+                                or not _asm2_available()):
     return "prmt"
   return decode
 

@@ -502,6 +502,17 @@ def test_prmt_bf16_falls_back_where_no_bf16_dot_takes_it():
   _check_close(y, nf4_matmul_reference(x, q))
 
 
+def test_prmt_bf16_falls_back_without_the_internal_api(monkeypatch):
+  """A JAX whose internal Pallas-Triton API moved: the two-result op cannot be built, the kernels
+  decode with "prmt" instead of failing."""
+  assert nf4_mod._asm2_available()      # this JAX (CI's 0.10, the GPU machine's 0.11) has it
+
+  def moved():
+    raise ImportError("jax._src.pallas.triton.lowering moved")
+  monkeypatch.setattr(nf4_mod, "_asm2_p", moved)
+  assert nf4_mod._kernel_decode("prmt_bf16", jnp.bfloat16, False) == "prmt"
+
+
 def test_pallas_dequant_is_bit_identical_to_xla():
   q = quantize_nf4(_weight(40, 256, seed=4))
   for decode in ("f32", "select"):
