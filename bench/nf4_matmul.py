@@ -401,16 +401,6 @@ def run_split_rounds(fh, deadline, models, m=16, rounds=3):
       del ops, timers
 
 
-def _best_swept(out_dir, bucket, decode):
-  """The fastest forward plan of `bucket` with `decode` in this run's sweep, or None."""
-  best = None
-  for r in _load(os.path.join(out_dir, "results_sweep.jsonl")):
-    if (r.get("kind") == bucket and r.get("pass") == "fwd" and "ms" in r and "plan" in r
-        and r["plan"].get("decode") == decode and (best is None or r["ms"] < best[0])):
-      best = (r["ms"], r["plan"])
-  return None if best is None else best[1]
-
-
 def _session7_dispatch(P):
   """The dispatch of session 7 (commit 402cd00) for M <= 256: the baseline of the decode section."""
   return {
@@ -425,19 +415,11 @@ def _session7_dispatch(P):
 
 def run_decode_rounds(fh, deadline, models, rounds=3):
   """Every shape at M = 1, 16, 256: the bf16 dot, session 7's dispatch ("s7") and the dispatch in
-  the code ("current"; a bucket's fastest swept "prmt_bf16" plan of this run instead when
-  JAXSLOTH_DECODE_FROM_SWEEP=1), timed `rounds` times interleaved (medians by the reader),
-  forward and, at M <= 16, fwd+bwd."""
+  the code ("current"), timed `rounds` times interleaved (medians by the reader), forward and, at
+  M <= 16, fwd+bwd."""
   b = JaxBench()
-  out_dir = os.path.dirname(fh.name)
   base = _session7_dispatch(b.mod.Plan)
   current = dict(b.mod.TUNED)
-  if os.environ.get("JAXSLOTH_DECODE_FROM_SWEEP") == "1":
-    for bucket in ("m1", "small", "mid"):
-      swept = _best_swept(out_dir, bucket, "prmt_bf16")
-      if swept:
-        current[bucket] = dataclasses.replace(b.mod.Plan(**swept), fwd="fused", bwd="fused",
-                                              bwd_decode="prmt_bf16", bwd_gemv=False)
   _emit(fh, section="decode", plans={k: dataclasses.asdict(v) for k, v in current.items()})
   for m, bucket in ((1, "m1"), (16, "small"), (256, "mid")):
     for model in models:

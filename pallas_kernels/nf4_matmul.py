@@ -171,8 +171,8 @@ def _bucket(m: int) -> str:
 
 
 # Decodes that round the 16 codebook values to bf16 ("pair", "prmt", "prmt_bf16"; the value times
-# its absmax is then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but a 2^-9
-# relative error per weight for f32 x, where the XLA reference keeps the codebook in f32.
+# its absmax is then rounded again to the operand's dtype): within bf16's rounding for 16-bit x, but
+# a 2^-9 relative error per weight for f32 x, where the XLA reference keeps the codebook in f32.
 _BF16_CODEBOOK_DECODES = ("pair", "prmt", "prmt_bf16")
 
 
@@ -229,7 +229,7 @@ def _decode(c, lut_ref, decode: str):
   ci = c.astype(jnp.int32)
   if decode == "f32":
     return lut_ref[ci >> 4], lut_ref[ci & 15]
-  if decode in ("pair", "prmt", "prmt_bf16"):
+  if decode in ("pair", "prmt"):
     v = lut_ref[ci] if decode == "pair" else _decode_prmt(c)
     hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
     lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
@@ -290,8 +290,9 @@ def _prmt(a, b, sel):
   return out
 
 
-def _prmt_decode_emulated(c):
-  """The PTX's lookups in jnp, one code byte at a time: uint32 words as `_decode_prmt` gives."""
+def _prmt_lookups_emulated(c):
+  """The PTX's plane lookups in jnp, one code byte at a time: (low-byte plane word, high-byte plane
+  word), byte 0 for the low nibble, byte 1 for the high nibble; and a constant-word maker."""
   lo, hi = _prmt_planes()
   u = lambda v: jnp.full(c.shape, v, jnp.uint32)
   r = c.astype(jnp.uint32)                      # nibble 0 = low nibble, nibble 1 = high nibble
@@ -299,6 +300,12 @@ def _prmt_decode_emulated(c):
   t = ((r >> 1) & 0x44) | 0x10
   lp = _prmt(_prmt(u(lo[0]), u(lo[1]), s), _prmt(u(lo[2]), u(lo[3]), s), t)
   hp = _prmt(_prmt(u(hi[0]), u(hi[1]), s), _prmt(u(hi[2]), u(hi[3]), s), t)
+  return lp, hp, u
+
+
+def _prmt_decode_emulated(c):
+  """The PTX's lookups in jnp, one code byte at a time: uint32 words as `_decode_prmt` gives."""
+  lp, hp, u = _prmt_lookups_emulated(c)
   return _prmt(lp, hp, u(0x5140))
 
 
@@ -388,13 +395,7 @@ def _asm2_available() -> bool:
 def _prmt_bf16_emulated(c, s):
   """The PTX block in jnp, one code byte at a time: (high-nibble, low-nibble) bf16 values times
   the bf16 scales s (an exact product rounded once, as fma.rn with a -0.0 addend)."""
-  lo, hi = _prmt_planes()
-  u = lambda v: jnp.full(c.shape, v, jnp.uint32)
-  r = c.astype(jnp.uint32)
-  sel = r & 0x77
-  t = ((r >> 1) & 0x44) | 0x10
-  lp = _prmt(_prmt(u(lo[0]), u(lo[1]), sel), _prmt(u(lo[2]), u(lo[3]), sel), t)
-  hp = _prmt(_prmt(u(hi[0]), u(hi[1]), sel), _prmt(u(hi[2]), u(hi[3]), sel), t)
+  lp, hp, u = _prmt_lookups_emulated(c)
   value = lambda perm: jax.lax.bitcast_convert_type(
       (_prmt(lp, hp, u(perm)) & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
   scaled = lambda v: (v.astype(jnp.float32) * s.astype(jnp.float32)).astype(jnp.bfloat16)
@@ -546,11 +547,11 @@ def nf4_dequantize_pallas(w: NF4, dtype=jnp.bfloat16, plan: Plan = Plan()) -> ja
   nblk = _largest_divisor(nb, plan.dq_blocks)
   n_pad = -(-n // bn) * bn
   codes, sc = _prepared(w, n_pad)
+  decode = _kernel_decode(plan.decode, dtype, True)
   kernel = functools.partial(_dequant_kernel, bn=bn, nblk=nblk, p=p, nb=nb, dq=w.double_quant,
-                             decode=_kernel_decode(plan.decode, dtype, True),
-                             dtype=jnp.dtype(dtype))
+                             decode=decode, dtype=jnp.dtype(dtype))
   out = _call(kernel, jax.ShapeDtypeStruct((n_pad, k // 2, 2), dtype), (n_pad // bn, nb // nblk),
-              plan, "nf4_dequant")(codes, *sc, _tables(plan.decode))
+              plan, "nf4_dequant")(codes, *sc, _tables(decode))
   return out.reshape(n_pad, k)[:n]
 
 
@@ -676,6 +677,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   interleave = plan.interleave and not gemv
   x_split = plan.x_split and not gemv and not interleave
   w_lhs = plan.w_lhs and not gemv
+  decode = _kernel_decode(plan.decode, x2.dtype, gemv, interleave)
   if gemv:
     mp = m
     xs = (x2.reshape(m * nb, 2 * p),)
@@ -687,8 +689,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   steps = nb // chunk // split
   unroll = _largest_divisor(steps, plan.unroll)
   kernel = functools.partial(_fused_fwd_kernel, bn=bn, chunk=chunk, p=p, nb=nb, steps=steps,
-                             unroll=unroll, dq=w.double_quant,
-                             decode=_kernel_decode(plan.decode, x2.dtype, gemv, interleave),
+                             unroll=unroll, dq=w.double_quant, decode=decode,
                              cdtype=x2.dtype, gemv=gemv, m=m, x_split=x_split,
                              prefetch=plan.prefetch, w_lhs=w_lhs,
                              gemv_fma=plan.gemv_fma and gemv and m == 1, interleave=interleave)
@@ -696,7 +697,7 @@ def _fused_fwd(x2, w: NF4, plan: Plan):
   out_dtype = x2.dtype if split == 1 else jnp.float32
   part = _call(kernel, jax.ShapeDtypeStruct((split, mp, n_pad), out_dtype),
                (n_pad // bn, split), plan, "nf4_matmul_fused_fwd")(*xs, codes, *sc,
-                                                                    _tables(plan.decode))
+                                                                    _tables(decode))
   y = part[0] if split == 1 else part.sum(0)
   return y[:m, :n].astype(x2.dtype)
 
@@ -718,21 +719,19 @@ def _fused_bwd_kernel(dy_ref, codes_ref, *refs, bn, p, nb, rows_per_prog, dq, de
     c = codes_ref[pl.ds(r0, bn), cols]
     a = _scales(sc, r0, bn, b, 1, nb, dq)                                # [bn, 1]
     if decode == "prmt_bf16":   # tensor-core body only: both tiles scaled, in bf16, from the PTX
-      g = dy_ref[:, pl.ds(r0, bn)]
       whi, wlo = _decode_prmt_bf16(c, a)
-      return (acc_e + jnp.dot(g, whi, preferred_element_type=jnp.float32),
-              acc_o + jnp.dot(g, wlo, preferred_element_type=jnp.float32))
-    hi, lo = _decode(c, lut_ref, decode)
-    if gemv:
-      g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
-      ga = g[:, None] * a
-      if row_acc:
-        return acc_e + hi * ga, acc_o + lo * ga
-      return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
+    else:
+      hi, lo = _decode(c, lut_ref, decode)
+      if gemv:
+        g = dy_ref[0, pl.ds(r0, bn)].astype(jnp.float32)
+        ga = g[:, None] * a
+        if row_acc:
+          return acc_e + hi * ga, acc_o + lo * ga
+        return acc_e + jnp.sum(hi * ga, axis=0), acc_o + jnp.sum(lo * ga, axis=0)
+      whi, wlo = (hi * a).astype(cdtype), (lo * a).astype(cdtype)
     g = dy_ref[:, pl.ds(r0, bn)]
-    acc_e += jnp.dot(g, (hi * a).astype(cdtype), preferred_element_type=jnp.float32)
-    acc_o += jnp.dot(g, (lo * a).astype(cdtype), preferred_element_type=jnp.float32)
-    return acc_e, acc_o
+    return (acc_e + jnp.dot(g, whi, preferred_element_type=jnp.float32),
+            acc_o + jnp.dot(g, wlo, preferred_element_type=jnp.float32))
 
   zeros = jnp.zeros(((bn, p) if row_acc else (p,)) if gemv else (mp, p), jnp.float32)
   acc_e, acc_o = jax.lax.fori_loop(0, rows_per_prog // bn, step, (zeros, zeros))
