@@ -108,9 +108,10 @@ class JaxBench:
   def time_impl(self, impl, n, k, m, passes=("fwd", "fwd+bwd"), plan=None, ops=None):
     return {p: self.timer(impl, n, k, m, p, plan, ops)() for p in passes}
 
-  def timer(self, impl, n, k, m, pas, plan=None, ops=None):
+  def timer(self, impl, n, k, m, pas, plan=None, ops=None, op=None):
     """A function timing one pass ("fwd" or "fwd+bwd") in ms per op; compiled at its first call,
-    so timing it again (interleaved rounds) costs no compile."""
+    so timing it again (interleaved rounds) costs no compile. `op(x, w_nf4)` replaces the
+    nf4_matmul call (other kernels, bench/nf4_mgpu.py)."""
     jax, jnp, mod = self.jax, self.jnp, self.mod
     r, qs, wds, xs, dys = ops if ops is not None else self.operands(n, k, m)
     if impl == "bf16":
@@ -118,7 +119,9 @@ class JaxBench:
       op = lambda x, w: jnp.dot(x, w.T)   # bf16 out, f32 accumulation (cuBLAS); no f32 bwd
     else:
       weights = qs
-      if plan is not None:
+      if op is not None:
+        pass
+      elif plan is not None:
         op = lambda x, w: mod.nf4_matmul(x, w, plan=plan)
       else:
         op = lambda x, w: mod.nf4_matmul(x, w, implementation=None if impl == "ours" else impl)

@@ -1,0 +1,269 @@
+"""NF4 x bf16 matmul as a Mosaic GPU kernel (Hopper: TMA pipeline + wgmma), y = x @ dequant(W).T.
+
+The portable kernels in `nf4_matmul` lower through Pallas' Triton backend. This one is written for
+Pallas' Mosaic GPU backend (`jax.experimental.pallas.mosaic_gpu`, sm_90a only): per program one
+[tile_m, tile_n] tile of y, and over K a pipeline of TMA copies (x, the code bytes, the scales)
+`max_concurrent_steps` deep. Each step the warpgroup decodes the [tile_n, tile_k] tile of W into
+shared memory in bf16 (one PTX block per 4 code bytes: byte-permute lookups of the codebook and a
+bf16x2 multiply by the absmax) and runs wgmma on x's tile and the decoded tile. The bf16 weight never
+reaches HBM.
+
+Layouts. The code bytes are read from shared memory in Mosaic's WGMMA_LAYOUT_8BIT (a thread holds
+4 consecutive bytes of a row) and the decoded tile is built in WGMMA_LAYOUT_UPCAST_4X (a thread
+holds 8 consecutive bf16 of a row): both tile a 64-row block the same way, so register i of the
+codes decodes to register i of the weight, the 8 values of one 32-bit code word. NF4 packs element
+2j in the high nibble of byte j, so the word of byte j is (value of its high nibble, value of its
+low nibble), low half first.
+
+Scales: an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs (s, s) laid out
+[K / blocksize, N], so a TMA box of one step is [tile_k / blocksize, tile_n] words (a box's inner
+extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
+
+GPU only (Hopper). Off the GPU `nf4_matmul_mgpu` raises; the PTX block and the layout mapping are
+tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
+MLIR), the kernel itself against the reference in tests/test_nf4_mgpu.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+if TYPE_CHECKING:
+  from jaxsloth.quant import NF4
+
+__all__ = ["MgpuPlan", "nf4_matmul_mgpu", "pair_asm", "pair_asm_emulated", "available"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuPlan:
+  tile_m: int = 128        # rows of x (and y) per program; wgmma runs 64 rows at a time
+  tile_n: int = 128        # rows of W (columns of y) per program
+  tile_k: int = 128        # K per pipeline step (a multiple of the blocksize, >= 64)
+  stages: int = 4          # TMA copies in flight (pipeline depth)
+
+
+def available() -> bool:
+  """Whether this JAX has Pallas' Mosaic GPU backend (the device must also be sm_90)."""
+  try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401
+    from jax.experimental import mosaic  # noqa: F401
+    return hasattr(plgpu, "inline_mgpu") and hasattr(plgpu, "emit_pipeline")
+  except ImportError:
+    return False
+
+
+def _quant():
+  from jaxsloth import quant
+  return quant
+
+
+@functools.cache
+def _planes():
+  from pallas_kernels import nf4_matmul
+  return nf4_matmul._prmt_planes()
+
+
+# ----------------------------------------------------------------------------- the PTX block
+
+@functools.cache
+def pair_asm() -> str:
+  """PTX: 4 code bytes in $4, their bf16 scale as a pair (s, s) in $5, the codebook's byte planes
+  in $6..$13 (low bytes l0..l3, high bytes h0..h3) -> in $0..$3 the words of bytes 0..3, each
+  (s * value of the high nibble, s * value of the low nibble), the high nibble's in the low half.
+  Every input is copied before any output is written (an output may share an input's register)."""
+  regs = ".reg .b32 c, u, sc, z, s, t, a, b, L, H, o0, o1, o2, o3;"
+  body = ["mov.b32 c, $4; mov.b32 sc, $5; shr.b32 u, c, 16; mov.b32 z, 0x80008000;"]
+  for src, (o_a, o_b) in (("c", ("o0", "o1")), ("u", ("o2", "o3"))):
+    body.append(f"and.b32 s, {src}, 0x7777; shr.b32 t, {src}, 1; and.b32 t, t, 0x4444; "
+                "or.b32 t, t, 0x3210;")
+    body.append("prmt.b32 a, $6, $7, s; prmt.b32 b, $8, $9, s; prmt.b32 L, a, b, t;")
+    body.append("prmt.b32 a, $10, $11, s; prmt.b32 b, $12, $13, s; prmt.b32 H, a, b, t;")
+    # L, H: byte 2i / 2i+1 = low / high byte of the value of byte i's low / high nibble
+    body.append(f"prmt.b32 a, L, H, 0x4051; prmt.b32 b, L, H, 0x6273; "
+                f"fma.rn.bf16x2 {o_a}, a, sc, z; fma.rn.bf16x2 {o_b}, b, sc, z;")
+  body.append("mov.b32 $0, o0; mov.b32 $1, o1; mov.b32 $2, o2; mov.b32 $3, o3;")
+  return "{ " + regs + " " + " ".join(body) + " }"
+
+
+def pair_asm_inputs():
+  """The constant inputs $6..$13 of `pair_asm` (uint32)."""
+  lo, hi = _planes()
+  return [*lo, *hi]
+
+
+def pair_asm_emulated(words, scale_bf16):
+  """`pair_asm` in jnp: uint32 code words [...] and bf16 scales [...] -> bf16 [..., 8], the 8
+  weights of each word in order, each bf16(bf16(code) * scale)."""
+  c = jnp.asarray(words, jnp.uint32)
+  byte = jnp.stack([(c >> (8 * i)) & 0xFF for i in range(4)], -1)           # [..., 4]
+  code = _quant().NF4_CODE.astype(jnp.bfloat16).astype(jnp.float32)
+  vals = jnp.stack([code[byte >> 4], code[byte & 15]], -1).reshape(*c.shape, 8)
+  s = jnp.asarray(scale_bf16, jnp.bfloat16).astype(jnp.float32)[..., None]
+  return (vals * s).astype(jnp.bfloat16)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transforms, w_transforms,
+                 c_swizzle, w_swizzle):
+  """Decode the [tile_n, tile_k / 2] code tile and its scales into w_smem (bf16 [tile_n, tile_k]),
+  all 128 threads of the warpgroup; Mosaic GPU code under `inline_mgpu`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax.experimental import mosaic as _  # noqa: F401
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+  asm = pair_asm()
+  consts = pair_asm_inputs()
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(c_transforms), plgpu.RefType(),
+                                plgpu.RefType(w_transforms)))
+  def body(ctx, c_ref, s_ref, w_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    bf16 = ir.BF16Type.get()
+    codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=c_swizzle,
+                                            layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False)
+    out_layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
+    shape = (tile_n, tile_k)
+    if out_layout.registers_shape(shape) != codes.registers.shape:
+      raise AssertionError(f"nf4_mgpu: code and weight register grids differ: "
+                           f"{codes.registers.shape} vs {out_layout.registers_shape(shape)}")
+    planes = [arith.constant(i32, ir.IntegerAttr.get(i32, int(np.int32(np.uint32(v)))))
+              for v in consts]
+    struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    index = ir.IndexType.get()
+    regs = np.empty(codes.registers.shape, dtype=object)
+    bs_c = arith.constant(index, blocksize)
+    for (idx, creg), (row, col) in zip(np.ndenumerate(codes.registers),
+                                       out_layout.thread_idxs(shape)):
+      word = mgpu_utils.bitcast(creg, i32)
+      blk = arith.divui(col, bs_c)
+      sc = memref.load(s_ref, [blk, row])
+      res = llvm.inline_asm(struct, [word, sc, *planes], asm,
+                            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", has_side_effects=False)
+      pairs = [mgpu_utils.bitcast(llvm.extractvalue(i32, res, [j]),
+                                  ir.VectorType.get((2,), bf16)) for j in range(4)]
+      regs[idx] = mgpu_utils.vector_concat(pairs)
+    w = mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None)
+    w.store_tiled(w_ref, swizzle=w_swizzle)
+
+  body(c_smem, s_smem, w_smem)
+
+
+def _swizzle(row_bytes: int) -> int:
+  for s in (128, 64, 32):
+    if row_bytes % s == 0:
+      return s
+  raise ValueError(f"nf4_mgpu: a tile row of {row_bytes} bytes cannot be swizzled")
+
+
+def _scale_pairs(w: NF4, n_pad: int):
+  """absmax (double quant undone) -> uint32 (bf16 s, bf16 s) pairs, [K / blocksize, n_pad]."""
+  a = _quant().dequantize_absmax(w).astype(jnp.bfloat16)
+  bits = lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
+  pairs = (bits | (bits << 16)).T
+  return jnp.pad(pairs, ((0, 0), (0, n_pad - pairs.shape[1])))
+
+
+def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  m, k = x2.shape
+  tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
+  m_pad = -(-m // tm) * tm
+  n_pad = codes.shape[0]
+  if m_pad != m:
+    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+  steps = k // tk
+  x_sw = _swizzle(tk * 2)
+  c_sw = _swizzle(tk // 2)
+  o_sw = _swizzle(tn * 2)
+  x_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
+  c_tr = (plgpu.TilingTransform((8, c_sw)), plgpu.SwizzleTransform(c_sw))
+  w_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
+  o_tr = (plgpu.TilingTransform((8, o_sw // 2)), plgpu.SwizzleTransform(o_sw))
+
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, w_smem, o_smem):
+    mi = lax.axis_index("m")
+    ni = lax.axis_index("n")
+
+    def compute(acc_ref):
+      def step(_, x_smem, c_smem, s_smem):
+        _decode_tile(c_smem, s_smem, w_smem, tile_n=tn, tile_k=tk, blocksize=blocksize,
+                     c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw)
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, x_smem, w_smem.T)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step, grid=(steps,), max_concurrent_steps=min(plan.stages, steps),
+          in_specs=[
+              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
+              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
+          ],
+      )(x_gmem.at[pl.ds(mi * tm, tm)], c_gmem.at[pl.ds(ni * tn, tn)],
+        s_gmem.at[:, pl.ds(ni * tn, tn)])
+      return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((tm, tn), jnp.float32))
+    o_smem[...] = acc.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+    plgpu.wait_smem_to_gmem(0)
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
+      grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
+      scratch_types=[plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=w_tr),
+                      plgpu.SMEM((tm, tn), x2.dtype, transforms=o_tr)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  y = f(x2, codes, pairs)
+  return y[:m, :n_out]
+
+
+def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
+  """None if the kernel runs this call, else why not."""
+  n, k = w.shape
+  if jnp.dtype(x_dtype) != jnp.bfloat16:
+    return f"x must be bfloat16 (got {jnp.dtype(x_dtype)})"
+  if w.blocksize != 64:
+    return f"blocksize must be 64 (got {w.blocksize})"
+  if plan.tile_k % w.blocksize or plan.tile_k < 64 or plan.tile_k & (plan.tile_k - 1):
+    return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
+  if k % plan.tile_k:
+    return f"K={k} must be a multiple of tile_k={plan.tile_k}"
+  if plan.tile_m % 64 or plan.tile_n % 64:
+    return f"tile_m and tile_n must be multiples of 64 (got {plan.tile_m}, {plan.tile_n})"
+  return None
+
+
+def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Array:
+  """x [..., K] bf16 @ dequant(w).T -> [..., N] bf16 on a Hopper GPU (forward only)."""
+  if not available():
+    raise RuntimeError("nf4_matmul_mgpu: this JAX has no Pallas Mosaic GPU backend")
+  why = check_supported(x.shape, x.dtype, w, plan)
+  if why:
+    raise ValueError(f"nf4_matmul_mgpu: {why}")
+  n, k = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  n_pad = -(-n // plan.tile_n) * plan.tile_n
+  codes = jnp.pad(w.codes.reshape(n, k // 2), ((0, n_pad - n), (0, 0)))
+  pairs = _scale_pairs(w, n_pad)
+  y = _forward(x2, codes, pairs, n_out=n, blocksize=w.blocksize, plan=plan)
+  return y.reshape(*lead, n)
