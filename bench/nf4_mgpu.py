@@ -21,8 +21,10 @@ SHAPES = {"8b_gate_up": (14336, 4096), "8b_down": (4096, 14336), "8b_q_o": (4096
 
 def check(jax, jnp, mod, quant, plan, log):
   worst = 0.0
-  for m, n, k in ((1, 128, 128), (16, 192, 256), (100, 320, 512), (256, 1024, 4096),
+  for m, n, k in ((1, 128, 256), (16, 192, 256), (100, 320, 512), (256, 1024, 4096),
                   (2048, 4096, 4096)):
+    if mod.check_supported((m, k), jnp.bfloat16, quant.quantize_nf4(jnp.ones((64, k))), plan):
+      continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     y = jax.jit(lambda x, w: mod.nf4_matmul_mgpu(x, w, plan))(x, w)
@@ -37,7 +39,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--plans", nargs="*", default=["128,128,128,4", "128,256,64,4", "64,128,128,6"])
-  ap.add_argument("--ms", default="16,2048,4096")
+  ap.add_argument("--ms", default="16,2048")   # run 1 used 16,2048,4096
   ap.add_argument("--shapes", default="8b_gate_up,8b_down,70b_gate_up")
   ap.add_argument("--rounds", type=int, default=3)
   args = ap.parse_args()
@@ -54,9 +56,20 @@ def main():
 
   log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-  plans = [mod.MgpuPlan(*[int(v) for v in p.split(",")]) for p in args.plans]
+  # "tm,tn,tk,stages[,split[,chunk[,skip_decode]]][@max_m]": a plan timed only up to max_m rows
+  # of x; skip_decode=1 times the kernel without its decode (results wrong, not checked)
+  plans, max_ms = [], {}
+  for p in args.plans:
+    spec, _, mm = p.partition("@")
+    vals = [int(v) for v in spec.split(",")]
+    plan = mod.MgpuPlan(*vals[:6], *[bool(v) for v in vals[6:]])
+    plans.append(plan)
+    max_ms[plan] = int(mm) if mm else 1 << 30
   ok = []
   for plan in plans:
+    if plan.skip_decode:
+      ok.append(plan)
+      continue
     try:
       err = check(jax, jnp, mod, quant, plan, log)
       ok.append(plan)
@@ -71,7 +84,7 @@ def main():
       timers = {"bf16": bench.timer("bf16", n, k, m, "fwd", ops=ops),
                 "ours": bench.timer("ours", n, k, m, "fwd", ops=ops)}
       for plan in ok:
-        if mod.check_supported((m, k), jnp.bfloat16, qs[0], plan):
+        if m > max_ms[plan] or mod.check_supported((m, k), jnp.bfloat16, qs[0], plan):
           continue
         timers[str(plan)] = bench.timer(
             "mgpu", n, k, m, "fwd", ops=ops,

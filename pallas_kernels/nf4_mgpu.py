@@ -48,6 +48,25 @@ class MgpuPlan:
   tile_n: int = 128        # rows of W (columns of y) per program
   tile_k: int = 128        # K per pipeline step (a multiple of the blocksize, >= 64)
   stages: int = 4          # TMA copies in flight (pipeline depth)
+  split: int = 1           # K split over programs (f32 partial tiles summed by XLA): for small M
+                           # and few rows of W, so every SM gets programs; 0: until ~PROGRAMS
+  chunk: int = 64          # columns of W decoded per wgmma, each wgmma issued before the next
+                           # chunk's decode, meant to overlap the two (measured: slower, see
+                           # bench/RESULTS.md; chunk = tile_k: decode, then one wgmma)
+  skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
+                             # pipeline and wgmma without the decode
+
+
+PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
+
+
+def _auto_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
+  programs = -(-m // plan.tile_m) * -(-n // plan.tile_n)
+  steps = k // plan.tile_k
+  split = 1
+  while programs * split * 2 <= PROGRAMS and steps % (split * 2) == 0:
+    split *= 2
+  return split
 
 
 def available() -> bool:
@@ -113,9 +132,12 @@ def pair_asm_emulated(words, scale_bf16):
 # ----------------------------------------------------------------------------- the kernel
 
 def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transforms, w_transforms,
-                 c_swizzle, w_swizzle):
-  """Decode the [tile_n, tile_k / 2] code tile and its scales into w_smem (bf16 [tile_n, tile_k]),
-  all 128 threads of the warpgroup; Mosaic GPU code under `inline_mgpu`."""
+                 c_swizzle, w_swizzle, col0=0, cols=None):
+  """Decode columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile (with their scales)
+  into the same columns of w_smem (bf16 [tile_n, tile_k]), all 128 threads of the warpgroup;
+  Mosaic GPU code under `inline_mgpu`. `col0` and `cols` are multiples of the 64-column tiles of
+  w_smem's layout."""
+  cols = tile_k if cols is None else cols
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from jax.experimental import mosaic as _  # noqa: F401
   import jax.experimental.mosaic.gpu as mgpu
@@ -143,10 +165,15 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
               for v in consts]
     struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
     index = ir.IndexType.get()
-    regs = np.empty(codes.registers.shape, dtype=object)
     bs_c = arith.constant(index, blocksize)
+    # register grid [tile_n / 64, tile_k / 32, ...]: axis 1 walks 32-column groups
+    lo, hi = col0 // 32, (col0 + cols) // 32
+    regs = np.empty(codes.registers[:, lo:hi].shape, dtype=object)
     for (idx, creg), (row, col) in zip(np.ndenumerate(codes.registers),
                                        out_layout.thread_idxs(shape)):
+      if not lo <= idx[1] < hi:
+        continue
+      idx = (idx[0], idx[1] - lo) + idx[2:]
       word = mgpu_utils.bitcast(creg, i32)
       blk = arith.divui(col, bs_c)
       sc = memref.load(s_ref, [blk, row])
@@ -156,7 +183,9 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
                                   ir.VectorType.get((2,), bf16)) for j in range(4)]
       regs[idx] = mgpu_utils.vector_concat(pairs)
     w = mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None)
-    w.store_tiled(w_ref, swizzle=w_swizzle)
+    # w_ref is tiled [tile_n / 8, tile_k / 64, 8, 64]: the chunk's 64-column tiles
+    w.store_tiled(mgpu_utils.memref_slice(w_ref, (slice(None), slice(col0 // 64, (col0 + cols) // 64))),
+                  swizzle=w_swizzle)
 
   body(c_smem, s_smem, w_smem)
 
@@ -186,25 +215,34 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   n_pad = codes.shape[0]
   if m_pad != m:
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
-  steps = k // tk
+  steps = k // tk // plan.split
+  ch = plan.chunk
+  split = plan.split
+  out_dtype = jnp.float32 if split > 1 else x2.dtype
   x_sw = _swizzle(tk * 2)
   c_sw = _swizzle(tk // 2)
-  o_sw = _swizzle(tn * 2)
+  o_sw = _swizzle(tn * jnp.dtype(out_dtype).itemsize)
   x_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
   c_tr = (plgpu.TilingTransform((8, c_sw)), plgpu.SwizzleTransform(c_sw))
   w_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
-  o_tr = (plgpu.TilingTransform((8, o_sw // 2)), plgpu.SwizzleTransform(o_sw))
+  o_tr = (plgpu.TilingTransform((8, o_sw // jnp.dtype(out_dtype).itemsize)),
+          plgpu.SwizzleTransform(o_sw))
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem, w_smem, o_smem):
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
+    si = lax.axis_index("s")
 
     def compute(acc_ref):
       def step(_, x_smem, c_smem, s_smem):
-        _decode_tile(c_smem, s_smem, w_smem, tile_n=tn, tile_k=tk, blocksize=blocksize,
-                     c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw)
-        plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, x_smem, w_smem.T)
+        for j in range(tk // ch):   # decode chunk j while chunk j-1's wgmma runs
+          if not plan.skip_decode:
+            _decode_tile(c_smem, s_smem, w_smem, tile_n=tn, tile_k=tk, blocksize=blocksize,
+                         c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw,
+                         col0=j * ch, cols=ch)
+            plgpu.commit_smem()
+          cs = pl.ds(j * ch, ch)
+          plgpu.wgmma(acc_ref, x_smem.at[:, cs], w_smem.at[:, cs].T)
         plgpu.wgmma_wait(0)
 
       plgpu.emit_pipeline(
@@ -214,25 +252,27 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
               plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
               plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
           ],
-      )(x_gmem.at[pl.ds(mi * tm, tm)], c_gmem.at[pl.ds(ni * tn, tn)],
-        s_gmem.at[:, pl.ds(ni * tn, tn)])
+      )(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(si * steps * tk, steps * tk)],
+        c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
+        s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize), pl.ds(ni * tn, tn)])
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tm, tn), jnp.float32))
     o_smem[...] = acc.astype(o_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
     plgpu.wait_smem_to_gmem(0)
 
   f = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
-      grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
+      out_type=jax.ShapeDtypeStruct((split, m_pad, n_pad), out_dtype),
+      grid=(m_pad // tm, n_pad // tn, split), grid_names=("m", "n", "s"),
       scratch_types=[plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=w_tr),
-                      plgpu.SMEM((tm, tn), x2.dtype, transforms=o_tr)],
+                      plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
   y = f(x2, codes, pairs)
+  y = y[0] if split == 1 else y.sum(0).astype(x2.dtype)
   return y[:m, :n_out]
 
 
@@ -245,8 +285,10 @@ def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
     return f"blocksize must be 64 (got {w.blocksize})"
   if plan.tile_k % w.blocksize or plan.tile_k < 64 or plan.tile_k & (plan.tile_k - 1):
     return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
-  if k % plan.tile_k:
-    return f"K={k} must be a multiple of tile_k={plan.tile_k}"
+  if k % (plan.tile_k * max(plan.split, 1)):
+    return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
+  if plan.chunk % 64 or plan.tile_k % plan.chunk:
+    return f"chunk must be a multiple of 64 dividing tile_k (got {plan.chunk})"
   if plan.tile_m % 64 or plan.tile_n % 64:
     return f"tile_m and tile_n must be multiples of 64 (got {plan.tile_m}, {plan.tile_n})"
   return None
@@ -262,6 +304,8 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   n, k = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
+  if plan.split == 0:
+    plan = dataclasses.replace(plan, split=_auto_split(x2.shape[0], n, k, plan))
   n_pad = -(-n // plan.tile_n) * plan.tile_n
   codes = jnp.pad(w.codes.reshape(n, k // 2), ((0, n_pad - n), (0, 0)))
   pairs = _scale_pairs(w, n_pad)

@@ -21,8 +21,8 @@ from tests.test_nf4 import _bf16_words, _run_ptx
 ON_HOPPER = (jax.default_backend() == "gpu"
              and getattr(jax.devices()[0], "compute_capability", "") in ("9.0",))
 hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) GPU")
-PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 4), nf4_mgpu.MgpuPlan(64, 128, 128, 4),
-         nf4_mgpu.MgpuPlan(64, 256, 64, 4)]
+PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, split=2),
+         nf4_mgpu.MgpuPlan(64, 64, 256, 3, split=0), nf4_mgpu.MgpuPlan(128, 128, 128, 2, chunk=128)]
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -63,7 +63,7 @@ def test_pair_emulation_is_the_scaled_codebook_in_order():
 
 
 @pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}")
 @pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096)])
 def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
@@ -76,9 +76,18 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   assert "mosaic_gpu" in text
 
 
+def test_auto_split_reaches_the_program_target():
+  """split=0: K is split (powers of two dividing the steps) until ~PROGRAMS programs, not beyond."""
+  plan = nf4_mgpu.MgpuPlan(64, 128, 128, split=0)
+  assert nf4_mgpu._auto_split(16, 4096, 14336, plan) == 8          # 32 tiles -> 256 programs (steps 112)
+  assert nf4_mgpu._auto_split(16, 28672, 8192, plan) == 1          # 224 tiles already
+  assert nf4_mgpu._auto_split(16, 4096, 4096, plan) == 8           # 32 tiles, 32 steps -> 256
+  assert nf4_mgpu._auto_split(2048, 4096, 4096, plan) == 1
+
+
 def test_unsupported_calls_say_why():
   w = quantize_nf4(jnp.ones((64, 192), jnp.float32))
-  assert "multiple of tile_k" in nf4_mgpu.check_supported((4, 192), jnp.bfloat16, w,
+  assert "multiple of tile_k * split" in nf4_mgpu.check_supported((4, 192), jnp.bfloat16, w,
                                                           nf4_mgpu.MgpuPlan(tile_k=128))
   assert "bfloat16" in nf4_mgpu.check_supported((4, 192), jnp.float32, w, nf4_mgpu.MgpuPlan())
   w32 = quantize_nf4(jnp.ones((64, 256), jnp.float32), blocksize=32)
@@ -89,7 +98,7 @@ def test_unsupported_calls_say_why():
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}")
 @pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (100, 320, 512), (300, 1000, 1024),
                                  (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
