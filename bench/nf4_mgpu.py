@@ -56,8 +56,8 @@ def main():
 
   log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-  # "tm,tn,tk,stages[,split[,chunk[,skip_decode]]][@max_m]": a plan timed only up to max_m rows
-  # of x; skip_decode=1 times the kernel without its decode (results wrong, not checked)
+  # "tm,tn,tk,stages[,split[,chunk[,overlap[,skip_decode]]]][@max_m]": a plan timed only up to
+  # max_m rows of x; skip_decode=1 times the kernel without its decode (results wrong, not checked)
   plans, max_ms = [], {}
   for p in args.plans:
     spec, _, mm = p.partition("@")

@@ -19,6 +19,11 @@ Scales: an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs (
 [K / blocksize, N], so a TMA box of one step is [tile_k / blocksize, tile_n] words (a box's inner
 extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
 
+Measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's dispatch at
+every size, so nothing dispatches here: the decode and the wgmma, issued by one warpgroup, add up
+instead of overlapping (without the decode the pipeline and wgmma run at 1.01-1.09x the bf16 dot at
+M=2048). The next step is warp specialization (decode warpgroups feeding wgmma warpgroups).
+
 GPU only (Hopper). Off the GPU `nf4_matmul_mgpu` raises; the PTX block and the layout mapping are
 tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
 MLIR), the kernel itself against the reference in tests/test_nf4_mgpu.py on the GPU.
@@ -53,6 +58,8 @@ class MgpuPlan:
   chunk: int = 64          # columns of W decoded per wgmma, each wgmma issued before the next
                            # chunk's decode, meant to overlap the two (measured: slower, see
                            # bench/RESULTS.md; chunk = tile_k: decode, then one wgmma)
+  overlap: bool = False    # two W buffers, x's tile released a step late: step k's decode runs
+                           # while step k-1's wgmma does (one wgmma in flight); chunk = tile_k
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
 
@@ -234,7 +241,17 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
     si = lax.axis_index("s")
 
     def compute(acc_ref):
-      def step(_, x_smem, c_smem, s_smem):
+      def step(idx, x_smem, c_smem, s_smem):
+        if plan.overlap:
+          # buffer k % 2 was last read by step k-2's wgmma, done: each step leaves <= 1 in flight
+          w_buf = w_smem.at[lax.rem(idx[0], 2)]
+          if not plan.skip_decode:
+            _decode_tile(c_smem, s_smem, w_buf, tile_n=tn, tile_k=tk, blocksize=blocksize,
+                         c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw)
+            plgpu.commit_smem()
+          plgpu.wgmma(acc_ref, x_smem, w_buf.T)
+          plgpu.wgmma_wait(1)
+          return
         for j in range(tk // ch):   # decode chunk j while chunk j-1's wgmma runs
           if not plan.skip_decode:
             _decode_tile(c_smem, s_smem, w_smem, tile_n=tn, tile_k=tk, blocksize=blocksize,
@@ -248,13 +265,15 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
       plgpu.emit_pipeline(
           step, grid=(steps,), max_concurrent_steps=min(plan.stages, steps),
           in_specs=[
-              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr),
+              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr,
+                              delay_release=1 if plan.overlap else 0),
               plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
               plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
           ],
       )(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(si * steps * tk, steps * tk)],
         c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
         s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize), pl.ds(ni * tn, tn)])
+      plgpu.wgmma_wait(0)
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tm, tn), jnp.float32))
@@ -267,7 +286,8 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
       kernel,
       out_type=jax.ShapeDtypeStruct((split, m_pad, n_pad), out_dtype),
       grid=(m_pad // tm, n_pad // tn, split), grid_names=("m", "n", "s"),
-      scratch_types=[plgpu.SMEM((tn, tk), jnp.bfloat16, transforms=w_tr),
+      scratch_types=[plgpu.SMEM(((2,) if plan.overlap else ()) + (tn, tk), jnp.bfloat16,
+                                transforms=w_tr),
                       plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
@@ -287,6 +307,8 @@ def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
     return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
   if k % (plan.tile_k * max(plan.split, 1)):
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
+  if plan.overlap and plan.stages < 2:
+    return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
     return f"chunk must be a multiple of 64 dividing tile_k (got {plan.chunk})"
   if plan.tile_m % 64 or plan.tile_n % 64:
