@@ -56,7 +56,7 @@ def main():
 
   log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-  # "tm,tn,tk,stages[,split[,chunk[,overlap[,skip_decode]]]][@max_m]": a plan timed only up to
+  # "tm,tn,tk,stages[,split[,chunk[,overlap[,ws[,skip_decode]]]]][@max_m]": a plan timed only up to
   # max_m rows of x; skip_decode=1 times the kernel without its decode (results wrong, not checked)
   plans, max_ms = [], {}
   for p in args.plans:

@@ -60,6 +60,9 @@ class MgpuPlan:
                            # bench/RESULTS.md; chunk = tile_k: decode, then one wgmma)
   overlap: bool = False    # two W buffers, x's tile released a step late: step k's decode runs
                            # while step k-1's wgmma does (one wgmma in flight); chunk = tile_k
+  ws: bool = False         # warp-specialized: a TMA warpgroup feeds two compute warpgroups, each
+                           # decoding and multiplying its own half of the tile's W rows
+                           # (tile_n / 2) against all tile_m rows of x; tile_m up to 256
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
 
@@ -296,6 +299,94 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return y[:m, :n_out]
 
 
+def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
+  """The warp-specialized kernel (plan.ws): per program a [tile_m, tile_n] tile of y; warpgroup w
+  of the two compute warpgroups owns W rows [w * tile_n / 2, (w + 1) * tile_n / 2) of the tile:
+  it decodes them into its own shared buffer and runs wgmma against the whole x tile, so each
+  decoded weight serves tile_m rows of x and the warpgroups never wait for each other; the third
+  warpgroup only issues the TMA copies."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  m, k = x2.shape
+  tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
+  hn = tn // 2
+  m_pad = -(-m // tm) * tm
+  n_pad = codes.shape[0]
+  if m_pad != m:
+    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+  steps = k // tk
+  x_sw = _swizzle(tk * 2)
+  c_sw = _swizzle(tk // 2)
+  o_sw = _swizzle(hn * 2)
+  x_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
+  c_tr = (plgpu.TilingTransform((8, c_sw)), plgpu.SwizzleTransform(c_sw))
+  w_tr = x_tr
+  o_tr = (plgpu.TilingTransform((8, o_sw // 2)), plgpu.SwizzleTransform(o_sw))
+
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
+    mi = lax.axis_index("m")
+    ni = lax.axis_index("n")
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(steps,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
+              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
+          ],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, steps),
+          compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+
+    def scope(allocs, w_smem, o_smem):
+      wg = lax.axis_index("wg")
+      rows = pl.ds(wg * hn, hn)
+
+      def compute_context(eval_pipeline):
+        def acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          o_smem[wg] = acc_ref[...].astype(o_smem.dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              o_smem.at[wg], o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn + wg * hn, hn)])
+          plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(acc_scope, plgpu.ACC((tm, hn), jnp.float32))
+
+      def body(_, x_smem, c_smem, s_smem, acc_ref):
+        w_buf = w_smem.at[wg]
+        if not plan.skip_decode:
+          _decode_tile(c_smem.at[rows], s_smem.at[:, rows], w_buf, tile_n=hn, tile_k=tk,
+                       blocksize=blocksize, c_transforms=c_tr, w_transforms=w_tr,
+                       c_swizzle=c_sw, w_swizzle=x_sw)
+          plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, x_smem, w_buf.T)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      get_pipeline(body, compute_context)(
+          x_gmem.at[pl.ds(mi * tm, tm)], c_gmem.at[pl.ds(ni * tn, tn)],
+          s_gmem.at[:, pl.ds(ni * tn, tn)], allocations=allocs)
+
+    pl.run_scoped(
+        scope,
+        get_pipeline(ignore, ignore).get_allocations(x_gmem, c_gmem, s_gmem),
+        plgpu.SMEM((2, hn, tk), jnp.bfloat16, transforms=w_tr),
+        plgpu.SMEM((2, tm, hn), x2.dtype, transforms=o_tr),
+        collective_axes="wg")
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
+      grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  return f(x2, codes, pairs)[:m, :n_out]
+
+
 def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
   """None if the kernel runs this call, else why not."""
   n, k = w.shape
@@ -307,6 +398,8 @@ def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
     return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
   if k % (plan.tile_k * max(plan.split, 1)):
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
+  if plan.ws and (plan.split > 1 or plan.overlap or plan.tile_n % 128):
+    return "ws takes no split or overlap, and tile_n a multiple of 128 (chunk is ignored)"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -331,5 +424,6 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   n_pad = -(-n // plan.tile_n) * plan.tile_n
   codes = jnp.pad(w.codes.reshape(n, k // 2), ((0, n_pad - n), (0, 0)))
   pairs = _scale_pairs(w, n_pad)
-  y = _forward(x2, codes, pairs, n_out=n, blocksize=w.blocksize, plan=plan)
+  fwd = _forward_ws if plan.ws else _forward
+  y = fwd(x2, codes, pairs, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)

@@ -24,7 +24,8 @@ hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) GPU")
 PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, split=2),
          nf4_mgpu.MgpuPlan(64, 64, 256, 3, split=0), nf4_mgpu.MgpuPlan(128, 128, 128, 2, chunk=128),
          nf4_mgpu.MgpuPlan(128, 128, 64, 3, overlap=True),
-         nf4_mgpu.MgpuPlan(64, 128, 64, 4, split=2, overlap=True)]
+         nf4_mgpu.MgpuPlan(64, 128, 64, 4, split=2, overlap=True),
+         nf4_mgpu.MgpuPlan(256, 128, 64, 3, ws=True), nf4_mgpu.MgpuPlan(64, 128, 64, 6, ws=True)]
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -65,7 +66,7 @@ def test_pair_emulation_is_the_scaled_codebook_in_order():
 
 
 @pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}")
 @pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096)])
 def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
@@ -100,7 +101,7 @@ def test_unsupported_calls_say_why():
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}")
 @pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (100, 320, 512), (300, 1000, 1024),
                                  (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
