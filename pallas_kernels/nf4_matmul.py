@@ -152,10 +152,11 @@ NARROW_N = 4096              # Plan.narrow_programs applies up to this many rows
 # f2d09f9, best of 10 tilings) took 0.695 ms at M=2048 and 1.38 ms at M=4096 against 0.367 / 0.665
 # for dequant + cuBLAS: Triton's dots with W decoded per M tile run far below cuBLAS.
 # Session 9: the Mosaic GPU kernel (pallas_kernels/nf4_mgpu.py: TMA pipeline, decode into shared
-# memory, wgmma) is correct but lost everywhere: M=2048 1.76-2.19x the bf16 dot over 4 runs (its
-# pipeline and wgmma without the decode: 1.01-1.09x, so the decode, not overlapped, is the cost;
-# overlapping it with the previous step's wgmma in the same warpgroup: 2.06-2.43x), M=16
-# 0.85-1.05x (vs 0.69-0.82x here). Not dispatched; bench/RESULTS.md "Session 9 runs".
+# memory, wgmma) is correct but lost everywhere. Warp-specialized (a TMA warpgroup, two compute
+# warpgroups each decoding its half of W's rows against a 256-row x tile): 1.41-1.46x the bf16 dot
+# at M=2048 and 4096 (its skeleton without the decode: 0.95-1.05x, so the decode is the gap; one
+# warpgroup: ~1.96x); M=16 0.81-0.84x on the large weights (vs 0.70-0.73x here). Not dispatched;
+# bench/RESULTS.md "Session 9 runs".
 TUNED: dict[str, Plan] = {
     "m1": Plan("fused", "fused", decode="prmt", gemv=True, bn=16, chunk=8, unroll=1,
                prefetch=True, bwd_bn=256, bwd_decode="prmt_bf16", bwd_gemv=False,

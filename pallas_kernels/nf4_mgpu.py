@@ -20,9 +20,10 @@ Scales: an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs (
 extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
 
 Measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's dispatch at
-every size, so nothing dispatches here: the decode and the wgmma, issued by one warpgroup, add up
-instead of overlapping (without the decode the pipeline and wgmma run at 1.01-1.09x the bf16 dot at
-M=2048). The next step is warp specialization (decode warpgroups feeding wgmma warpgroups).
+every size, so nothing dispatches here. With one warpgroup the decode and the wgmma add up (~1.96x
+the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
+decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048 and 4096, against
+0.95-1.05x for the same kernel without its decode: the decode's instructions are the gap.
 
 GPU only (Hopper). Off the GPU `nf4_matmul_mgpu` raises; the PTX block and the layout mapping are
 tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
@@ -63,6 +64,9 @@ class MgpuPlan:
   ws: bool = False         # warp-specialized: a TMA warpgroup feeds two compute warpgroups, each
                            # decoding and multiplying its own half of the tile's W rows
                            # (tile_n / 2) against all tile_m rows of x; tile_m up to 256
+  epi_rows: int = 0        # ws: y written in pieces of this many rows; 0: the whole tile at once
+                           # (faster, runs 5 vs 6) unless overlap or a 5th stage needs the shared
+                           # memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
 
@@ -328,13 +332,19 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
 
+    er = plan.epi_rows or (64 if plan.overlap or plan.stages >= 5 else tm)
+    epi_slots = 1 if er == tm or plan.stages >= 5 else 2  # (5 stages of a 256-row tile: 1)
+    delay = 1 if plan.overlap else 0   # x's tile is read by a wgmma still in flight (and the
+                                       # pipeline releases every input of a step together)
+
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(steps,), memory_registers=40,
           in_specs=[
-              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr),
-              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
-              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
+              plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr, delay_release=delay),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr,
+                              delay_release=delay),
+              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0), delay_release=delay),
           ],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, steps),
           compute_context=compute_context)
@@ -348,22 +358,30 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
           eval_pipeline(acc_ref)
-          o_smem[wg] = acc_ref[...].astype(o_smem.dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(
-              o_smem.at[wg], o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn + wg * hn, hn)])
+          plgpu.wgmma_wait(0)
+          acc = acc_ref[...]
+          # epilogue in pieces of er rows through epi_slots slots per warpgroup
+          for i in range(tm // er):
+            slot = i % epi_slots
+            plgpu.wait_smem_to_gmem(epi_slots - 1, wait_read_only=True)
+            o_smem[wg, slot] = acc[i * er:(i + 1) * er].astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[wg, slot],
+                o_gmem.at[pl.ds(mi * tm + i * er, er), pl.ds(ni * tn + wg * hn, hn)])
           plgpu.wait_smem_to_gmem(0)
         pl.run_scoped(acc_scope, plgpu.ACC((tm, hn), jnp.float32))
 
-      def body(_, x_smem, c_smem, s_smem, acc_ref):
-        w_buf = w_smem.at[wg]
+      def body(idx, x_smem, c_smem, s_smem, acc_ref):
+        # overlap: buffer k % 2 was last read by step k-2's wgmma, done (<= 1 in flight)
+        w_buf = w_smem.at[wg, lax.rem(idx[0], 2) if plan.overlap else 0]
         if not plan.skip_decode:
           _decode_tile(c_smem.at[rows], s_smem.at[:, rows], w_buf, tile_n=hn, tile_k=tk,
                        blocksize=blocksize, c_transforms=c_tr, w_transforms=w_tr,
                        c_swizzle=c_sw, w_swizzle=x_sw)
           plgpu.commit_smem()
         plgpu.wgmma(acc_ref, x_smem, w_buf.T)
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(1 if plan.overlap else 0)
         return acc_ref
 
       get_pipeline(body, compute_context)(
@@ -373,8 +391,8 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
     pl.run_scoped(
         scope,
         get_pipeline(ignore, ignore).get_allocations(x_gmem, c_gmem, s_gmem),
-        plgpu.SMEM((2, hn, tk), jnp.bfloat16, transforms=w_tr),
-        plgpu.SMEM((2, tm, hn), x2.dtype, transforms=o_tr),
+        plgpu.SMEM((2, 2 if plan.overlap else 1, hn, tk), jnp.bfloat16, transforms=w_tr),
+        plgpu.SMEM((2, epi_slots, er, hn), x2.dtype, transforms=o_tr),
         collective_axes="wg")
 
   f = plgpu.kernel(
@@ -398,8 +416,10 @@ def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
     return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
   if k % (plan.tile_k * max(plan.split, 1)):
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
-  if plan.ws and (plan.split > 1 or plan.overlap or plan.tile_n % 128):
-    return "ws takes no split or overlap, and tile_n a multiple of 128 (chunk is ignored)"
+  if plan.ws and plan.epi_rows and (plan.epi_rows % 64 or plan.tile_m % plan.epi_rows):
+    return f"epi_rows must be a multiple of 64 dividing tile_m (got {plan.epi_rows})"
+  if plan.ws and (plan.split > 1 or plan.tile_n % 128):
+    return "ws takes no split, and tile_n a multiple of 128 (chunk is ignored)"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:

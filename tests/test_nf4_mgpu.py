@@ -25,7 +25,9 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(64, 64, 256, 3, split=0), nf4_mgpu.MgpuPlan(128, 128, 128, 2, chunk=128),
          nf4_mgpu.MgpuPlan(128, 128, 64, 3, overlap=True),
          nf4_mgpu.MgpuPlan(64, 128, 64, 4, split=2, overlap=True),
-         nf4_mgpu.MgpuPlan(256, 128, 64, 3, ws=True), nf4_mgpu.MgpuPlan(64, 128, 64, 6, ws=True)]
+         nf4_mgpu.MgpuPlan(256, 128, 64, 3, ws=True), nf4_mgpu.MgpuPlan(64, 128, 64, 6, ws=True),
+         nf4_mgpu.MgpuPlan(256, 128, 64, 4, overlap=True, ws=True),
+         nf4_mgpu.MgpuPlan(256, 128, 64, 4, ws=True, epi_rows=128)]
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -66,7 +68,7 @@ def test_pair_emulation_is_the_scaled_codebook_in_order():
 
 
 @pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}e{p.epi_rows}")
 @pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096)])
 def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
@@ -95,13 +97,16 @@ def test_unsupported_calls_say_why():
   assert "bfloat16" in nf4_mgpu.check_supported((4, 192), jnp.float32, w, nf4_mgpu.MgpuPlan())
   w32 = quantize_nf4(jnp.ones((64, 256), jnp.float32), blocksize=32)
   assert "blocksize" in nf4_mgpu.check_supported((4, 256), jnp.bfloat16, w32, nf4_mgpu.MgpuPlan())
+  assert "epi_rows" in nf4_mgpu.check_supported(
+      (4, 256), jnp.bfloat16, quantize_nf4(jnp.ones((128, 256), jnp.float32)),
+      nf4_mgpu.MgpuPlan(256, 128, 64, ws=True, epi_rows=96))
   with pytest.raises(ValueError, match="tile_k"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 192), jnp.bfloat16), w, nf4_mgpu.MgpuPlan(tile_k=128))
 
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}e{p.epi_rows}")
 @pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (100, 320, 512), (300, 1000, 1024),
                                  (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
