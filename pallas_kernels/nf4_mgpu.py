@@ -5,8 +5,8 @@ Pallas' Mosaic GPU backend (`jax.experimental.pallas.mosaic_gpu`, sm_90a only): 
 [tile_m, tile_n] tile of y, and over K a pipeline of TMA copies (x, the code bytes, the scales)
 `max_concurrent_steps` deep. Each step the warpgroup decodes the [tile_n, tile_k] tile of W into
 shared memory in bf16 (one PTX block per 4 code bytes: byte-permute lookups of the codebook and a
-bf16x2 multiply by the absmax) and runs wgmma on x's tile and the decoded tile. The bf16 weight never
-reaches HBM.
+bf16x2 multiply by the absmax) and runs wgmma on x's tile and the decoded tile. The bf16 weight
+never reaches HBM.
 
 Layouts. The code bytes are read from shared memory in Mosaic's WGMMA_LAYOUT_8BIT (a thread holds
 4 consecutive bytes of a row) and the decoded tile is built in WGMMA_LAYOUT_UPCAST_4X (a thread
@@ -25,7 +25,8 @@ the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute
 decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048 and 4096, against
 0.95-1.05x for the same kernel without its decode: the decode's instructions are the gap.
 
-GPU only (Hopper). Off the GPU `nf4_matmul_mgpu` raises; the PTX block and the layout mapping are
+GPU only (Hopper): on another GPU `nf4_matmul_mgpu` raises; on the CPU JAX refuses to run it (no
+interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and the layout mapping are
 tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
 MLIR), the kernel itself against the reference in tests/test_nf4_mgpu.py on the GPU.
 """
@@ -87,8 +88,11 @@ def available() -> bool:
   """Whether this JAX has Pallas' Mosaic GPU backend (the device must also be sm_90)."""
   try:
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401
-    from jax.experimental import mosaic  # noqa: F401
-    return hasattr(plgpu, "inline_mgpu") and hasattr(plgpu, "emit_pipeline")
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: F401
+    return (all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
+                                            "emit_pipeline_warp_specialized"))
+            and hasattr(mgpu, "WGMMA_LAYOUT_UPCAST_4X"))
   except ImportError:
     return False
 
@@ -153,11 +157,10 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
   w_smem's layout."""
   cols = tile_k if cols is None else cols
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jax.experimental import mosaic as _  # noqa: F401
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+  from jax._src.lib.mlir import ir          # the MLIR bindings Mosaic GPU itself builds with
+  from jax._src.lib.mlir.dialects import arith, llvm, memref
 
   asm = pair_asm()
   consts = pair_asm_inputs()
@@ -198,8 +201,9 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
       regs[idx] = mgpu_utils.vector_concat(pairs)
     w = mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None)
     # w_ref is tiled [tile_n / 8, tile_k / 64, 8, 64]: the chunk's 64-column tiles
-    w.store_tiled(mgpu_utils.memref_slice(w_ref, (slice(None), slice(col0 // 64, (col0 + cols) // 64))),
-                  swizzle=w_swizzle)
+    tiles = slice(col0 // 64, (col0 + cols) // 64)
+    chunk_ref = mgpu_utils.memref_slice(w_ref, (slice(None), tiles))
+    w.store_tiled(chunk_ref, swizzle=w_swizzle)
 
   body(c_smem, s_smem, w_smem)
 
@@ -433,6 +437,11 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   """x [..., K] bf16 @ dequant(w).T -> [..., N] bf16 on a Hopper GPU (forward only)."""
   if not available():
     raise RuntimeError("nf4_matmul_mgpu: this JAX has no Pallas Mosaic GPU backend")
+  from pallas_kernels import _common
+  cc = _common.compute_capability()
+  if cc is not None and cc[0] != 9:
+    raise RuntimeError(f"nf4_matmul_mgpu: needs a Hopper GPU (sm_90, wgmma); this one is "
+                       f"sm_{cc[0]}{cc[1]}: use pallas_kernels.nf4_matmul.nf4_matmul")
   why = check_supported(x.shape, x.dtype, w, plan)
   if why:
     raise ValueError(f"nf4_matmul_mgpu: {why}")

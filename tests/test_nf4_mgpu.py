@@ -30,6 +30,11 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(256, 128, 64, 4, ws=True, epi_rows=128)]
 
 
+def _plan_id(p):
+  return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
+          f"e{p.epi_rows}")
+
+
 def test_pair_asm_text_decodes_and_scales():
   """The PTX string, interpreted: for code words in $4 and (s, s) bf16 pairs in $5, $0..$3 hold
   the 8 weights of each word in order (high nibble first), each bf16(bf16(code) * s); inputs are
@@ -63,12 +68,13 @@ def test_pair_emulation_is_the_scaled_codebook_in_order():
   exact = NF4_CODE[nib].astype(np.float64) * s[:, None]
   np.testing.assert_allclose(got, exact, rtol=1.5 * 2**-7, atol=0)
   # a mutation: the nibble order swapped inside each byte must not pass
-  swapped = np.stack([(words >> (8 * (j // 2) + (0 if j % 2 == 0 else 4))) & 15 for j in range(8)], -1)
+  swapped = np.stack([(words >> (8 * (j // 2) + (0 if j % 2 == 0 else 4))) & 15 for j in range(8)],
+                     -1)
   assert not np.allclose(got, NF4_CODE[swapped] * s[:, None], rtol=1.5 * 2**-7)
 
 
 @pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}e{p.epi_rows}")
+@pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
 @pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096)])
 def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
@@ -84,7 +90,7 @@ def test_kernel_lowers_for_sm90(plan, mnk):
 def test_auto_split_reaches_the_program_target():
   """split=0: K is split (powers of two dividing the steps) until ~PROGRAMS programs, not beyond."""
   plan = nf4_mgpu.MgpuPlan(64, 128, 128, split=0)
-  assert nf4_mgpu._auto_split(16, 4096, 14336, plan) == 8          # 32 tiles -> 256 programs (steps 112)
+  assert nf4_mgpu._auto_split(16, 4096, 14336, plan) == 8          # 32 tiles -> 256 (112 steps)
   assert nf4_mgpu._auto_split(16, 28672, 8192, plan) == 1          # 224 tiles already
   assert nf4_mgpu._auto_split(16, 4096, 4096, plan) == 8           # 32 tiles, 32 steps -> 256
   assert nf4_mgpu._auto_split(2048, 4096, 4096, plan) == 1
@@ -106,7 +112,7 @@ def test_unsupported_calls_say_why():
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}e{p.epi_rows}")
+@pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
 @pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (100, 320, 512), (300, 1000, 1024),
                                  (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
@@ -120,3 +126,12 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   err = np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max()
   assert err < 2**-7, err
+
+
+def test_refuses_a_gpu_without_wgmma(monkeypatch):
+  """On a non-Hopper GPU (no wgmma) the call says so and points to the portable kernels."""
+  from pallas_kernels import _common
+  monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
+  w = quantize_nf4(jnp.ones((128, 256), jnp.float32))
+  with pytest.raises(RuntimeError, match="sm_80.*nf4_matmul"):
+    nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), w)
