@@ -119,11 +119,9 @@ class JaxBench:
       op = lambda x, w: jnp.dot(x, w.T)   # bf16 out, f32 accumulation (cuBLAS); no f32 bwd
     else:
       weights = qs
-      if op is not None:
-        pass
-      elif plan is not None:
+      if op is None and plan is not None:
         op = lambda x, w: mod.nf4_matmul(x, w, plan=plan)
-      else:
+      elif op is None:
         op = lambda x, w: mod.nf4_matmul(x, w, implementation=None if impl == "ours" else impl)
     # Small ops (M <= 256) run `inner` times in a loop inside the jit: one dispatch per call, so
     # the host's per-call cost (~20 us per op with 4 copies) does not hide the device time. Each

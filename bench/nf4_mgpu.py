@@ -23,7 +23,7 @@ def check(jax, jnp, mod, quant, plan, log):
   worst = 0.0
   for m, n, k in ((1, 128, 256), (16, 192, 256), (100, 320, 512), (256, 1024, 4096),
                   (2048, 4096, 4096)):
-    if mod.check_supported((m, k), jnp.bfloat16, quant.quantize_nf4(jnp.ones((64, k))), plan):
+    if mod.check_supported(k, 64, jnp.bfloat16, plan):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -38,7 +38,8 @@ def check(jax, jnp, mod, quant, plan, log):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
-  ap.add_argument("--plans", nargs="*", default=["128,128,128,4", "128,256,64,4", "64,128,128,6"])
+  ap.add_argument("--plans", nargs="*",   # run 5's best (warp-specialized) and M=16 plans
+                  default=["256,128,64,4,1,64,0,1", "64,128,128,4,1,128,0,1@16"])
   ap.add_argument("--ms", default="16,2048")   # run 1 used 16,2048,4096
   ap.add_argument("--shapes", default="8b_gate_up,8b_down,70b_gate_up")
   ap.add_argument("--rounds", type=int, default=3)
@@ -84,7 +85,7 @@ def main():
       timers = {"bf16": bench.timer("bf16", n, k, m, "fwd", ops=ops),
                 "ours": bench.timer("ours", n, k, m, "fwd", ops=ops)}
       for plan in ok:
-        if m > max_ms[plan] or mod.check_supported((m, k), jnp.bfloat16, qs[0], plan):
+        if m > max_ms[plan] or mod.check_supported(k, qs[0].blocksize, jnp.bfloat16, plan):
           continue
         timers[str(plan)] = bench.timer(
             "mgpu", n, k, m, "fwd", ops=ops,

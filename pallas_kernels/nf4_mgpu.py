@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.nf4_matmul import _pad_rows, _prmt_planes, _quant
+
 if TYPE_CHECKING:
   from jaxsloth.quant import NF4
 
@@ -97,17 +99,6 @@ def available() -> bool:
     return False
 
 
-def _quant():
-  from jaxsloth import quant
-  return quant
-
-
-@functools.cache
-def _planes():
-  from pallas_kernels import nf4_matmul
-  return nf4_matmul._prmt_planes()
-
-
 # ----------------------------------------------------------------------------- the PTX block
 
 @functools.cache
@@ -132,7 +123,7 @@ def pair_asm() -> str:
 
 def pair_asm_inputs():
   """The constant inputs $6..$13 of `pair_asm` (uint32)."""
-  lo, hi = _planes()
+  lo, hi = _prmt_planes()
   return [*lo, *hi]
 
 
@@ -149,13 +140,49 @@ def pair_asm_emulated(words, scale_bf16):
 
 # ----------------------------------------------------------------------------- the kernel
 
-def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transforms, w_transforms,
-                 c_swizzle, w_swizzle, col0=0, cols=None):
+def _swizzle(row_bytes: int) -> int:
+  for s in (128, 64, 32):
+    if row_bytes % s == 0:
+      return s
+  raise ValueError(f"nf4_mgpu: a tile row of {row_bytes} bytes cannot be swizzled")
+
+
+def _transforms(swizzle: int, itemsize: int):
+  """Shared-memory tiling of a swizzled 2-D tile: 8 rows by one swizzle width."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layouts:
+  """Swizzles and transforms of one step's tiles, all set by tile_k: x's and the decoded W's
+  bf16 rows (tile_k values) and the code rows (tile_k / 2 bytes)."""
+  tile_k: int
+
+  @property
+  def bf16_swizzle(self) -> int:
+    return _swizzle(self.tile_k * 2)
+
+  @property
+  def code_swizzle(self) -> int:
+    return _swizzle(self.tile_k // 2)
+
+  @property
+  def bf16(self):
+    return _transforms(self.bf16_swizzle, 2)
+
+  @property
+  def codes(self):
+    return _transforms(self.code_swizzle, 1)
+
+
+def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, cols=None):
   """Decode columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile (with their scales)
   into the same columns of w_smem (bf16 [tile_n, tile_k]), all 128 threads of the warpgroup;
   Mosaic GPU code under `inline_mgpu`. `col0` and `cols` are multiples of the 64-column tiles of
   w_smem's layout."""
   cols = tile_k if cols is None else cols
+  lay = _Layouts(tile_k)
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -165,13 +192,13 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
   asm = pair_asm()
   consts = pair_asm_inputs()
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(c_transforms), plgpu.RefType(),
-                                plgpu.RefType(w_transforms)))
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes), plgpu.RefType(),
+                                plgpu.RefType(lay.bf16)))
   def body(ctx, c_ref, s_ref, w_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
-    codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=c_swizzle,
+    codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=lay.code_swizzle,
                                             layout=mgpu.WGMMA_LAYOUT_8BIT, is_signed=False)
     out_layout = mgpu.WGMMA_LAYOUT_UPCAST_4X
     shape = (tile_n, tile_k)
@@ -203,24 +230,16 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, c_transfo
     # w_ref is tiled [tile_n / 8, tile_k / 64, 8, 64]: the chunk's 64-column tiles
     tiles = slice(col0 // 64, (col0 + cols) // 64)
     chunk_ref = mgpu_utils.memref_slice(w_ref, (slice(None), tiles))
-    w.store_tiled(chunk_ref, swizzle=w_swizzle)
+    w.store_tiled(chunk_ref, swizzle=lay.bf16_swizzle)
 
   body(c_smem, s_smem, w_smem)
 
 
-def _swizzle(row_bytes: int) -> int:
-  for s in (128, 64, 32):
-    if row_bytes % s == 0:
-      return s
-  raise ValueError(f"nf4_mgpu: a tile row of {row_bytes} bytes cannot be swizzled")
-
-
 def _scale_pairs(w: NF4, n_pad: int):
   """absmax (double quant undone) -> uint32 (bf16 s, bf16 s) pairs, [K / blocksize, n_pad]."""
-  a = _quant().dequantize_absmax(w).astype(jnp.bfloat16)
+  a = _pad_rows(_quant().dequantize_absmax(w), n_pad).astype(jnp.bfloat16)
   bits = lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
-  pairs = (bits | (bits << 16)).T
-  return jnp.pad(pairs, ((0, 0), (0, n_pad - pairs.shape[1])))
+  return (bits | (bits << 16)).T
 
 
 def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
@@ -231,20 +250,15 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
   m_pad = -(-m // tm) * tm
   n_pad = codes.shape[0]
-  if m_pad != m:
-    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+  x2 = _pad_rows(x2, m_pad)
   steps = k // tk // plan.split
   ch = plan.chunk
   split = plan.split
   out_dtype = jnp.float32 if split > 1 else x2.dtype
-  x_sw = _swizzle(tk * 2)
-  c_sw = _swizzle(tk // 2)
-  o_sw = _swizzle(tn * jnp.dtype(out_dtype).itemsize)
-  x_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
-  c_tr = (plgpu.TilingTransform((8, c_sw)), plgpu.SwizzleTransform(c_sw))
-  w_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
-  o_tr = (plgpu.TilingTransform((8, o_sw // jnp.dtype(out_dtype).itemsize)),
-          plgpu.SwizzleTransform(o_sw))
+  out_size = jnp.dtype(out_dtype).itemsize
+  lay = _Layouts(tk)
+  x_tr = w_tr = lay.bf16
+  o_tr = _transforms(_swizzle(tn * out_size), out_size)
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem, w_smem, o_smem):
     mi = lax.axis_index("m")
@@ -257,8 +271,7 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
           # buffer k % 2 was last read by step k-2's wgmma, done: each step leaves <= 1 in flight
           w_buf = w_smem.at[lax.rem(idx[0], 2)]
           if not plan.skip_decode:
-            _decode_tile(c_smem, s_smem, w_buf, tile_n=tn, tile_k=tk, blocksize=blocksize,
-                         c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw)
+            _decode_tile(c_smem, s_smem, w_buf, tile_n=tn, tile_k=tk, blocksize=blocksize)
             plgpu.commit_smem()
           plgpu.wgmma(acc_ref, x_smem, w_buf.T)
           plgpu.wgmma_wait(1)
@@ -266,7 +279,6 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
         for j in range(tk // ch):   # decode chunk j while chunk j-1's wgmma runs
           if not plan.skip_decode:
             _decode_tile(c_smem, s_smem, w_smem, tile_n=tn, tile_k=tk, blocksize=blocksize,
-                         c_transforms=c_tr, w_transforms=w_tr, c_swizzle=c_sw, w_swizzle=x_sw,
                          col0=j * ch, cols=ch)
             plgpu.commit_smem()
           cs = pl.ds(j * ch, ch)
@@ -278,7 +290,7 @@ def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
           in_specs=[
               plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr,
                               delay_release=1 if plan.overlap else 0),
-              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
               plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
           ],
       )(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(si * steps * tk, steps * tk)],
@@ -321,16 +333,11 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   hn = tn // 2
   m_pad = -(-m // tm) * tm
   n_pad = codes.shape[0]
-  if m_pad != m:
-    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+  x2 = _pad_rows(x2, m_pad)
   steps = k // tk
-  x_sw = _swizzle(tk * 2)
-  c_sw = _swizzle(tk // 2)
-  o_sw = _swizzle(hn * 2)
-  x_tr = (plgpu.TilingTransform((8, x_sw // 2)), plgpu.SwizzleTransform(x_sw))
-  c_tr = (plgpu.TilingTransform((8, c_sw)), plgpu.SwizzleTransform(c_sw))
-  w_tr = x_tr
-  o_tr = (plgpu.TilingTransform((8, o_sw // 2)), plgpu.SwizzleTransform(o_sw))
+  lay = _Layouts(tk)
+  x_tr = w_tr = lay.bf16
+  o_tr = _transforms(_swizzle(hn * 2), 2)
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
     mi = lax.axis_index("m")
@@ -346,7 +353,7 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
           body, grid=(steps,), memory_registers=40,
           in_specs=[
               plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=x_tr, delay_release=delay),
-              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=c_tr,
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes,
                               delay_release=delay),
               plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0), delay_release=delay),
           ],
@@ -381,8 +388,7 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
         w_buf = w_smem.at[wg, lax.rem(idx[0], 2) if plan.overlap else 0]
         if not plan.skip_decode:
           _decode_tile(c_smem.at[rows], s_smem.at[:, rows], w_buf, tile_n=hn, tile_k=tk,
-                       blocksize=blocksize, c_transforms=c_tr, w_transforms=w_tr,
-                       c_swizzle=c_sw, w_swizzle=x_sw)
+                       blocksize=blocksize)
           plgpu.commit_smem()
         plgpu.wgmma(acc_ref, x_smem, w_buf.T)
         plgpu.wgmma_wait(1 if plan.overlap else 0)
@@ -409,14 +415,13 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return f(x2, codes, pairs)[:m, :n_out]
 
 
-def check_supported(x_shape, x_dtype, w: NF4, plan: MgpuPlan) -> str | None:
-  """None if the kernel runs this call, else why not."""
-  n, k = w.shape
+def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | None:
+  """None if the kernel runs x [M, K] @ W [N, K].T with this blocksize and plan, else why not."""
   if jnp.dtype(x_dtype) != jnp.bfloat16:
     return f"x must be bfloat16 (got {jnp.dtype(x_dtype)})"
-  if w.blocksize != 64:
-    return f"blocksize must be 64 (got {w.blocksize})"
-  if plan.tile_k % w.blocksize or plan.tile_k < 64 or plan.tile_k & (plan.tile_k - 1):
+  if blocksize != 64:
+    return f"blocksize must be 64 (got {blocksize})"
+  if plan.tile_k % blocksize or plan.tile_k < 64 or plan.tile_k & (plan.tile_k - 1):
     return f"tile_k must be a power-of-two multiple of the blocksize >= 64 (got {plan.tile_k})"
   if k % (plan.tile_k * max(plan.split, 1)):
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
@@ -442,7 +447,11 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   if cc is not None and cc[0] != 9:
     raise RuntimeError(f"nf4_matmul_mgpu: needs a Hopper GPU (sm_90, wgmma); this one is "
                        f"sm_{cc[0]}{cc[1]}: use pallas_kernels.nf4_matmul.nf4_matmul")
-  why = check_supported(x.shape, x.dtype, w, plan)
+  if w.stacked_dims:
+    raise ValueError(f"nf4_matmul_mgpu: w is stacked over leading dims {w.stacked_dims}; pass "
+                     "one layer's weight")
+  w.validate("nf4_matmul_mgpu: w")
+  why = check_supported(w.shape[1], w.blocksize, x.dtype, plan)
   if why:
     raise ValueError(f"nf4_matmul_mgpu: {why}")
   n, k = w.shape
@@ -451,7 +460,7 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   if plan.split == 0:
     plan = dataclasses.replace(plan, split=_auto_split(x2.shape[0], n, k, plan))
   n_pad = -(-n // plan.tile_n) * plan.tile_n
-  codes = jnp.pad(w.codes.reshape(n, k // 2), ((0, n_pad - n), (0, 0)))
+  codes = _pad_rows(w.codes, n_pad)
   pairs = _scale_pairs(w, n_pad)
   fwd = _forward_ws if plan.ws else _forward
   y = fwd(x2, codes, pairs, n_out=n, blocksize=w.blocksize, plan=plan)

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsloth.quant import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4
-from pallas_kernels import nf4_mgpu
+from jaxsloth.quant import NF4_CODE, dequantize_nf4, quantize_nf4
+from pallas_kernels import _common, nf4_mgpu
 from tests.test_nf4 import _bf16_words, _run_ptx
 
-ON_HOPPER = (jax.default_backend() == "gpu"
-             and getattr(jax.devices()[0], "compute_capability", "") in ("9.0",))
+ON_HOPPER = _common.compute_capability() == (9, 0)
 hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) GPU")
 PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, split=2),
          nf4_mgpu.MgpuPlan(64, 64, 256, 3, split=0), nf4_mgpu.MgpuPlan(128, 128, 128, 2, chunk=128),
@@ -98,14 +97,12 @@ def test_auto_split_reaches_the_program_target():
 
 def test_unsupported_calls_say_why():
   w = quantize_nf4(jnp.ones((64, 192), jnp.float32))
-  assert "multiple of tile_k * split" in nf4_mgpu.check_supported((4, 192), jnp.bfloat16, w,
-                                                          nf4_mgpu.MgpuPlan(tile_k=128))
-  assert "bfloat16" in nf4_mgpu.check_supported((4, 192), jnp.float32, w, nf4_mgpu.MgpuPlan())
-  w32 = quantize_nf4(jnp.ones((64, 256), jnp.float32), blocksize=32)
-  assert "blocksize" in nf4_mgpu.check_supported((4, 256), jnp.bfloat16, w32, nf4_mgpu.MgpuPlan())
+  assert "multiple of tile_k * split" in nf4_mgpu.check_supported(192, 64, jnp.bfloat16,
+                                                                  nf4_mgpu.MgpuPlan(tile_k=128))
+  assert "bfloat16" in nf4_mgpu.check_supported(192, 64, jnp.float32, nf4_mgpu.MgpuPlan())
+  assert "blocksize" in nf4_mgpu.check_supported(256, 32, jnp.bfloat16, nf4_mgpu.MgpuPlan())
   assert "epi_rows" in nf4_mgpu.check_supported(
-      (4, 256), jnp.bfloat16, quantize_nf4(jnp.ones((128, 256), jnp.float32)),
-      nf4_mgpu.MgpuPlan(256, 128, 64, ws=True, epi_rows=96))
+      256, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(256, 128, 64, ws=True, epi_rows=96))
   with pytest.raises(ValueError, match="tile_k"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 192), jnp.bfloat16), w, nf4_mgpu.MgpuPlan(tile_k=128))
 
@@ -117,7 +114,7 @@ def test_unsupported_calls_say_why():
                                  (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
   m, n, k = mnk
-  if nf4_mgpu.check_supported((m, k), jnp.bfloat16, quantize_nf4(jnp.ones((64, k))), plan):
+  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan):
     pytest.skip("shape not taken by this plan")
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -135,3 +132,10 @@ def test_refuses_a_gpu_without_wgmma(monkeypatch):
   w = quantize_nf4(jnp.ones((128, 256), jnp.float32))
   with pytest.raises(RuntimeError, match="sm_80.*nf4_matmul"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), w)
+
+
+def test_refuses_a_stacked_weight():
+  from jaxsloth.quant import stack_nf4
+  q = quantize_nf4(jnp.ones((128, 256), jnp.float32))
+  with pytest.raises(ValueError, match="stacked"):
+    nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), stack_nf4([q, q]))
