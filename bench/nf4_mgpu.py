@@ -1,8 +1,15 @@
 """The Mosaic GPU NF4 kernel (pallas_kernels/nf4_mgpu.py) on the GPU: correctness against the f32
 reference on odd and Llama shapes, then forward times against the bf16 dot and the current
-dispatch (nf4_matmul's default), interleaved rounds, each op compiled once.
+dispatch (nf4_matmul's default; "triton": its Triton/XLA plan where the default dispatch runs a
+Mosaic kernel), interleaved rounds, each op compiled once.
 
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
+
+A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
+its boolean fields by name (+ws, +swap, +overlap, +skip_decode) or +epi_rows=N; a plan is timed
+only up to max_m rows of x. +skip_decode times a kernel without its decode (results wrong, not
+checked). Runs of session 9 wrote the flags positionally: "256,128,64,4,1,64,0,1" is now
+"256,128,64,4,1,64+ws".
 """
 import argparse
 import json
@@ -16,14 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.nf4_matmul import JaxBench  # noqa: E402
 
 SHAPES = {"8b_gate_up": (14336, 4096), "8b_down": (4096, 14336), "8b_q_o": (4096, 4096),
-          "70b_gate_up": (28672, 8192), "70b_down": (8192, 28672), "70b_q_o": (8192, 8192)}
+          "70b_gate_up": (28672, 8192), "70b_down": (8192, 28672), "70b_q_o": (8192, 8192),
+          "8b_k_v": (1024, 4096), "70b_k_v": (1024, 8192)}
 
 
 def check(jax, jnp, mod, quant, plan, log):
   worst = 0.0
-  for m, n, k in ((1, 128, 256), (16, 192, 256), (100, 320, 512), (256, 1024, 4096),
-                  (2048, 4096, 4096)):
-    if mod.check_supported(k, 64, jnp.bfloat16, plan):
+  for m, n, k in ((1, 128, 256), (16, 192, 256), (40, 320, 512), (100, 320, 512),
+                  (256, 1024, 4096), (2048, 4096, 4096)):
+    if mod.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and m > 64):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -35,11 +43,25 @@ def check(jax, jnp, mod, quant, plan, log):
   return worst
 
 
+def parse_plan(mod, text):
+  """"tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]" -> (MgpuPlan, max_m)."""
+  spec, _, mm = text.partition("@")
+  nums, *flags = spec.split("+")
+  kw = {}
+  for f in flags:
+    key, eq, val = f.partition("=")
+    kw[key] = int(val) if eq else True
+  plan = mod.MgpuPlan(*[int(v) for v in nums.split(",")], **kw)
+  if plan.swap and not mm:
+    mm = "64"
+  return plan, int(mm) if mm else 1 << 30
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--plans", nargs="*",   # run 5's best (warp-specialized) and M=16 plans
-                  default=["256,128,64,4,1,64,0,1", "64,128,128,4,1,128,0,1@16"])
+                  default=["256,128,64,4,1,64+ws", "64,64,256,4,0,64+swap@64"])
   ap.add_argument("--ms", default="16,2048")   # run 1 used 16,2048,4096
   ap.add_argument("--shapes", default="8b_gate_up,8b_down,70b_gate_up")
   ap.add_argument("--rounds", type=int, default=3)
@@ -57,15 +79,11 @@ def main():
 
   log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-  # "tm,tn,tk,stages[,split[,chunk[,overlap[,ws[,skip_decode]]]]][@max_m]": a plan timed only up to
-  # max_m rows of x; skip_decode=1 times the kernel without its decode (results wrong, not checked)
   plans, max_ms = [], {}
   for p in args.plans:
-    spec, _, mm = p.partition("@")
-    vals = [int(v) for v in spec.split(",")]
-    plan = mod.MgpuPlan(*vals[:6], *[bool(v) for v in vals[6:]])
+    plan, max_ms_p = parse_plan(mod, p)
     plans.append(plan)
-    max_ms[plan] = int(mm) if mm else 1 << 30
+    max_ms[plan] = max_ms_p
   ok = []
   for plan in plans:
     if plan.skip_decode:
@@ -84,6 +102,9 @@ def main():
       r, qs, wds, xs, dys = ops
       timers = {"bf16": bench.timer("bf16", n, k, m, "fwd", ops=ops),
                 "ours": bench.timer("ours", n, k, m, "fwd", ops=ops)}
+      triton = bench.mod._auto_plan(m, None, jnp.bfloat16)   # the Triton/XLA plan of this M
+      if bench.mod._dispatch_plan(m, qs[0], None, jnp.bfloat16) != triton:
+        timers["triton"] = bench.timer("triton", n, k, m, "fwd", plan=triton, ops=ops)
       for plan in ok:
         if m > max_ms[plan] or mod.check_supported(k, qs[0].blocksize, jnp.bfloat16, plan):
           continue

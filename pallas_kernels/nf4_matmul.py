@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,8 @@ _F32_DOT = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How one call runs, for fwd and bwd: "xla" | "dequant" (Pallas dequant + dot) | "fused".
+  """How one call runs, for fwd and bwd: "xla" | "dequant" (Pallas dequant + dot) | "fused"; the
+  fwd also "mgpu" (the Mosaic GPU kernel of nf4_mgpu with the MgpuPlan in `mgpu`, Hopper only).
 
   The tuning knobs are for the benchmark; `_auto_plan` picks them for real calls.
   """
@@ -113,6 +114,7 @@ class Plan:
   w_lhs: bool = False        # fused fwd, tensor cores: y.T = W @ x.T, the decoded W the dot's left
                              # operand (Hopper's wgmma may take it from registers; as the right
                              # operand it must be staged through shared memory)
+  mgpu: Any = None           # fwd == "mgpu": the nf4_mgpu.MgpuPlan
   interleave: bool = False   # fused fwd, tensor cores: the decoded high/low-nibble tiles are
                              # interleaved into W's column order in registers, so x is read as is
                              # (no stride-2 loads, no XLA even/odd split of x)
@@ -169,6 +171,42 @@ TUNED: dict[str, Plan] = {
                 bwd_num_warps=4),
     "large": Plan("dequant", "dequant", decode="f32", dq_bn=16, dq_blocks=4),
 }
+
+
+# Session 10 (run s10_swap3, H100, M=16, medians of 3 interleaved rounds, ratio to the bf16 dot):
+# nf4_mgpu's swap kernel (y.T = W @ x.T, the decoded W wgmma's register operand, x's 16 rows its N;
+# 64 rows of W per program over 512-column steps, 2 stages, K split by its wave model) beat the
+# "small" plan above on the 70B weights: gate/up 0.542 vs 0.703, down 0.556 vs 0.720, q/o 0.707
+# vs 0.738, and lost on the smaller ones (8B gate/up 0.810 vs 0.750, down 0.827 vs 0.789, q/o
+# 0.924 vs 0.851, k/v 1.87 vs 1.39; 70B k/v 1.20 vs 1.05): it pays three small XLA passes (scales,
+# x's K permutation, the split-K sum) and its skeleton streams ~1.8 TB/s. So for 2 <= M <= 16 on
+# Hopper the forward of weights of at least MGPU_MIN_WEIGHT elements runs it (bwd unchanged).
+MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
+
+
+def _mgpu_small_plan():
+  from pallas_kernels import nf4_mgpu
+  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True)
+
+
+def _mgpu_takes(m: int, w, dtype) -> bool:
+  """Whether the default dispatch runs this call's forward on nf4_mgpu's swap kernel."""
+  if not 2 <= m <= 16 or jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
+    return False
+  n, k = w.shape
+  if n * k < MGPU_MIN_WEIGHT:
+    return False
+  from pallas_kernels import nf4_mgpu
+  return nf4_mgpu.available() and nf4_mgpu.check_supported(k, w.blocksize, dtype,
+                                                           _mgpu_small_plan()) is None
+
+
+def _dispatch_plan(m: int, w, implementation: str | None, dtype) -> Plan:
+  """The default plan of a call with M rows of x on weight w."""
+  plan = _auto_plan(m, implementation, dtype)
+  if implementation != "xla" and plan.fwd == "fused" and _mgpu_takes(m, w, dtype):
+    plan = dataclasses.replace(plan, fwd="mgpu", mgpu=_mgpu_small_plan())
+  return plan
 
 
 def _bucket(m: int) -> str:
@@ -796,6 +834,9 @@ def _dot(a, b):
 
 
 def _forward(x2, w: NF4, plan: Plan):
+  if plan.fwd == "mgpu":
+    from pallas_kernels import nf4_mgpu
+    return nf4_mgpu.nf4_matmul_mgpu(x2, w, plan.mgpu)
   if plan.fwd == "fused":
     return _fused_fwd(x2, w, plan)
   wd = _dense(w, x2.dtype, plan.fwd, plan)
@@ -872,7 +913,7 @@ def nf4_matmul(x: jax.Array, w: NF4, *, implementation: str | None = None,
   lead = x.shape[:-1]
   m = int(np.prod(lead)) if lead else 1
   if plan is None:
-    plan = _auto_plan(m, implementation, x.dtype)
+    plan = _dispatch_plan(m, w, implementation, x.dtype)
   if "fused" in (plan.fwd, plan.bwd) and m > FUSED_MAX_M:
     plan = dataclasses.replace(plan, fwd=plan.fwd.replace("fused", "dequant"),
                                bwd=plan.bwd.replace("fused", "dequant"))

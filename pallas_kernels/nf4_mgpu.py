@@ -72,13 +72,48 @@ class MgpuPlan:
                            # memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
+  swap: bool = False       # small M (<= 64): y.T = W @ x.T, the decoded W tile wgmma's register
+                           # operand (never stored to shared memory) and x's rows wgmma's N (8,
+                           # 16, 32 or 64, not 64 padded rows); tile_m is ignored, tile_n rows of
+                           # W per program (a multiple of 64), chunk columns decoded per wgmma
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
 
 
+SMS = 132       # streaming multiprocessors of an H100 (and H200): the swap split's wave model
+SMEM = 227 * 1024   # shared memory per SM available to blocks
+SWAP_FILL = 2
+
+
+def _swap_smem(m: int, plan: MgpuPlan) -> int:
+  """Bytes of shared memory one swap program takes: its pipeline stages and output tile."""
+  mp, tn, tk = _swap_rows(m), plan.tile_n, plan.tile_k
+  stage = mp * tk * 2 + tn * tk // 2 + tk // 64 * tn * 2
+  return plan.stages * stage + tn * mp * 4 + 1024
+
+
+def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
+  """split=0 for swap plans: the power of two dividing the steps that minimizes the modelled time,
+  waves x (steps per program + SWAP_FILL), with as many programs resident per SM as shared memory
+  allows (at most 8); ties go to the smaller split. Each program streams tile_n rows over
+  K / split; SWAP_FILL steps stand for its pipeline fill and epilogue (run s10_swap2: split 4
+  beat 1 at 70B gate/up, M=16: 94 vs 105 us)."""
+  tiles = -(-n // plan.tile_n)
+  steps = k // plan.tile_k
+  slots = SMS * max(1, min(8, SMEM // _swap_smem(m, plan)))
+  best, best_cost = 1, None
+  split = 1
+  while steps % split == 0 and split <= steps:
+    cost = -(-tiles * split // slots) * (steps // split + SWAP_FILL)
+    if best_cost is None or cost < best_cost:
+      best, best_cost = split, cost
+    split *= 2
+  return best
+
+
 def _auto_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
-  programs = -(-m // plan.tile_m) * -(-n // plan.tile_n)
+  programs = (1 if plan.swap else -(-m // plan.tile_m)) * -(-n // plan.tile_n)
   steps = k // plan.tile_k
   split = 1
   while programs * split * 2 <= PROGRAMS and steps % (split * 2) == 0:
@@ -233,6 +268,235 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
     w.store_tiled(chunk_ref, swizzle=lay.bf16_swizzle)
 
   body(c_smem, s_smem, w_smem)
+
+
+def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
+  """The swap kernel's decode: columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile
+  (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register-operand layout (WGMMA_LAYOUT), K
+  permuted within each 64 columns as `_swap_x` permutes x; Mosaic GPU code under `inline_mgpu`.
+
+  The code bytes are loaded in WGMMA_LAYOUT_UPCAST_4X (a thread holds 8 consecutive bytes of a
+  row: bytes 8q..8q+7 of each 32-byte chunk, q = lane % 4), the register grid of the result is the
+  code grid with its column axis 8 times longer: register (i, 8j + e, ...) is the bf16 pair of byte
+  e of code register (i, j, ...), (value of the high nibble, value of the low nibble). In
+  WGMMA_LAYOUT that register holds columns 64j + 8e + 2q + (0, 1) of the row, so logical column
+  8e + 2q + v of a 64-column block is W's column 16q + 2e + v there. skip (bench only): the code
+  words themselves as the operand, no PTX block (wrong results)."""
+  lay = _Layouts(tile_k)
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref
+
+  asm = pair_asm()
+  consts = pair_asm_inputs()
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes), plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
+                                                        layout=plgpu.Layout.WGMMA))
+  def body(ctx, c_ref, s_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i16 = ir.IntegerType.get_signless(16)
+    bf16 = ir.BF16Type.get()
+    code_layout = mgpu.WGMMA_LAYOUT_UPCAST_4X      # on bytes: 8 consecutive bytes per thread
+    codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=lay.code_swizzle, layout=code_layout,
+                                            is_signed=False)
+    a_shape = mgpu.WGMMA_LAYOUT.registers_shape((tile_n, cols))
+    c_shape = codes.registers.shape
+    if (a_shape[0], a_shape[2:]) != (c_shape[0], c_shape[2:]) or a_shape[1] * 8 != cols:
+      raise AssertionError(f"nf4_mgpu: code and operand register grids differ: {c_shape} vs "
+                           f"{a_shape}")
+    planes = [arith.constant(i32, ir.IntegerAttr.get(i32, int(np.int32(np.uint32(v)))))
+              for v in consts]
+    struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    pair_ty = ir.VectorType.get((2,), bf16)
+    index = ir.IndexType.get()
+    lo, hi = col0 // 64, (col0 + cols) // 64      # code register column j: bytes 32j..32j+31
+    regs = np.empty(a_shape, dtype=object)
+    for (idx, creg), (row, _) in zip(np.ndenumerate(codes.registers),
+                                     code_layout.thread_idxs((tile_n, tile_k // 2))):
+      if not lo <= idx[1] < hi:
+        continue
+      # blocksize 64: block j's bf16 scale -> the pair (s, s)
+      sb = arith.extui(i32, arith.bitcast(i16, memref.load(s_ref, [arith.constant(index, idx[1]),
+                                                                  row])))
+      sc = arith.ori(sb, arith.shli(sb, arith.constant(i32, 16)))
+      words = mgpu_utils.bitcast(creg, ir.VectorType.get((2,), i32))
+      for half in range(2):
+        word = llvm.extractelement(words, arith.constant(i32, half))
+        if skip:
+          outs = [word] * 4
+        else:
+          res = llvm.inline_asm(struct, [word, sc, *planes], asm,
+                                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", has_side_effects=False)
+          outs = [llvm.extractvalue(i32, res, [e]) for e in range(4)]
+        for e in range(4):
+          regs[(idx[0], 8 * (idx[1] - lo) + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(
+              outs[e], pair_ty)
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+  return body(c_smem, s_smem)
+
+
+def _swap_x(x2, mp: int):
+  """x [M, K] -> [mp, K], rows padded and K permuted within each 64 columns as `_decode_regs`
+  lays out W: column 8e + 2q + v of a block is x's column 16q + 2e + v."""
+  m, k = x2.shape
+  x2 = _pad_rows(x2, mp)
+  return x2.reshape(mp, k // 64, 4, 8, 2).transpose(0, 1, 3, 2, 4).reshape(mp, k)
+
+
+def _swap_rows(m: int) -> int:
+  """x's rows as wgmma's N in the swap kernel: 8, 16, 32 or 64."""
+  for r in (8, 16, 32, 64):
+    if m <= r:
+      return r
+  raise ValueError(f"nf4_mgpu: the swap kernel takes M <= 64 (got {m})")
+
+
+def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
+  """The small-M kernel (plan.swap): per program tile_n rows of W against all of x, split-K
+  over programs; y.T's tile accumulates in wgmma's f32 accumulator [tile_n, mp] with the decoded
+  W chunk as the register operand and x's shared tile (K-permuted, `_swap_x`) as the other."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  m, k = x2.shape
+  tn, tk, ch, split = plan.tile_n, plan.tile_k, plan.chunk, plan.split
+  mp = _swap_rows(m)
+  n_pad = codes.shape[0]
+  xs = _swap_x(x2, mp)
+  steps = k // tk // split
+  lay = _Layouts(tk)
+  o_tr = _transforms(_swizzle(mp * 4), 4)
+
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem):
+    ni = lax.axis_index("n")
+    si = lax.axis_index("s")
+
+    def compute(acc_ref):
+      def step(idx, x_smem, c_smem, s_smem):
+        del idx
+        for j in range(tk // ch):
+          a = _decode_regs(c_smem, s_smem, tile_n=tn, tile_k=tk, col0=j * ch, cols=ch,
+                           skip=plan.skip_decode)
+          plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step, grid=(steps,), max_concurrent_steps=min(plan.stages, steps),
+          in_specs=[
+              plgpu.BlockSpec((mp, tk), lambda s: (0, s), transforms=lay.bf16),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
+              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
+          ],
+      )(x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)],
+        c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
+        s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize), pl.ds(ni * tn, tn)])
+      return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((tn, mp), jnp.float32))
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * tn, tn)])
+    plgpu.wait_smem_to_gmem(0)
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((split, n_pad, mp), jnp.float32),
+      grid=(n_pad // tn, split), grid_names=("n", "s"),
+      scratch_types=[plgpu.SMEM((tn, mp), jnp.float32, transforms=o_tr)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  y_t = f(xs, codes, scales).sum(0)
+  return y_t[:n_out, :m].T.astype(x2.dtype)
+
+
+def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
+  """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding two compute
+  warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
+  the shared x tile; split-K over programs as in `_forward_swap`."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  m, k = x2.shape
+  tn, tk, ch, split = plan.tile_n, plan.tile_k, plan.chunk, plan.split
+  hn = tn // 2
+  mp = _swap_rows(m)
+  n_pad = codes.shape[0]
+  xs = _swap_x(x2, mp)
+  steps = k // tk // split
+  lay = _Layouts(tk)
+  o_tr = _transforms(_swizzle(mp * 4), 4)
+
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
+    ni = lax.axis_index("n")
+    si = lax.axis_index("s")
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(steps,), memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((mp, tk), lambda s: (0, s), transforms=lay.bf16),
+              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
+              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
+          ],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, steps),
+          compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+    x_part = x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)]
+    c_part = c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)]
+    s_part = s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
+                       pl.ds(ni * tn, tn)]
+
+    def scope(allocs, o_smem):
+      wg = lax.axis_index("wg")
+      rows = pl.ds(wg * hn, hn)
+
+      def compute_context(eval_pipeline):
+        def acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          plgpu.wgmma_wait(0)
+          o_smem[wg] = acc_ref[...]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, pl.ds(ni * tn + wg * hn, hn)])
+          plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(acc_scope, plgpu.ACC((hn, mp), jnp.float32))
+
+      def body(idx, x_smem, c_smem, s_smem, acc_ref):
+        del idx
+        for j in range(tk // ch):
+          a = _decode_regs(c_smem.at[rows], s_smem.at[:, rows], tile_n=hn, tile_k=tk,
+                           col0=j * ch, cols=ch, skip=plan.skip_decode)
+          plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      get_pipeline(body, compute_context)(x_part, c_part, s_part, allocations=allocs)
+
+    pl.run_scoped(
+        scope,
+        get_pipeline(ignore, ignore).get_allocations(x_part, c_part, s_part),
+        plgpu.SMEM((2, hn, mp), jnp.float32, transforms=o_tr),
+        collective_axes="wg")
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((split, n_pad, mp), jnp.float32),
+      grid=(n_pad // tn, split), grid_names=("n", "s"),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  y_t = f(xs, codes, scales).sum(0)
+  return y_t[:n_out, :m].T.astype(x2.dtype)
+
+
+def _scales_bf16(w: NF4, n_pad: int):
+  """absmax (double quant undone) -> bf16 [K / blocksize, n_pad] (the swap kernels' scales)."""
+  return _pad_rows(_quant().dequantize_absmax(w), n_pad).astype(jnp.bfloat16).T
 
 
 def _scale_pairs(w: NF4, n_pad: int):
@@ -427,8 +691,10 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
   if plan.ws and plan.epi_rows and (plan.epi_rows % 64 or plan.tile_m % plan.epi_rows):
     return f"epi_rows must be a multiple of 64 dividing tile_m (got {plan.epi_rows})"
-  if plan.ws and (plan.split > 1 or plan.tile_n % 128):
+  if plan.ws and not plan.swap and (plan.split > 1 or plan.tile_n % 128):
     return "ws takes no split, and tile_n a multiple of 128 (chunk is ignored)"
+  if plan.swap and (plan.overlap or (plan.ws and plan.tile_n % 128)):
+    return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -457,11 +723,18 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   n, k = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
+  if plan.swap and x2.shape[0] > 64:
+    raise ValueError(f"nf4_matmul_mgpu: the swap plan takes M <= 64 rows of x (got "
+                     f"{x2.shape[0]})")
   if plan.split == 0:
-    plan = dataclasses.replace(plan, split=_auto_split(x2.shape[0], n, k, plan))
+    auto = _swap_split if plan.swap else _auto_split
+    plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
   n_pad = -(-n // plan.tile_n) * plan.tile_n
   codes = _pad_rows(w.codes, n_pad)
-  pairs = _scale_pairs(w, n_pad)
-  fwd = _forward_ws if plan.ws else _forward
-  y = fwd(x2, codes, pairs, n_out=n, blocksize=w.blocksize, plan=plan)
+  scales = _scales_bf16(w, n_pad) if plan.swap else _scale_pairs(w, n_pad)
+  if plan.swap:
+    fwd = _forward_swap_ws if plan.ws else _forward_swap
+  else:
+    fwd = _forward_ws if plan.ws else _forward
+  y = fwd(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)

@@ -26,12 +26,16 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(64, 128, 64, 4, split=2, overlap=True),
          nf4_mgpu.MgpuPlan(256, 128, 64, 3, ws=True), nf4_mgpu.MgpuPlan(64, 128, 64, 6, ws=True),
          nf4_mgpu.MgpuPlan(256, 128, 64, 4, overlap=True, ws=True),
-         nf4_mgpu.MgpuPlan(256, 128, 64, 4, ws=True, epi_rows=128)]
+         nf4_mgpu.MgpuPlan(256, 128, 64, 4, ws=True, epi_rows=128),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
+         nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=3, split=2, chunk=128, swap=True),
+         nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=4, split=2, chunk=64, swap=True,
+                           ws=True)]
 
 
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
-          f"e{p.epi_rows}")
+          f"e{p.epi_rows}{'S' * p.swap}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -80,10 +84,41 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   shared-memory budget) to one custom call, without a GPU."""
   m, n, k = mnk
   w = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
-  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((m if not plan.swap else min(m, 40), k), jnp.bfloat16)
   f = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_swap_layout_pairs_codes_with_permuted_x():
+  """The swap kernel's operand, built as `_decode_regs` maps it (thread t of the warpgroup, lane
+  l = t % 32, q = l % 4: register (i, 8j + e, h) holds (value of the high nibble, of the low
+  nibble) of byte 32j + 8q + e of row 64i + 16(t // 32) + 8h + l // 4, and wgmma's register layout
+  puts that pair at logical columns 64j + 8e + 2q + (0, 1)), times `_swap_x`'s x, is W @ x.T.
+  Fails if the permutation of x or the byte a register decodes is off."""
+  rng = np.random.default_rng(3)
+  n, k, m = 128, 256, 5
+  w = quantize_nf4(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+  codes = np.asarray(w.codes)                                # [n, k / 2], byte j: 2j hi, 2j+1 lo
+  vals = np.stack([codes >> 4, codes & 15], -1).astype(np.int64)   # [n, k/2, 2]
+  a = np.full((n, k), np.nan)
+  for t in range(128):
+    lane, q = t % 32, t % 4
+    for i in range(n // 64):
+      for h in range(2):
+        row = 64 * i + 16 * (t // 32) + 8 * h + lane // 4
+        for j in range(k // 64):
+          for e in range(8):
+            a[row, 64 * j + 8 * e + 2 * q + np.arange(2)] = vals[row, 32 * j + 8 * q + e]
+  assert not np.isnan(a).any()                               # every operand slot is written once
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  xs = np.asarray(nf4_mgpu._swap_x(jnp.asarray(x), 8), np.float64)
+  assert xs.shape == (8, k) and not xs[m:].any()
+  got = NF4_CODE[a.astype(np.int64)] @ xs.T                 # codebook values, scales left out
+  want = NF4_CODE[vals.reshape(n, k)] @ x.astype(np.float64).T
+  np.testing.assert_allclose(got[:, :m], want, rtol=1e-9, atol=1e-9)
+  bad = np.asarray(nf4_mgpu._swap_x(jnp.asarray(x[:, ::-1].copy()), 8), np.float64)
+  assert not np.allclose(NF4_CODE[a.astype(np.int64)] @ bad.T[:, :m], want)
 
 
 def test_auto_split_reaches_the_program_target():
@@ -95,12 +130,30 @@ def test_auto_split_reaches_the_program_target():
   assert nf4_mgpu._auto_split(2048, 4096, 4096, plan) == 1
 
 
+def test_swap_split_balances_waves():
+  """split=0 on swap plans: the wave model's choice (70B gate/up, 64-row tiles of 256 columns, 4
+  stages: 3 programs per SM, split 4 = 5 waves of 8 + 2 steps; s10_swap2 measured 94 us for it vs
+  105 unsplit), a power of two dividing the steps, and more split for fewer rows of W."""
+  plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=4, swap=True)
+  assert nf4_mgpu._swap_split(16, 28672, 8192, plan) == 4
+  for n, k in ((28672, 8192), (8192, 28672), (1024, 4096), (4096, 14336)):
+    s = nf4_mgpu._swap_split(16, n, k, plan)
+    assert s & (s - 1) == 0 and (k // 256) % s == 0
+  assert nf4_mgpu._swap_split(16, 1024, 8192, plan) > nf4_mgpu._swap_split(16, 28672, 8192, plan)
+
+
 def test_unsupported_calls_say_why():
   w = quantize_nf4(jnp.ones((64, 192), jnp.float32))
   assert "multiple of tile_k * split" in nf4_mgpu.check_supported(192, 64, jnp.bfloat16,
                                                                   nf4_mgpu.MgpuPlan(tile_k=128))
   assert "bfloat16" in nf4_mgpu.check_supported(192, 64, jnp.float32, nf4_mgpu.MgpuPlan())
   assert "blocksize" in nf4_mgpu.check_supported(256, 32, jnp.bfloat16, nf4_mgpu.MgpuPlan())
+  assert "swap" in nf4_mgpu.check_supported(256, 64, jnp.bfloat16,
+                                            nf4_mgpu.MgpuPlan(tile_n=64, ws=True, swap=True))
+  with pytest.raises(ValueError, match="M <= 64"):
+    nf4_mgpu.nf4_matmul_mgpu(jnp.ones((65, 256), jnp.bfloat16),
+                             quantize_nf4(jnp.ones((64, 256), jnp.float32)),
+                             nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True))
   assert "epi_rows" in nf4_mgpu.check_supported(
       256, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(256, 128, 64, ws=True, epi_rows=96))
   with pytest.raises(ValueError, match="tile_k"):
@@ -110,11 +163,11 @@ def test_unsupported_calls_say_why():
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
-@pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (100, 320, 512), (300, 1000, 1024),
-                                 (2048, 4096, 4096)])
+@pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (40, 576, 1024), (100, 320, 512),
+                                 (300, 1000, 1024), (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
   m, n, k = mnk
-  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan):
+  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and m > 64):
     pytest.skip("shape not taken by this plan")
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -139,3 +192,47 @@ def test_refuses_a_stacked_weight():
   q = quantize_nf4(jnp.ones((128, 256), jnp.float32))
   with pytest.raises(ValueError, match="stacked"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), stack_nf4([q, q]))
+
+
+def _shape_of_nf4(n, k):
+  return jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
+
+
+def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
+  """nf4_matmul's default forward for 2 <= M <= 16, bf16 x, on Hopper: the swap kernel for
+  weights of >= MGPU_MIN_WEIGHT elements (measured faster there), the Triton plan otherwise."""
+  from pallas_kernels import nf4_matmul as mod
+  monkeypatch.setattr(_common, "on_gpu", lambda: True)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
+  big, small = _shape_of_nf4(8192, 8192), _shape_of_nf4(4096, 4096)
+  plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
+  assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.bwd == "fused"
+  assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
+  for m, w, impl, dt in ((1, big, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
+                         (16, small, None, jnp.bfloat16), (16, big, None, jnp.float32),
+                         (16, big, "xla", jnp.bfloat16),
+                         (16, _shape_of_nf4(16384, 4160), None, jnp.bfloat16)):  # K % 512 != 0
+    assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
+  assert mod._dispatch_plan(16, big, None, jnp.bfloat16).fwd == "fused"
+
+
+@hopper
+@pytest.mark.gpu
+def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu():
+  """The default nf4_matmul on a 70B-q/o-sized weight at M = 5 (x [1, 5, K]): the swap kernel's
+  forward and the Triton backward, against the f32 reference and its vjp."""
+  from pallas_kernels import nf4_matmul as mod
+  n = k = 8192
+  w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
+  assert mod._dispatch_plan(5, w, None, jnp.bfloat16).fwd == "mgpu"
+  x = jax.random.normal(jax.random.key(1), (1, 5, k), jnp.float32).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(2), (1, 5, n), jnp.float32).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x: mod.nf4_matmul(x, w), x)
+  (dx,) = vjp(dy)
+  wd = np.asarray(dequantize_nf4(w, jnp.float32), np.float64)
+  ref = np.asarray(x, np.float64)[0] @ wd.T
+  ref_dx = np.asarray(dy, np.float64)[0] @ wd
+  assert y.shape == (1, 5, n) and y.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(y, np.float64)[0] - ref).max() / np.abs(ref).max() < 2**-7
+  assert np.abs(np.asarray(dx, np.float64)[0] - ref_dx).max() / np.abs(ref_dx).max() < 2**-7
