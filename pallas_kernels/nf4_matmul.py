@@ -181,6 +181,10 @@ TUNED: dict[str, Plan] = {
 # 0.924 vs 0.851, k/v 1.87 vs 1.39; 70B k/v 1.20 vs 1.05): it pays three small XLA passes (scales,
 # x's K permutation, the split-K sum) and its skeleton streams ~1.8 TB/s. So for 2 <= M <= 16 on
 # Hopper the forward of weights of at least MGPU_MIN_WEIGHT elements runs it (bwd unchanged).
+# Dispatched (run s10_final, same job): gate/up 0.537 vs 0.691 for the Triton plan, down 0.553 vs
+# 0.719, q/o 0.719 vs 0.731; fwd+bwd 0.70 / 0.75 / 0.81 of the bf16 dot's. M=1 keeps the GEMV (run
+# s10_swap1, u32 scales: the swap kernel 0.55-0.65 at 70B against the GEMV's 0.51-0.59, faster
+# only on the two down weights).
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
 
 

@@ -19,9 +19,20 @@ Scales: an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs (
 [K / blocksize, N], so a TMA box of one step is [tile_k / blocksize, tile_n] words (a box's inner
 extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
 
-Measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's dispatch at
-every size, so nothing dispatches here. With one warpgroup the decode and the wgmma add up (~1.96x
-the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
+Small M (plan.swap, session 10): y.T = W @ x.T. W's decoded tile is wgmma's register operand (it
+never touches shared memory) and x's rows are wgmma's N (8 to 64), so nothing is padded to 64 rows.
+A thread's registers of that operand cover pairs of W columns in an order set by wgmma; instead of
+shuffling the decoded values into it, x's K is permuted within each 64 columns (`_swap_x`, an XLA
+pass over the small x) so that a thread's 8 consecutive code bytes of a row decode, one PTX block per
+4 bytes, into exactly its 8 operand registers for that row. Scales come as bf16 [K/64, N] (an XLA
+pre-pass undoes the double quant), K is split over programs by a wave model (`_swap_split`), and
+XLA sums the f32 partial tiles. nf4_matmul dispatches its forward for 2 <= M <= 16 on weights of at
+least 8192 x 8192 (70B gate/up at M=16: 0.537 of the bf16 dot against 0.691 for the Triton kernel,
+same job); smaller weights stay on Triton (bench/RESULTS.md, "Session 10 runs").
+
+Large M, measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's
+dispatch at every size, so nothing dispatches there. With one warpgroup the decode and the wgmma
+add up (~1.96x the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
 decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048 and 4096, against
 0.95-1.05x for the same kernel without its decode: the decode's instructions are the gap.
 
