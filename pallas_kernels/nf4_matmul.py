@@ -180,11 +180,14 @@ TUNED: dict[str, Plan] = {
 # vs 0.738, and lost on the smaller ones (8B gate/up 0.810 vs 0.750, down 0.827 vs 0.789, q/o
 # 0.924 vs 0.851, k/v 1.87 vs 1.39; 70B k/v 1.20 vs 1.05): it pays three small XLA passes (scales,
 # x's K permutation, the split-K sum) and its skeleton streams ~1.8 TB/s. So for 2 <= M <= 16 on
-# Hopper the forward of weights of at least MGPU_MIN_WEIGHT elements runs it (bwd unchanged).
+# Hopper the forward of weights of at least MGPU_MIN_WEIGHT elements runs it (bwd unchanged), and
+# at M=1 on those with K > N.
 # Dispatched (run s10_final, same job): gate/up 0.537 vs 0.691 for the Triton plan, down 0.553 vs
-# 0.719, q/o 0.719 vs 0.731; fwd+bwd 0.70 / 0.75 / 0.81 of the bf16 dot's. M=1 keeps the GEMV (run
-# s10_swap1, u32 scales: the swap kernel 0.55-0.65 at 70B against the GEMV's 0.51-0.59, faster
-# only on the two down weights).
+# 0.719, q/o 0.719 vs 0.731; fwd+bwd 0.70 / 0.75 / 0.81 of the bf16 dot's. Run s10_small_m: at
+# M=4 and 8 gate/up 0.578 / 0.586 vs 0.692 / 0.702, down 0.554 / 0.546 vs 0.718 / 0.730, q/o
+# 0.759 / 0.722 vs 0.752 / 0.745. At M=1 the GEMV stays, except on 70B down (K > N): swap 0.548
+# vs the GEMV's 0.610 (run s10_swap1 too: 0.546 vs 0.594); gate/up 0.591 vs 0.505, q/o 0.726 vs
+# 0.544, 8B down 0.825 vs 0.788 (not taken: below MGPU_MIN_WEIGHT).
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
 
 
@@ -194,11 +197,12 @@ def _mgpu_small_plan():
 
 
 def _mgpu_takes(m: int, w, dtype) -> bool:
-  """Whether the default dispatch runs this call's forward on nf4_mgpu's swap kernel."""
-  if not 2 <= m <= 16 or jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
+  """Whether the default dispatch runs this call's forward on nf4_mgpu's swap kernel: 2 <= M <= 16,
+  or M == 1 on weights with K > N (the down projections, where the GEMV is weakest)."""
+  if not 1 <= m <= 16 or jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return False
   n, k = w.shape
-  if n * k < MGPU_MIN_WEIGHT:
+  if n * k < MGPU_MIN_WEIGHT or (m == 1 and k <= n):
     return False
   from pallas_kernels import nf4_mgpu
   return nf4_mgpu.available() and nf4_mgpu.check_supported(k, w.blocksize, dtype,

@@ -139,8 +139,9 @@ def available() -> bool:
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: F401
     return (all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
-                                            "emit_pipeline_warp_specialized"))
-            and hasattr(mgpu, "WGMMA_LAYOUT_UPCAST_4X"))
+                                            "emit_pipeline_warp_specialized", "ShapeDtypeStruct"))
+            and hasattr(getattr(plgpu, "Layout", None), "WGMMA")
+            and hasattr(mgpu, "WGMMA_LAYOUT_UPCAST_4X") and hasattr(mgpu, "WGMMA_LAYOUT"))
   except ImportError:
     return False
 

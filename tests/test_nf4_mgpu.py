@@ -200,7 +200,8 @@ def _shape_of_nf4(n, k):
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
   """nf4_matmul's default forward for 2 <= M <= 16, bf16 x, on Hopper: the swap kernel for
-  weights of >= MGPU_MIN_WEIGHT elements (measured faster there), the Triton plan otherwise."""
+  weights of >= MGPU_MIN_WEIGHT elements (measured faster there), at M = 1 only where K > N (70B
+  down), the Triton plans otherwise."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -208,6 +209,9 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
   plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
   assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.bwd == "fused"
   assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
+  down = mod._dispatch_plan(1, _shape_of_nf4(8192, 28672), None, jnp.bfloat16)
+  assert down.fwd == "mgpu" and down.bwd == mod.TUNED["m1"].bwd
+  assert mod._dispatch_plan(1, _shape_of_nf4(4096, 14336), None, jnp.bfloat16).fwd != "mgpu"
   for m, w, impl, dt in ((1, big, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
                          (16, small, None, jnp.bfloat16), (16, big, None, jnp.float32),
                          (16, big, "xla", jnp.bfloat16),
@@ -219,20 +223,20 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
 
 @hopper
 @pytest.mark.gpu
-def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu():
-  """The default nf4_matmul on a 70B-q/o-sized weight at M = 5 (x [1, 5, K]): the swap kernel's
-  forward and the Triton backward, against the f32 reference and its vjp."""
+@pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672)])
+def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
+  """The default nf4_matmul on 70B q/o and down weights at M = 5 and 1 (x [1, M, K]): the swap
+  kernel's forward and the Triton backward, against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
-  n = k = 8192
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
-  assert mod._dispatch_plan(5, w, None, jnp.bfloat16).fwd == "mgpu"
-  x = jax.random.normal(jax.random.key(1), (1, 5, k), jnp.float32).astype(jnp.bfloat16)
-  dy = jax.random.normal(jax.random.key(2), (1, 5, n), jnp.float32).astype(jnp.bfloat16)
+  assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
+  x = jax.random.normal(jax.random.key(1), (1, m, k), jnp.float32).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(2), (1, m, n), jnp.float32).astype(jnp.bfloat16)
   y, vjp = jax.vjp(lambda x: mod.nf4_matmul(x, w), x)
   (dx,) = vjp(dy)
   wd = np.asarray(dequantize_nf4(w, jnp.float32), np.float64)
   ref = np.asarray(x, np.float64)[0] @ wd.T
   ref_dx = np.asarray(dy, np.float64)[0] @ wd
-  assert y.shape == (1, 5, n) and y.dtype == jnp.bfloat16
+  assert y.shape == (1, m, n) and y.dtype == jnp.bfloat16
   assert np.abs(np.asarray(y, np.float64)[0] - ref).max() / np.abs(ref).max() < 2**-7
   assert np.abs(np.asarray(dx, np.float64)[0] - ref_dx).max() / np.abs(ref_dx).max() < 2**-7
