@@ -15,26 +15,28 @@ codes decodes to register i of the weight, the 8 values of one 32-bit code word.
 2j in the high nibble of byte j, so the word of byte j is (value of its high nibble, value of its
 low nibble), low half first.
 
-Scales: an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs (s, s) laid out
-[K / blocksize, N], so a TMA box of one step is [tile_k / blocksize, tile_n] words (a box's inner
-extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
+Scales (the large-M kernels): an XLA pre-pass turns the absmax (double quant undone) into bf16 pairs
+(s, s) laid out [K / blocksize, N], so a TMA box of one step is [tile_k / blocksize, tile_n] words
+(a box's inner extent must be >= 16 bytes; [tile_n, 2] f32 would be 8).
 
 Small M (plan.swap, session 10): y.T = W @ x.T. W's decoded tile is wgmma's register operand (it
 never touches shared memory) and x's rows are wgmma's N (8 to 64), so nothing is padded to 64 rows.
 A thread's registers of that operand cover pairs of W columns in an order set by wgmma; instead of
 shuffling the decoded values into it, x's K is permuted within each 64 columns (`_swap_x`, an XLA
-pass over the small x) so that a thread's 8 consecutive code bytes of a row decode, one PTX block per
-4 bytes, into exactly its 8 operand registers for that row. Scales come as bf16 [K/64, N] (an XLA
-pre-pass undoes the double quant), K is split over programs by a wave model (`_swap_split`), and
+pass over the small x) so that a thread's 8 consecutive code bytes of a row decode, one PTX block
+per 4 bytes, into exactly its 8 operand registers for that row. Scales come as bf16 [K/64, N] (an
+XLA pre-pass undoes the double quant), K is split over programs by a wave model (`_swap_split`), and
 XLA sums the f32 partial tiles. nf4_matmul dispatches its forward for 2 <= M <= 16 on weights of at
 least 8192 x 8192 (70B gate/up at M=16: 0.537 of the bf16 dot against 0.691 for the Triton kernel,
-same job); smaller weights stay on Triton (bench/RESULTS.md, "Session 10 runs").
+same job), and at M=1 on those with K > N (70B down); smaller weights stay on Triton
+(bench/RESULTS.md, "Session 10 runs").
 
 Large M, measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's
 dispatch at every size, so nothing dispatches there. With one warpgroup the decode and the wgmma
-add up (~1.96x the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
-decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048 and 4096, against
-0.95-1.05x for the same kernel without its decode: the decode's instructions are the gap.
+add up (~1.96x the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute
+warpgroups, each decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048
+and 4096, against 0.95-1.05x for the same kernel without its decode: the decode's instructions are
+the gap.
 
 GPU only (Hopper): on another GPU `nf4_matmul_mgpu` raises; on the CPU JAX refuses to run it (no
 interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and the layout mapping are
@@ -124,7 +126,7 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
 
 
 def _auto_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
-  programs = (1 if plan.swap else -(-m // plan.tile_m)) * -(-n // plan.tile_n)
+  programs = -(-m // plan.tile_m) * -(-n // plan.tile_n)
   steps = k // plan.tile_k
   split = 1
   while programs * split * 2 <= PROGRAMS and steps % (split * 2) == 0:
@@ -284,8 +286,9 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
 
 def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   """The swap kernel's decode: columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile
-  (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register-operand layout (WGMMA_LAYOUT), K
-  permuted within each 64 columns as `_swap_x` permutes x; Mosaic GPU code under `inline_mgpu`.
+  (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register
+  operand layout (WGMMA_LAYOUT), K permuted within each 64 columns as `_swap_x` permutes x;
+  Mosaic GPU code under `inline_mgpu`.
 
   The code bytes are loaded in WGMMA_LAYOUT_UPCAST_4X (a thread holds 8 consecutive bytes of a
   row: bytes 8q..8q+7 of each 32-byte chunk, q = lane % 4), the register grid of the result is the
@@ -368,6 +371,72 @@ def _swap_rows(m: int) -> int:
   raise ValueError(f"nf4_mgpu: the swap kernel takes M <= 64 (got {m})")
 
 
+@dataclasses.dataclass(frozen=True)
+class _SwapGeom:
+  """What both swap kernels derive from x's rows and the plan: x's rows padded to wgmma's N (mp),
+  K steps per program, and the layouts."""
+  m: int
+  k: int
+  mp: int
+  steps: int
+  plan: MgpuPlan
+
+  @classmethod
+  def of(cls, x2, plan: MgpuPlan):
+    m, k = x2.shape
+    return cls(m, k, _swap_rows(m), k // plan.tile_k // plan.split, plan)
+
+  @property
+  def layouts(self):
+    return _Layouts(self.plan.tile_k)
+
+  @property
+  def out_transforms(self):
+    return _transforms(_swizzle(self.mp * 4), 4)
+
+  def in_specs(self, blocksize: int):
+    """x's [mp, tile_k] tile, the codes' [tile_n, tile_k / 2], the scales' [tile_k / 64, tile_n]."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    tn, tk, lay = self.plan.tile_n, self.plan.tile_k, self.layouts
+    return [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16),
+            plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
+            plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0))]
+
+  def parts(self, x_gmem, c_gmem, s_gmem, ni, si, blocksize: int):
+    """Program (ni, si)'s slices of x, the codes and the scales: K range si, W rows tile ni."""
+    from jax.experimental import pallas as pl
+    tn, tk, steps = self.plan.tile_n, self.plan.tile_k, self.steps
+    return (x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)],
+            c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
+            s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
+                      pl.ds(ni * tn, tn)])
+
+  def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int):
+    """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
+    wgmma issued before the next chunk's decode; all done before the step's buffers go back."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    tk, ch = self.plan.tile_k, self.plan.chunk
+    for j in range(tk // ch):
+      a = _decode_regs(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
+                       skip=self.plan.skip_decode)
+      plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
+    plgpu.wgmma_wait(0)
+
+  def call(self, kernel, x2, codes, scales, n_out: int, **kernel_kw):
+    """Runs the kernel on the permuted x -> y [M, n_out] in x's dtype (f32 partials summed)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    n_pad = codes.shape[0]
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((self.plan.split, n_pad, self.mp), jnp.float32),
+        grid=(n_pad // self.plan.tile_n, self.plan.split), grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **kernel_kw)
+    y_t = f(_swap_x(x2, self.mp), codes, scales).sum(0)
+    return y_t[:n_out, :self.m].T.astype(x2.dtype)
+
+
 def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   """The small-M kernel (plan.swap): per program tile_n rows of W against all of x, split-K
   over programs; y.T's tile accumulates in wgmma's f32 accumulator [tile_n, mp] with the decoded
@@ -375,55 +444,29 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  m, k = x2.shape
-  tn, tk, ch, split = plan.tile_n, plan.tile_k, plan.chunk, plan.split
-  mp = _swap_rows(m)
-  n_pad = codes.shape[0]
-  xs = _swap_x(x2, mp)
-  steps = k // tk // split
-  lay = _Layouts(tk)
-  o_tr = _transforms(_swizzle(mp * 4), 4)
+  g = _SwapGeom.of(x2, plan)
+  tn = plan.tile_n
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem):
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
 
     def compute(acc_ref):
-      def step(idx, x_smem, c_smem, s_smem):
-        del idx
-        for j in range(tk // ch):
-          a = _decode_regs(c_smem, s_smem, tile_n=tn, tile_k=tk, col0=j * ch, cols=ch,
-                           skip=plan.skip_decode)
-          plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
-        plgpu.wgmma_wait(0)
-
       plgpu.emit_pipeline(
-          step, grid=(steps,), max_concurrent_steps=min(plan.stages, steps),
-          in_specs=[
-              plgpu.BlockSpec((mp, tk), lambda s: (0, s), transforms=lay.bf16),
-              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
-              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
-          ],
-      )(x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)],
-        c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
-        s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize), pl.ds(ni * tn, tn)])
+          lambda idx, *refs: g.step(acc_ref, *refs, tile_n=tn),
+          grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
+          in_specs=g.in_specs(blocksize),
+      )(*g.parts(x_gmem, c_gmem, s_gmem, ni, si, blocksize))
       return acc_ref[...]
 
-    acc = pl.run_scoped(compute, plgpu.ACC((tn, mp), jnp.float32))
+    acc = pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
     o_smem[...] = acc
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * tn, tn)])
     plgpu.wait_smem_to_gmem(0)
 
-  f = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((split, n_pad, mp), jnp.float32),
-      grid=(n_pad // tn, split), grid_names=("n", "s"),
-      scratch_types=[plgpu.SMEM((tn, mp), jnp.float32, transforms=o_tr)],
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )
-  y_t = f(xs, codes, scales).sum(0)
-  return y_t[:n_out, :m].T.astype(x2.dtype)
+  return g.call(kernel, x2, codes, scales, n_out,
+                scratch_types=[plgpu.SMEM((tn, g.mp), jnp.float32, transforms=g.out_transforms)])
 
 
 def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
@@ -433,36 +476,19 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  m, k = x2.shape
-  tn, tk, ch, split = plan.tile_n, plan.tile_k, plan.chunk, plan.split
-  hn = tn // 2
-  mp = _swap_rows(m)
-  n_pad = codes.shape[0]
-  xs = _swap_x(x2, mp)
-  steps = k // tk // split
-  lay = _Layouts(tk)
-  o_tr = _transforms(_swizzle(mp * 4), 4)
+  g = _SwapGeom.of(x2, plan)
+  tn, hn = plan.tile_n, plan.tile_n // 2
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
+    parts = g.parts(x_gmem, c_gmem, s_gmem, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(steps,), memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec((mp, tk), lambda s: (0, s), transforms=lay.bf16),
-              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
-              plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)),
-          ],
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, steps),
+          body, grid=(g.steps,), memory_registers=40, in_specs=g.in_specs(blocksize),
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, g.steps),
           compute_context=compute_context)
-
-    ignore = lambda *_, **__: None
-    x_part = x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)]
-    c_part = c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)]
-    s_part = s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
-                       pl.ds(ni * tn, tn)]
 
     def scope(allocs, o_smem):
       wg = lax.axis_index("wg")
@@ -476,34 +502,22 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, pl.ds(ni * tn + wg * hn, hn)])
           plgpu.wait_smem_to_gmem(0)
-        pl.run_scoped(acc_scope, plgpu.ACC((hn, mp), jnp.float32))
+        pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
 
       def body(idx, x_smem, c_smem, s_smem, acc_ref):
-        del idx
-        for j in range(tk // ch):
-          a = _decode_regs(c_smem.at[rows], s_smem.at[:, rows], tile_n=hn, tile_k=tk,
-                           col0=j * ch, cols=ch, skip=plan.skip_decode)
-          plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
-        plgpu.wgmma_wait(0)
+        g.step(acc_ref, x_smem, c_smem.at[rows], s_smem.at[:, rows], tile_n=hn)
         return acc_ref
 
-      get_pipeline(body, compute_context)(x_part, c_part, s_part, allocations=allocs)
+      get_pipeline(body, compute_context)(*parts, allocations=allocs)
 
+    ignore = lambda *_, **__: None
     pl.run_scoped(
         scope,
-        get_pipeline(ignore, ignore).get_allocations(x_part, c_part, s_part),
-        plgpu.SMEM((2, hn, mp), jnp.float32, transforms=o_tr),
+        get_pipeline(ignore, ignore).get_allocations(*parts),
+        plgpu.SMEM((2, hn, g.mp), jnp.float32, transforms=g.out_transforms),
         collective_axes="wg")
 
-  f = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((split, n_pad, mp), jnp.float32),
-      grid=(n_pad // tn, split), grid_names=("n", "s"),
-      num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-  )
-  y_t = f(xs, codes, scales).sum(0)
-  return y_t[:n_out, :m].T.astype(x2.dtype)
+  return g.call(kernel, x2, codes, scales, n_out, num_threads=3, thread_name="wg")
 
 
 def _scales_bf16(w: NF4, n_pad: int):

@@ -1,0 +1,60 @@
+"""Hashes of the Mosaic GPU modules nf4_mgpu's plans lower to, on a CPU (no GPU needed).
+
+A refactor of pallas_kernels/nf4_mgpu.py that should not change the kernels can be checked by
+running this before and after and diffing the output: each line is M, N, K, the sha256 prefix of
+the kernel modules (debug info stripped) and how many there were, or the lowering's error.
+
+  python bench/diag/mgpu_lowering_hashes.py > before.txt   # ... change ...; diff before.txt after.txt
+"""
+import hashlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax  # noqa: E402
+import jax.experimental.mosaic.gpu.core as core  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxsloth.quant import quantize_nf4  # noqa: E402
+from pallas_kernels import nf4_mgpu  # noqa: E402
+
+P = nf4_mgpu.MgpuPlan
+PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
+         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True),
+         P(tile_n=128, tile_k=128, stages=3, split=2, chunk=128, swap=True),
+         P(tile_n=128, tile_k=128, stages=4, split=2, chunk=64, swap=True, ws=True),
+         P(tile_n=256, tile_k=256, stages=4, split=0, chunk=64, swap=True, ws=True, skip_decode=True),
+         P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True, skip_decode=True),
+         P(256, 128, 64, 4, ws=True), P(128, 128, 64, 2)]
+SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192)]
+
+
+def main():
+  captured = []
+  serde = core._run_serde_pass   # every kernel module passes here on its way to the custom call
+
+  def spy(module, *args, **kwargs):
+    captured.append(module.operation.get_asm(enable_debug_info=False))
+    return serde(module, *args, **kwargs)
+
+  core._run_serde_pass = spy
+  for plan in PLANS:
+    for m, n, k in SHAPES:
+      if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan):
+        continue
+      w = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
+      x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+      captured.clear()
+      try:
+        jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan)).trace(x, w).lower(
+            lowering_platforms=("cuda",))
+      except ValueError as e:
+        print(m, n, k, "error", str(e)[:60])
+        continue
+      digest = hashlib.sha256("".join(captured).encode()).hexdigest()[:16]
+      print(m, n, k, digest, len(captured))
+
+
+if __name__ == "__main__":
+  main()
