@@ -225,6 +225,26 @@ class _Layouts:
     return _transforms(self.code_swizzle, 1)
 
 
+def _pair_asm_op():
+  """Inside an `inline_mgpu` body: (code word, scale pair) i32 values -> the 4 words of
+  `pair_asm`, each passed through `then` as it is extracted, with the PTX block's constant byte
+  planes materialized once, where this is called."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  i32 = ir.IntegerType.get_signless(32)
+  planes = [arith.constant(i32, ir.IntegerAttr.get(i32, int(np.int32(np.uint32(v)))))
+            for v in pair_asm_inputs()]
+  struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+  asm = pair_asm()
+
+  def decode(word, sc, then=lambda v: v):
+    res = llvm.inline_asm(struct, [word, sc, *planes], asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                          has_side_effects=False)
+    return [then(llvm.extractvalue(i32, res, [e])) for e in range(4)]
+
+  return decode
+
+
 def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, cols=None):
   """Decode columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile (with their scales)
   into the same columns of w_smem (bf16 [tile_n, tile_k]), all 128 threads of the warpgroup;
@@ -236,10 +256,7 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir          # the MLIR bindings Mosaic GPU itself builds with
-  from jax._src.lib.mlir.dialects import arith, llvm, memref
-
-  asm = pair_asm()
-  consts = pair_asm_inputs()
+  from jax._src.lib.mlir.dialects import arith, memref
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes), plgpu.RefType(),
                                 plgpu.RefType(lay.bf16)))
@@ -254,9 +271,7 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
     if out_layout.registers_shape(shape) != codes.registers.shape:
       raise AssertionError(f"nf4_mgpu: code and weight register grids differ: "
                            f"{codes.registers.shape} vs {out_layout.registers_shape(shape)}")
-    planes = [arith.constant(i32, ir.IntegerAttr.get(i32, int(np.int32(np.uint32(v)))))
-              for v in consts]
-    struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    decode = _pair_asm_op()
     index = ir.IndexType.get()
     bs_c = arith.constant(index, blocksize)
     # register grid [tile_n / 64, tile_k / 32, ...]: axis 1 walks 32-column groups
@@ -270,10 +285,7 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
       word = mgpu_utils.bitcast(creg, i32)
       blk = arith.divui(col, bs_c)
       sc = memref.load(s_ref, [blk, row])
-      res = llvm.inline_asm(struct, [word, sc, *planes], asm,
-                            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", has_side_effects=False)
-      pairs = [mgpu_utils.bitcast(llvm.extractvalue(i32, res, [j]),
-                                  ir.VectorType.get((2,), bf16)) for j in range(4)]
+      pairs = decode(word, sc, lambda v: mgpu_utils.bitcast(v, ir.VectorType.get((2,), bf16)))
       regs[idx] = mgpu_utils.vector_concat(pairs)
     w = mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None)
     # w_ref is tiled [tile_n / 8, tile_k / 64, 8, 64]: the chunk's 64-column tiles
@@ -304,9 +316,6 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm, memref
 
-  asm = pair_asm()
-  consts = pair_asm_inputs()
-
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes), plgpu.RefType()),
                      return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
                                                         layout=plgpu.Layout.WGMMA))
@@ -323,9 +332,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
     if (a_shape[0], a_shape[2:]) != (c_shape[0], c_shape[2:]) or a_shape[1] * 8 != cols:
       raise AssertionError(f"nf4_mgpu: code and operand register grids differ: {c_shape} vs "
                            f"{a_shape}")
-    planes = [arith.constant(i32, ir.IntegerAttr.get(i32, int(np.int32(np.uint32(v)))))
-              for v in consts]
-    struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    decode = _pair_asm_op()
     pair_ty = ir.VectorType.get((2,), bf16)
     index = ir.IndexType.get()
     lo, hi = col0 // 64, (col0 + cols) // 64      # code register column j: bytes 32j..32j+31
@@ -341,12 +348,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
       words = mgpu_utils.bitcast(creg, ir.VectorType.get((2,), i32))
       for half in range(2):
         word = llvm.extractelement(words, arith.constant(i32, half))
-        if skip:
-          outs = [word] * 4
-        else:
-          res = llvm.inline_asm(struct, [word, sc, *planes], asm,
-                                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", has_side_effects=False)
-          outs = [llvm.extractvalue(i32, res, [e]) for e in range(4)]
+        outs = [word] * 4 if skip else decode(word, sc)
         for e in range(4):
           regs[(idx[0], 8 * (idx[1] - lo) + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(
               outs[e], pair_ty)
@@ -526,10 +528,9 @@ def _scales_bf16(w: NF4, n_pad: int):
 
 
 def _scale_pairs(w: NF4, n_pad: int):
-  """absmax (double quant undone) -> uint32 (bf16 s, bf16 s) pairs, [K / blocksize, n_pad]."""
-  a = _pad_rows(_quant().dequantize_absmax(w), n_pad).astype(jnp.bfloat16)
-  bits = lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
-  return (bits | (bits << 16)).T
+  """`_scales_bf16` as uint32 (bf16 s, bf16 s) pairs, [K / blocksize, n_pad]."""
+  bits = lax.bitcast_convert_type(_scales_bf16(w, n_pad), jnp.uint16).astype(jnp.uint32)
+  return bits | (bits << 16)
 
 
 def _forward(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
@@ -757,10 +758,9 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
   n_pad = -(-n // plan.tile_n) * plan.tile_n
   codes = _pad_rows(w.codes, n_pad)
-  scales = _scales_bf16(w, n_pad) if plan.swap else _scale_pairs(w, n_pad)
   if plan.swap:
-    fwd = _forward_swap_ws if plan.ws else _forward_swap
+    scales, fwd = _scales_bf16(w, n_pad), (_forward_swap_ws if plan.ws else _forward_swap)
   else:
-    fwd = _forward_ws if plan.ws else _forward
+    scales, fwd = _scale_pairs(w, n_pad), (_forward_ws if plan.ws else _forward)
   y = fwd(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)

@@ -33,6 +33,11 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            ws=True)]
 
 
+def _shape_of_nf4(n, k):
+  """An NF4 weight's abstract value (shapes and dtypes only), for lowering and dispatch tests."""
+  return jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
+
+
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}")
@@ -83,7 +88,7 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
   shared-memory budget) to one custom call, without a GPU."""
   m, n, k = mnk
-  w = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
+  w = _shape_of_nf4(n, k)
   x = jax.ShapeDtypeStruct((m if not plan.swap else min(m, 40), k), jnp.bfloat16)
   f = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -192,10 +197,6 @@ def test_refuses_a_stacked_weight():
   q = quantize_nf4(jnp.ones((128, 256), jnp.float32))
   with pytest.raises(ValueError, match="stacked"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), stack_nf4([q, q]))
-
-
-def _shape_of_nf4(n, k):
-  return jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
 
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
