@@ -6,12 +6,13 @@ Mosaic kernel), interleaved rounds, each op compiled once.
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
-its boolean fields by name (+ws, +swap, +overlap, +skip_decode) or +epi_rows=N; a plan is timed
-only up to max_m rows of x. +skip_decode times a kernel without its decode (results wrong, not
-checked). Runs of session 9 wrote the flags positionally: "256,128,64,4,1,64,0,1" is now
+its boolean fields by name (+ws, +swap, +gather, +overlap, +skip_decode, +skip_mma) or
++epi_rows=N; a plan is timed only up to max_m rows of x. +skip_decode times a kernel without its
+decode, +skip_mma one without its wgmma (results wrong, not checked). Runs of session 9 wrote the flags positionally: "256,128,64,4,1,64,0,1" is now
 "256,128,64,4,1,64+ws".
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,7 +32,8 @@ def check(jax, jnp, mod, quant, plan, log):
   worst = 0.0
   for m, n, k in ((1, 128, 256), (16, 192, 256), (40, 320, 512), (100, 320, 512),
                   (256, 1024, 4096), (2048, 4096, 4096)):
-    if mod.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and m > 64):
+    if (mod.check_supported(k, 64, jnp.bfloat16, plan)
+        or (plan.swap and not plan.gather and m > 64)):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -43,6 +45,26 @@ def check(jax, jnp, mod, quant, plan, log):
   return worst
 
 
+def kernel_only_timer(bench, mod, plan, n, k, m, ops):
+  """Times a swap plan's kernel alone: x permuted, codes padded and scales made outside the timed
+  jit, the f32 partials not summed (the forward minus this is the XLA passes around the kernel)."""
+  jax = bench.jax
+  r, qs, wds, xs, dys = ops
+  plan = dataclasses.replace(plan, split=plan.split or mod._swap_split(m, n, k, plan))
+  n_pad = -(-n // plan.tile_n) * plan.tile_n
+  mp = mod._swap_mp(m, plan)
+  m_pad = -(-m // mp) * mp
+  order = mod._pad_rows if plan.gather else mod._swap_x
+  prep = jax.jit(lambda x, w: (order(x, m_pad), (mod._pad_rows(w.codes, n_pad),
+                                                 mod._scales_bf16(w, n_pad))))
+  parts = [prep(x, w) for x, w in zip(xs, qs)]
+  fwd = mod._forward_swap_ws if plan.ws else mod._forward_swap
+  first = lambda y: y if plan.split == 1 else y[0].T     # y, or partial 0 of y.T
+  op = lambda xp, cs: first(fwd(xp, *cs, n_out=n, blocksize=64, plan=plan, raw=True))
+  return bench.timer("mgpu", n, k, m, "fwd", op=op,
+                     ops=(r, [p[1] for p in parts], wds, [p[0] for p in parts], dys))
+
+
 def parse_plan(mod, text):
   """"tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]" -> (MgpuPlan, max_m)."""
   spec, _, mm = text.partition("@")
@@ -52,7 +74,7 @@ def parse_plan(mod, text):
     key, eq, val = f.partition("=")
     kw[key] = int(val) if eq else True
   plan = mod.MgpuPlan(*[int(v) for v in nums.split(",")], **kw)
-  if plan.swap and not mm:
+  if plan.swap and not plan.gather and not mm:
     mm = "64"
   return plan, int(mm) if mm else 1 << 30
 
@@ -65,6 +87,8 @@ def main():
   ap.add_argument("--ms", default="16,2048")   # run 1 used 16,2048,4096
   ap.add_argument("--shapes", default="8b_gate_up,8b_down,70b_gate_up")
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--kernel-only", action="store_true",
+                  help="also time each swap plan's kernel without the XLA passes around it")
   args = ap.parse_args()
   bench = JaxBench()
   jax, jnp = bench.jax, bench.jnp
@@ -86,11 +110,13 @@ def main():
     max_ms[plan] = max_ms_p
   ok = []
   for plan in plans:
-    if plan.skip_decode:
+    if plan.skip_decode or plan.skip_mma:
       ok.append(plan)
       continue
     try:
       err = check(jax, jnp, mod, quant, plan, log)
+      if not err < 2**-7:   # a wrong kernel is not timed (session 11 timed one before this)
+        raise AssertionError(f"max error / max |y| {err} above 2^-7")
       ok.append(plan)
       log(dict(kind="check_done", plan=str(plan), worst=err))
     except Exception as e:  # a plan that fails to compile is reported, the others still run
@@ -111,6 +137,8 @@ def main():
         timers[str(plan)] = bench.timer(
             "mgpu", n, k, m, "fwd", ops=ops,
             op=lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))
+        if args.kernel_only and plan.swap:
+          timers[f"{plan} kernel"] = kernel_only_timer(bench, mod, plan, n, k, m, ops)
       times = {key: [] for key in timers}
       for _ in range(args.rounds):
         for key, t in timers.items():

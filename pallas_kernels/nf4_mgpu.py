@@ -85,6 +85,10 @@ class MgpuPlan:
                            # memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
+  skip_mma: bool = False   # bench only (wrong results): the decode without the wgmma, to time it
+  gather: bool = False     # swap: x in its own order; each thread gathers the code bytes of its
+                           # operand registers (`_decode_gather`), so any M (tile_m rows of x
+                           # per program above 64)
   swap: bool = False       # small M (<= 64): y.T = W @ x.T, the decoded W tile wgmma's register
                            # operand (never stored to shared memory) and x's rows wgmma's N (8,
                            # 16, 32 or 64, not 64 padded rows); tile_m is ignored, tile_n rows of
@@ -101,7 +105,7 @@ SWAP_FILL = 2
 
 def _swap_smem(m: int, plan: MgpuPlan) -> int:
   """Bytes of shared memory one swap program takes: its pipeline stages and output tile."""
-  mp, tn, tk = _swap_rows(m), plan.tile_n, plan.tile_k
+  mp, tn, tk = _swap_mp(m, plan), plan.tile_n, plan.tile_k
   stage = mp * tk * 2 + tn * tk // 2 + tk // 64 * tn * 2
   return plan.stages * stage + tn * mp * 4 + 1024
 
@@ -112,7 +116,7 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
   allows (at most 8); ties go to the smaller split. Each program streams tile_n rows over
   K / split; SWAP_FILL steps stand for its pipeline fill and epilogue (run s10_swap2: split 4
   beat 1 at 70B gate/up, M=16: 94 vs 105 us)."""
-  tiles = -(-n // plan.tile_n)
+  tiles = -(-n // plan.tile_n) * -(-m // _swap_mp(m, plan))
   steps = k // plan.tile_k
   slots = SMS * max(1, min(8, SMEM // _swap_smem(m, plan)))
   best, best_cost = 1, None
@@ -357,6 +361,73 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   return body(c_smem, s_smem)
 
 
+def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
+  """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
+  of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
+  scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
+  `inline_mgpu`.
+
+  In WGMMA_LAYOUT register (i, 8j + e, ...) of a thread holds columns 64j + 8e + 2q + (0, 1) of its
+  row (q = lane % 4): code byte 4e + q of the row's 64-column block j, the q-th byte of word e of
+  the block. Each thread loads the block's 8 words of each of its rows (two 16-byte loads, the
+  same for the 4 threads of a row), gathers byte q of words 0-3 and of words 4-7 into two words
+  (3 byte-permutes each) and decodes each, one PTX block per word, into registers e = 0-3 and
+  4-7. skip (bench only): the gathered words themselves as the operand (wrong results)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
+                                                        layout=plgpu.Layout.WGMMA))
+  def body(ctx, c_ref, s_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    i16 = ir.IntegerType.get_signless(16)
+    bf16 = ir.BF16Type.get()
+    index = ir.IndexType.get()
+    const = lambda v: arith.constant(i32, v)
+    word_ty = ir.MemRefType(c_ref.type).element_type
+    v4 = ir.VectorType.get((4,), word_ty)
+    q = arith.remui(mgpu_utils.thread_idx(), const(4))
+    pick = arith.addi(arith.muli(q, const(17)), const(64))    # bytes (a.q, b.q) of prmt(a, b)
+
+    def prmt(a, b, sel):
+      return llvm.inline_asm(i32, [a, b, sel], "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                             has_side_effects=False)
+
+    layout = mgpu.WGMMA_LAYOUT
+    a_shape = layout.registers_shape((tile_n, cols))
+    if a_shape[1] * 8 != cols:
+      raise AssertionError(f"nf4_mgpu: unexpected operand register grid {a_shape}")
+    decode = _pair_asm_op()
+    pair_ty = ir.VectorType.get((2,), bf16)
+    regs = np.empty(a_shape, dtype=object)
+    for idx, (row, _) in zip(np.ndindex(a_shape), layout.thread_idxs((tile_n, cols))):
+      if idx[1] % 8:
+        continue            # one visit per row and 64-column block: registers e = 0..7
+      j = idx[1] // 8
+      blk = col0 // 64 + j
+      sb = arith.extui(i32, arith.bitcast(i16, memref.load(s_ref, [arith.constant(index, blk),
+                                                                  row])))
+      sc = arith.ori(sb, arith.shli(sb, const(16)))
+      words = []
+      for h in range(2):
+        vec = vector.load(v4, c_ref, [row, arith.constant(index, 8 * blk + 4 * h)])
+        words += [mgpu_utils.bitcast(vector.extract(vec, [], [e]), i32) for e in range(4)]
+      for half in range(2):
+        w = words[4 * half:4 * half + 4]
+        word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
+        outs = [word] * 4 if skip else decode(word, sc)
+        for e in range(4):
+          regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+
+  return body(c_smem, s_smem)
+
+
 def _swap_x(x2, mp: int):
   """x [M, K] -> [mp, K], rows padded and K permuted within each 64 columns as `_decode_regs`
   lays out W: column 8e + 2q + v of a block is x's column 16q + 2e + v."""
@@ -365,51 +436,87 @@ def _swap_x(x2, mp: int):
   return x2.reshape(mp, k // 64, 4, 8, 2).transpose(0, 1, 3, 2, 4).reshape(mp, k)
 
 
-def _swap_rows(m: int) -> int:
-  """x's rows as wgmma's N in the swap kernel: 8, 16, 32 or 64."""
+def _swap_mp(m: int, plan: MgpuPlan) -> int:
+  """x's rows per swap program, wgmma's N: 8, 16, 32 or 64 covering M <= 64, else tile_m (M > 64
+  needs plan.gather: x is not permuted)."""
   for r in (8, 16, 32, 64):
     if m <= r:
       return r
-  raise ValueError(f"nf4_mgpu: the swap kernel takes M <= 64 (got {m})")
+  if not plan.gather:
+    raise ValueError(f"nf4_mgpu: the swap kernel without gather takes M <= 64 (got {m})")
+  return plan.tile_m
 
 
 @dataclasses.dataclass(frozen=True)
 class _SwapGeom:
-  """What both swap kernels derive from x's rows and the plan: x's rows padded to wgmma's N (mp),
-  K steps per program, and the layouts."""
+  """What both swap kernels derive from x and the plan: x's rows per program (mp, wgmma's N: 8,
+  16, 32 or 64 for M <= 64, else tile_m, with M tiled over programs), K steps per program, and
+  whether y is written directly (split 1: bf16 y tiles through a transposed store) or as f32
+  partials y.T [split, N, M] summed by XLA."""
   m: int
   k: int
   mp: int
+  m_tiles: int
   steps: int
   plan: MgpuPlan
 
   @classmethod
   def of(cls, x2, plan: MgpuPlan):
     m, k = x2.shape
-    return cls(m, k, _swap_rows(m), k // plan.tile_k // plan.split, plan)
+    mp = _swap_mp(m, plan)
+    return cls(m, k, mp, -(-m // mp), k // plan.tile_k // plan.split, plan)
+
+  @property
+  def direct(self) -> bool:
+    return self.plan.split == 1
 
   @property
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
-  @property
-  def out_transforms(self):
-    return _transforms(_swizzle(self.mp * 4), 4)
+  def out_scratch(self, rows: int, lead=()):
+    """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if self.direct:
+      return plgpu.SMEM(lead + (self.mp, rows), jnp.bfloat16,
+                        transforms=_transforms(_swizzle(rows * 2), 2))
+    return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
+                      transforms=_transforms(_swizzle(self.mp * 4), 4))
+
+  def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int):
+    """The accumulator y.T [rows, mp] -> shared memory -> y (or the partials) in global memory."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if self.direct:
+      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+      dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(ni * self.plan.tile_n + row0, rows)]
+    else:
+      o_smem[...] = acc
+      dst = o_gmem.at[si, pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, dst)
+    plgpu.wait_smem_to_gmem(0)
 
   def in_specs(self, blocksize: int):
-    """x's [mp, tile_k] tile, the codes' [tile_n, tile_k / 2], the scales' [tile_k / 64, tile_n]."""
+    """x's [mp, tile_k] tile, the codes' [tile_n, tile_k / 2] bytes ([tile_n, tile_k / 8] words,
+    untransformed, with gather), the scales' [tile_k / 64, tile_n]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tn, tk, lay = self.plan.tile_n, self.plan.tile_k, self.layouts
-    return [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16),
-            plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes),
+    codes = (plgpu.BlockSpec((tn, tk // 8), lambda s: (0, s)) if self.plan.gather else
+             plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes))
+    return [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16), codes,
             plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0))]
 
-  def parts(self, x_gmem, c_gmem, s_gmem, ni, si, blocksize: int):
-    """Program (ni, si)'s slices of x, the codes and the scales: K range si, W rows tile ni."""
+  def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
+    """Program (mi, ni, si)'s slices of x, the codes and the scales: x rows tile mi, W rows tile
+    ni, K range si."""
     from jax.experimental import pallas as pl
-    tn, tk, steps = self.plan.tile_n, self.plan.tile_k, self.steps
-    return (x_gmem.at[:, pl.ds(si * steps * tk, steps * tk)],
-            c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * steps * tk // 2, steps * tk // 2)],
+    tn, tk, steps, mp = self.plan.tile_n, self.plan.tile_k, self.steps, self.mp
+    per_code = 8 if self.plan.gather else 2     # K columns per element of the code array
+    return (x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],
+            c_gmem.at[pl.ds(ni * tn, tn),
+                      pl.ds(si * steps * tk // per_code, steps * tk // per_code)],
             s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
                       pl.ds(ni * tn, tn)])
 
@@ -419,30 +526,43 @@ class _SwapGeom:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tk, ch = self.plan.tile_k, self.plan.chunk
+    decode = _decode_gather if self.plan.gather else _decode_regs
     for j in range(tk // ch):
-      a = _decode_regs(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
-                       skip=self.plan.skip_decode)
+      a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
+                 skip=self.plan.skip_decode)
       plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
     plgpu.wgmma_wait(0)
 
-  def call(self, kernel, x2, codes, scales, n_out: int, **kernel_kw):
-    """Runs the kernel on the permuted x -> y [M, n_out] in x's dtype (f32 partials summed)."""
+  def call(self, kernel, x2, codes, scales, n_out: int, raw: bool = False, **kernel_kw):
+    """Runs the kernel -> y [M, n_out] in x's dtype. x is padded to m_tiles * mp rows (and
+    K-permuted by `_swap_x` unless gather); raw (bench only): x2 is that already, and what the
+    kernel writes comes back as it is, to time it without the XLA passes around it."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     n_pad = codes.shape[0]
+    m_pad = self.m_tiles * self.mp
+    out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16) if self.direct else
+           jax.ShapeDtypeStruct((self.plan.split, n_pad, m_pad), jnp.float32))
     f = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((self.plan.split, n_pad, self.mp), jnp.float32),
-        grid=(n_pad // self.plan.tile_n, self.plan.split), grid_names=("n", "s"),
+        kernel, out_type=out,
+        grid=(self.m_tiles, n_pad // self.plan.tile_n, self.plan.split),
+        grid_names=("m", "n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **kernel_kw)
-    y_t = f(_swap_x(x2, self.mp), codes, scales).sum(0)
-    return y_t[:n_out, :self.m].T.astype(x2.dtype)
+    if self.plan.gather:
+      codes = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
+    if raw:
+      return f(x2, codes, scales)
+    x2p = _pad_rows(x2, m_pad) if self.plan.gather else _swap_x(x2, m_pad)
+    y = f(x2p, codes, scales)
+    if not self.direct:
+      y = y.sum(0).T
+    return y[:self.m, :n_out].astype(x2.dtype)
 
 
-def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
-  """The small-M kernel (plan.swap): per program tile_n rows of W against all of x, split-K
+def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
+  """The small-M kernel (plan.swap): per program tile_n rows of W against mp rows of x, split-K
   over programs; y.T's tile accumulates in wgmma's f32 accumulator [tile_n, mp] with the decoded
-  W chunk as the register operand and x's shared tile (K-permuted, `_swap_x`) as the other."""
+  W chunk as the register operand and x's shared tile as the other."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -450,28 +570,23 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   tn = plan.tile_n
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem):
-    ni = lax.axis_index("n")
-    si = lax.axis_index("s")
+    mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
 
     def compute(acc_ref):
       plgpu.emit_pipeline(
           lambda idx, *refs: g.step(acc_ref, *refs, tile_n=tn),
           grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
           in_specs=g.in_specs(blocksize),
-      )(*g.parts(x_gmem, c_gmem, s_gmem, ni, si, blocksize))
+      )(*g.parts(x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize))
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
-    o_smem[...] = acc
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * tn, tn)])
-    plgpu.wait_smem_to_gmem(0)
+    g.store(acc, o_smem, o_gmem, mi, ni, si, 0, tn)
 
-  return g.call(kernel, x2, codes, scales, n_out,
-                scratch_types=[plgpu.SMEM((tn, g.mp), jnp.float32, transforms=g.out_transforms)])
+  return g.call(kernel, x2, codes, scales, n_out, raw, scratch_types=[g.out_scratch(tn)])
 
 
-def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
+def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
   """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding two compute
   warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
   the shared x tile; split-K over programs as in `_forward_swap`."""
@@ -479,12 +594,11 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   g = _SwapGeom.of(x2, plan)
-  tn, hn = plan.tile_n, plan.tile_n // 2
+  hn = plan.tile_n // 2
 
   def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
-    ni = lax.axis_index("n")
-    si = lax.axis_index("s")
-    parts = g.parts(x_gmem, c_gmem, s_gmem, ni, si, blocksize)
+    mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    parts = g.parts(x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -500,10 +614,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
         def acc_scope(acc_ref):
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
-          o_smem[wg] = acc_ref[...]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, pl.ds(ni * tn + wg * hn, hn)])
-          plgpu.wait_smem_to_gmem(0)
+          g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
         pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
 
       def body(idx, x_smem, c_smem, s_smem, acc_ref):
@@ -516,10 +627,10 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
     pl.run_scoped(
         scope,
         get_pipeline(ignore, ignore).get_allocations(*parts),
-        plgpu.SMEM((2, hn, g.mp), jnp.float32, transforms=g.out_transforms),
+        g.out_scratch(hn, (2,)),
         collective_axes="wg")
 
-  return g.call(kernel, x2, codes, scales, n_out, num_threads=3, thread_name="wg")
+  return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=3, thread_name="wg")
 
 
 def _scales_bf16(w: NF4, n_pad: int):
@@ -681,7 +792,8 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
           _decode_tile(c_smem.at[rows], s_smem.at[:, rows], w_buf, tile_n=hn, tile_k=tk,
                        blocksize=blocksize)
           plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, x_smem, w_buf.T)
+        if not plan.skip_mma:
+          plgpu.wgmma(acc_ref, x_smem, w_buf.T)
         plgpu.wgmma_wait(1 if plan.overlap else 0)
         return acc_ref
 
@@ -720,6 +832,10 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return f"epi_rows must be a multiple of 64 dividing tile_m (got {plan.epi_rows})"
   if plan.ws and not plan.swap and (plan.split > 1 or plan.tile_n % 128):
     return "ws takes no split, and tile_n a multiple of 128 (chunk is ignored)"
+  if plan.gather and (not plan.swap or plan.tile_m > 256):
+    return "gather takes swap, and tile_m <= 256 (x's rows are wgmma's N)"
+  if plan.skip_mma and (plan.swap or not plan.ws):
+    return "skip_mma takes ws without swap (the large-M warp-specialized kernel)"
   if plan.swap and (plan.overlap or (plan.ws and plan.tile_n % 128)):
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if plan.overlap and plan.stages < 2:
@@ -750,9 +866,9 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   n, k = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
-  if plan.swap and x2.shape[0] > 64:
-    raise ValueError(f"nf4_matmul_mgpu: the swap plan takes M <= 64 rows of x (got "
-                     f"{x2.shape[0]})")
+  if plan.swap and x2.shape[0] > 64 and not plan.gather:
+    raise ValueError(f"nf4_matmul_mgpu: the swap plan without gather takes M <= 64 rows of x "
+                     f"(got {x2.shape[0]})")
   if plan.split == 0:
     auto = _swap_split if plan.swap else _auto_split
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))

@@ -30,7 +30,15 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=3, split=2, chunk=128, swap=True),
          nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=4, split=2, chunk=64, swap=True,
-                           ws=True)]
+                           ws=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, gather=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=3, split=1, swap=True, gather=True),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, swap=True, ws=True,
+                           gather=True),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=2, swap=True,
+                           ws=True, gather=True),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=128, stages=2, swap=True, ws=True,
+                           gather=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -40,7 +48,7 @@ def _shape_of_nf4(n, k):
 
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
-          f"e{p.epi_rows}{'S' * p.swap}")
+          f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -89,7 +97,7 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   shared-memory budget) to one custom call, without a GPU."""
   m, n, k = mnk
   w = _shape_of_nf4(n, k)
-  x = jax.ShapeDtypeStruct((m if not plan.swap else min(m, 40), k), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((m if not plan.swap or plan.gather else min(m, 40), k), jnp.bfloat16)
   f = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -126,6 +134,41 @@ def test_swap_layout_pairs_codes_with_permuted_x():
   assert not np.allclose(NF4_CODE[a.astype(np.int64)] @ bad.T[:, :m], want)
 
 
+def test_gather_layout_pairs_codes_with_x_in_order():
+  """plan.gather: the operand built as `_decode_gather` fills it (thread t, lane l = t % 32,
+  q = l % 4: register (i, 8j + e, h) holds the pair of byte q of word e of block j of row
+  64i + 16(t // 32) + 8h + l // 4, i.e. code byte 32j + 4e + q, at logical columns
+  64j + 8e + 2q + (0, 1)) times x in its own order is W @ x.T. Gathering byte e*4 + q' of another
+  lane q' fails it."""
+  rng = np.random.default_rng(4)
+  n, k, m = 128, 256, 5
+  w = quantize_nf4(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+  codes = np.asarray(w.codes)
+  vals = np.stack([codes >> 4, codes & 15], -1).astype(np.int64)   # [n, k/2, 2]
+  words = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(codes).reshape(n, -1, 4),
+                                                  jnp.uint32))      # [n, k/8]
+
+  def operand(byte_of):
+    a = np.full((n, k), np.nan)
+    for t in range(128):
+      lane, q = t % 32, t % 4
+      for i in range(n // 64):
+        for h in range(2):
+          row = 64 * i + 16 * (t // 32) + 8 * h + lane // 4
+          for j in range(k // 64):
+            for e in range(8):
+              word = int(words[row, 8 * j + e])
+              byte = (word >> (8 * byte_of(q))) & 0xFF
+              a[row, 64 * j + 8 * e + 2 * q + np.arange(2)] = (byte >> 4, byte & 15)
+    assert not np.isnan(a).any()
+    return NF4_CODE[a.astype(np.int64)]
+
+  x = rng.normal(size=(m, k))
+  want = NF4_CODE[vals.reshape(n, k)] @ x.T
+  np.testing.assert_allclose(operand(lambda q: q) @ x.T, want, rtol=1e-9, atol=1e-9)
+  assert not np.allclose(operand(lambda q: 3 - q) @ x.T, want)
+
+
 def test_auto_split_reaches_the_program_target():
   """split=0: K is split (powers of two dividing the steps) until ~PROGRAMS programs, not beyond."""
   plan = nf4_mgpu.MgpuPlan(64, 128, 128, split=0)
@@ -159,6 +202,15 @@ def test_unsupported_calls_say_why():
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((65, 256), jnp.bfloat16),
                              quantize_nf4(jnp.ones((64, 256), jnp.float32)),
                              nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True))
+  assert "gather" in nf4_mgpu.check_supported(256, 64, jnp.bfloat16,
+                                              nf4_mgpu.MgpuPlan(gather=True))
+  assert "tile_m" in nf4_mgpu.check_supported(
+      256, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_m=512, swap=True, gather=True))
+  for bad in (nf4_mgpu.MgpuPlan(tile_n=128, skip_mma=True),
+              nf4_mgpu.MgpuPlan(tile_n=128, ws=True, swap=True, skip_mma=True)):
+    assert "skip_mma" in nf4_mgpu.check_supported(256, 64, jnp.bfloat16, bad)
+  assert "overlap" in nf4_mgpu.check_supported(
+      256, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, stages=2, swap=True, overlap=True))
   assert "epi_rows" in nf4_mgpu.check_supported(
       256, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(256, 128, 64, ws=True, epi_rows=96))
   with pytest.raises(ValueError, match="tile_k"):
@@ -172,7 +224,8 @@ def test_unsupported_calls_say_why():
                                  (300, 1000, 1024), (2048, 4096, 4096)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
   m, n, k = mnk
-  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and m > 64):
+  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and not plan.gather
+                                                              and m > 64):
     pytest.skip("shape not taken by this plan")
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
