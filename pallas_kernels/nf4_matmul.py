@@ -196,24 +196,61 @@ def _mgpu_small_plan():
   return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True)
 
 
-def _mgpu_takes(m: int, w, dtype) -> bool:
-  """Whether the default dispatch runs this call's forward on nf4_mgpu's swap kernel: 2 <= M <= 16,
-  or M == 1 on weights with K > N (the down projections, where the GEMV is weakest)."""
-  if not 1 <= m <= 16 or jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
-    return False
-  n, k = w.shape
-  if n * k < MGPU_MIN_WEIGHT or (m == 1 and k <= n):
-    return False
+# Session 11 (run s11_r4, H100, medians of 3 interleaved rounds, ratio to the bf16 dot): the swap
+# kernel for any M (plan.gather: x in its own order, each thread gathering its operand's code
+# bytes; warp-specialized, two compute warpgroups of 64 W rows each against a 256- or 128-row x
+# tile, wgmma N = x's rows) beat this module's plans at M = 256-1024 on the 8B and 70B gate/up,
+# down and q/o weights: M=256 8B gate/up 1.220 vs 1.663 ("mid", fused Triton), 8B down 1.244 vs
+# 1.353, 8B q/o 1.191 vs 1.311, 70B gate/up 1.227 vs 2.099, 70B q/o 1.345 vs 1.537; M=512 1.259
+# vs 1.726, 1.586 vs 1.866, 1.604 vs 1.665, 1.399 vs 1.916, 1.305 vs 1.863 (dequant + cuBLAS);
+# M=1024 8B down 1.241 vs 1.463, q/o 1.273 vs 1.380, 70B gate/up 1.335 vs 1.519, q/o 1.269 vs
+# 1.456, and lost on 8B gate/up, 1.523 vs 1.425. 256-row x tiles unsplit where they make >= 100
+# programs, else 128-row tiles with K split by the wave model (32-64 programs: 8B down at 256 2.72
+# vs 1.24). At M=2048 it is level (runs s11_r2/r3: 1.18-1.39 vs 1.22-1.28) and at 4096 behind
+# (1.21-1.34 vs 1.10-1.21), so larger M keeps dequant + cuBLAS; k/v weights (N = 1024) were not
+# measured and stay. The backward is unchanged.
+MGPU_MID_M = (256, 1024)
+MGPU_MID_MIN_N = 4096
+
+
+def _mgpu_mid_plan(m: int, n: int):
   from pallas_kernels import nf4_mgpu
-  return nf4_mgpu.available() and nf4_mgpu.check_supported(k, w.blocksize, dtype,
-                                                           _mgpu_small_plan()) is None
+  wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=128, stages=2, split=1, swap=True,
+                           ws=True, gather=True)
+  if -(-m // 256) * -(-n // 128) >= 100:
+    return wide
+  return dataclasses.replace(wide, tile_m=128, stages=3, split=0)
+
+
+def _mgpu_plan(m: int, w, dtype):
+  """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel at
+  2 <= M <= 16, or M == 1 on weights with K > N (the down projections, where the GEMV is weakest),
+  on weights of at least MGPU_MIN_WEIGHT elements; the gather kernel at MGPU_MID_M on weights of at
+  least MGPU_MID_MIN_N rows and columns."""
+  if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
+    return None
+  n, k = w.shape
+  if 1 <= m <= 16:
+    if n * k < MGPU_MIN_WEIGHT or (m == 1 and k <= n):
+      return None
+    plan = _mgpu_small_plan()
+  elif MGPU_MID_M[0] <= m <= MGPU_MID_M[1] and min(n, k) >= MGPU_MID_MIN_N:
+    plan = _mgpu_mid_plan(m, n)
+  else:
+    return None
+  from pallas_kernels import nf4_mgpu
+  if not nf4_mgpu.available() or nf4_mgpu.check_supported(k, w.blocksize, dtype, plan):
+    return None
+  return plan
 
 
 def _dispatch_plan(m: int, w, implementation: str | None, dtype) -> Plan:
   """The default plan of a call with M rows of x on weight w."""
   plan = _auto_plan(m, implementation, dtype)
-  if implementation != "xla" and plan.fwd == "fused" and _mgpu_takes(m, w, dtype):
-    plan = dataclasses.replace(plan, fwd="mgpu", mgpu=_mgpu_small_plan())
+  if implementation != "xla" and plan.fwd in ("fused", "dequant"):
+    mgpu = _mgpu_plan(m, w, dtype)
+    if mgpu is not None:
+      plan = dataclasses.replace(plan, fwd="mgpu", mgpu=mgpu)
   return plan
 
 

@@ -275,12 +275,38 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
   assert mod._dispatch_plan(16, big, None, jnp.bfloat16).fwd == "fused"
 
 
+def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
+  """256 <= M <= 1024, bf16 x, Hopper, weights of >= 4096 rows and columns: the gather kernel's
+  forward (256-row x tiles unsplit where they make >= 100 programs, else 128-row tiles split by
+  the wave model), the backward of the M bucket; not at M = 255 or 1025, on k/v-sized weights, for
+  f32 x, with implementation="xla" or off Hopper."""
+  from pallas_kernels import nf4_matmul as mod
+  monkeypatch.setattr(_common, "on_gpu", lambda: True)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
+  gate_up, q_o = _shape_of_nf4(28672, 8192), _shape_of_nf4(4096, 4096)
+  for m, w, tile_m, split in ((256, gate_up, 256, 1), (1024, gate_up, 256, 1),
+                              (256, q_o, 128, 0), (512, q_o, 128, 0), (1024, q_o, 256, 1)):
+    plan = mod._dispatch_plan(m, w, None, jnp.bfloat16)
+    assert plan.fwd == "mgpu" and plan.mgpu.gather and plan.mgpu.ws, (m, w.shape)
+    assert (plan.mgpu.tile_m, plan.mgpu.split) == (tile_m, split), (m, w.shape, plan.mgpu)
+    assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
+  for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (1025, q_o, None, jnp.bfloat16),
+                         (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
+                         (512, q_o, None, jnp.float32), (512, q_o, "xla", jnp.bfloat16)):
+    assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
+  assert mod._dispatch_plan(512, q_o, None, jnp.bfloat16).fwd == "dequant"
+
+
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672)])
+@pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (300, 4096, 14336),
+                                   (520, 14336, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5 and 1 (x [1, M, K]): the swap
-  kernel's forward and the Triton backward, against the f32 reference and its vjp."""
+  kernel's forward and the Triton backward; on 8B down and gate/up at M = 300 and 520, the gather
+  kernel's (128-row x tiles, split; 256-row) and dequant + cuBLAS; against the f32 reference and
+  its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
