@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -208,18 +209,28 @@ def _mgpu_small_plan():
 # programs, else 128-row tiles with K split by the wave model (32-64 programs: 8B down at 256 2.72
 # vs 1.24). At M=2048 it is level (runs s11_r2/r3: 1.18-1.39 vs 1.22-1.28) and at 4096 behind
 # (1.21-1.34 vs 1.10-1.21), so larger M keeps dequant + cuBLAS; k/v weights (N = 1024) were not
-# measured and stay. The backward is unchanged.
+# measured and stay. The backward is unchanged. Run s11_r5 (the dispatch, same job as the plans it
+# replaced) agreed on 23 of 24 weight x M, 70B down included (M=512 1.336 vs 2.028), and again lost
+# 8B gate/up at M=1024 (1.514 vs 1.453): there 448 programs fill 3.39 waves of the 132 SMs, the
+# last 39% full, where dequant + cuBLAS has caught up; above M=512 the kernel is taken only if its
+# waves are >= 90% full (the other M=1024 weights: 0.97).
 MGPU_MID_M = (256, 1024)
 MGPU_MID_MIN_N = 4096
+MGPU_MID_WAVES = 0.9
 
 
 def _mgpu_mid_plan(m: int, n: int):
+  """The gather kernel's plan at mid M, or None where it is expected to lose (see above)."""
   from pallas_kernels import nf4_mgpu
   wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=128, stages=2, split=1, swap=True,
                            ws=True, gather=True)
-  if -(-m // 256) * -(-n // 128) >= 100:
-    return wide
-  return dataclasses.replace(wide, tile_m=128, stages=3, split=0)
+  programs = -(-m // 256) * -(-n // 128)
+  if programs < 100:
+    return dataclasses.replace(wide, tile_m=128, stages=3, split=0)
+  waves = programs / nf4_mgpu.SMS
+  if m > 512 and waves / math.ceil(waves) < MGPU_MID_WAVES:
+    return None
+  return wide
 
 
 def _mgpu_plan(m: int, w, dtype):
@@ -237,6 +248,8 @@ def _mgpu_plan(m: int, w, dtype):
   elif MGPU_MID_M[0] <= m <= MGPU_MID_M[1] and min(n, k) >= MGPU_MID_MIN_N:
     plan = _mgpu_mid_plan(m, n)
   else:
+    plan = None
+  if plan is None:
     return None
   from pallas_kernels import nf4_mgpu
   if not nf4_mgpu.available() or nf4_mgpu.check_supported(k, w.blocksize, dtype, plan):
