@@ -33,7 +33,7 @@ def check(jax, jnp, mod, quant, plan, log):
   for m, n, k in ((1, 128, 256), (16, 192, 256), (40, 320, 512), (100, 320, 512),
                   (256, 1024, 4096), (2048, 4096, 4096)):
     if (mod.check_supported(k, 64, jnp.bfloat16, plan)
-        or (plan.swap and not plan.gather and m > 64)):
+        or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -55,12 +55,13 @@ def kernel_only_timer(bench, mod, plan, n, k, m, ops):
   mp = mod._swap_mp(m, plan)
   m_pad = -(-m // mp) * mp
   order = mod._pad_rows if plan.gather else mod._swap_x
-  prep = jax.jit(lambda x, w: (order(x, m_pad), (mod._pad_rows(w.codes, n_pad),
-                                                 mod._scales_bf16(w, n_pad))))
+  scales = (lambda w: mod._dq_inputs(w, n_pad)) if plan.dq else (
+      lambda w: (mod._scales_bf16(w, n_pad),))
+  prep = jax.jit(lambda x, w: (order(x, m_pad), (mod._pad_rows(w.codes, n_pad), scales(w))))
   parts = [prep(x, w) for x, w in zip(xs, qs)]
   fwd = mod._forward_swap_ws if plan.ws else mod._forward_swap
   first = lambda y: y if plan.split == 1 else y[0].T     # y, or partial 0 of y.T
-  op = lambda xp, cs: first(fwd(xp, *cs, n_out=n, blocksize=64, plan=plan, raw=True))
+  op = lambda xp, cs: first(fwd(xp, cs[0], cs[1], n_out=n, blocksize=64, plan=plan, raw=True))
   return bench.timer("mgpu", n, k, m, "fwd", op=op,
                      ops=(r, [p[1] for p in parts], wds, [p[0] for p in parts], dys))
 

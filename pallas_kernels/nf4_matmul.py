@@ -189,12 +189,22 @@ TUNED: dict[str, Plan] = {
 # 0.759 / 0.722 vs 0.752 / 0.745. At M=1 the GEMV stays, except on 70B down (K > N): swap 0.548
 # vs the GEMV's 0.610 (run s10_swap1 too: 0.546 vs 0.594); gate/up 0.591 vs 0.505, q/o 0.726 vs
 # 0.544, 8B down 0.825 vs 0.788 (not taken: below MGPU_MIN_WEIGHT).
+# Session 11 (run s11_r9, same job): with plan.dq (the double quant undone in the kernel, no XLA
+# pre-pass writing bf16 scales) the swap kernel at M=16 took 70B gate/up 0.517 (0.541 without),
+# down 0.548 (0.558), q/o 0.620 (0.719), and beat the Triton plan on 8B gate/up (0.631 vs 0.720)
+# and down (0.775 vs 0.800) but not q/o (0.875 vs 0.864); at M=4 70B gate/up 0.511 (dispatch
+# 0.586), 8B gate/up 0.706 (0.739), 8B down 0.753 (0.788). So 2 <= M <= 16 takes it on weights of
+# at least MGPU_DQ_MIN_WEIGHT elements (the 8B gate/up and down too); a weight without double quant,
+# or whose K and split leave the absmax copies unaligned, falls back to the bf16-scale kernel on
+# weights of at least MGPU_MIN_WEIGHT. M=1 (70B down) keeps the bf16-scale kernel it was measured
+# with.
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
+MGPU_DQ_MIN_WEIGHT = 1 << 25  # 14336 x 4096 (8B gate/up, down) and up
 
 
-def _mgpu_small_plan():
+def _mgpu_small_plan(dq: bool = True):
   from pallas_kernels import nf4_mgpu
-  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True)
+  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=dq)
 
 
 # Session 11 (run s11_r4, H100, medians of 3 interleaved rounds, ratio to the bf16 dot): the swap
@@ -235,23 +245,33 @@ def _mgpu_mid_plan(m: int, n: int):
 
 def _mgpu_plan(m: int, w, dtype):
   """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel at
-  2 <= M <= 16, or M == 1 on weights with K > N (the down projections, where the GEMV is weakest),
-  on weights of at least MGPU_MIN_WEIGHT elements; the gather kernel at MGPU_MID_M on weights of at
-  least MGPU_MID_MIN_N rows and columns."""
+  2 <= M <= 16 on weights of at least MGPU_DQ_MIN_WEIGHT elements (with plan.dq), or at M == 1 on
+  weights of at least MGPU_MIN_WEIGHT with K > N (the down projections, where the GEMV is
+  weakest); the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
+  columns."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
   n, k = w.shape
-  if 1 <= m <= 16:
-    if n * k < MGPU_MIN_WEIGHT or (m == 1 and k <= n):
+  from pallas_kernels import nf4_mgpu
+  if m == 1:
+    if n * k < MGPU_MIN_WEIGHT or k <= n:
+      return None
+    plan = _mgpu_small_plan(dq=False)
+  elif 2 <= m <= 16:
+    if n * k < MGPU_DQ_MIN_WEIGHT:
       return None
     plan = _mgpu_small_plan()
+    resolved = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))
+    if not w.double_quant or nf4_mgpu._dq_problem(k, resolved):
+      if n * k < MGPU_MIN_WEIGHT:
+        return None
+      plan = _mgpu_small_plan(dq=False)
   elif MGPU_MID_M[0] <= m <= MGPU_MID_M[1] and min(n, k) >= MGPU_MID_MIN_N:
     plan = _mgpu_mid_plan(m, n)
   else:
     plan = None
   if plan is None:
     return None
-  from pallas_kernels import nf4_mgpu
   if not nf4_mgpu.available() or nf4_mgpu.check_supported(k, w.blocksize, dtype, plan):
     return None
   return plan

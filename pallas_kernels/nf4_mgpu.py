@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,6 +87,9 @@ class MgpuPlan:
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
   skip_mma: bool = False   # bench only (wrong results): the decode without the wgmma, to time it
+  dq: bool = False         # swap: the double quant undone in the kernel (each program loads its
+                           # absmax codes, nested absmax, offset and the 256-entry map into shared
+                           # memory), instead of an XLA pre-pass writing bf16 scales
   gather: bool = False     # swap: x in its own order; each thread gathers the code bytes of its
                            # operand registers (`_decode_gather`), so any M (tile_m rows of x
                            # per program above 64)
@@ -99,15 +103,20 @@ PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of 
 
 
 SMS = 132       # streaming multiprocessors of an H100 (and H200): the swap split's wave model
-SMEM = 227 * 1024   # shared memory per SM available to blocks
+SMEM = 228 * 1024   # shared memory per SM; each resident block also takes 1 KB of it
 SWAP_FILL = 2
 
 
-def _swap_smem(m: int, plan: MgpuPlan) -> int:
-  """Bytes of shared memory one swap program takes: its pipeline stages and output tile."""
+def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
+  """Bytes of shared memory one swap program takes: its pipeline stages and output tile, and with
+  plan.dq (split resolved) its absmax codes, nested absmax, offset and map."""
   mp, tn, tk = _swap_mp(m, plan), plan.tile_n, plan.tile_k
-  stage = mp * tk * 2 + tn * tk // 2 + tk // 64 * tn * 2
-  return plan.stages * stage + tn * mp * 4 + 1024
+  stage = mp * tk * 2 + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
+  dq = 0
+  if plan.dq:
+    kr = k // 64 // max(plan.split, 1)
+    dq = tn * kr + (-(-tn * (k // 64) // 256 // 32) * 32 + 256) * 4 + 64
+  return plan.stages * stage + tn * mp * 4 + 1024 + dq
 
 
 def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
@@ -118,12 +127,14 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
   beat 1 at 70B gate/up, M=16: 94 vs 105 us)."""
   tiles = -(-n // plan.tile_n) * -(-m // _swap_mp(m, plan))
   steps = k // plan.tile_k
-  slots = SMS * max(1, min(8, SMEM // _swap_smem(m, plan)))
   best, best_cost = 1, None
   split = 1
   while steps % split == 0 and split <= steps:
+    at = dataclasses.replace(plan, split=split)
+    slots = SMS * max(1, min(8, SMEM // (_swap_smem(m, k, at) + 1024)))
     cost = -(-tiles * split // slots) * (steps // split + SWAP_FILL)
-    if best_cost is None or cost < best_cost:
+    ok = not plan.dq or _dq_problem(k, dataclasses.replace(plan, split=split)) is None
+    if ok and (best_cost is None or cost < best_cost):
       best, best_cost = split, cost
     split *= 2
   return best
@@ -300,6 +311,69 @@ def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, c
   body(c_smem, s_smem, w_smem)
 
 
+@dataclasses.dataclass(frozen=True)
+class _DQ:
+  """plan.dq: where a decode finds its scales. am: the absmax codes of the step's blocks, u8
+  [rows, tile_k / 64]; ne: the nested absmax of the program's (or warpgroup's) rows, from its first
+  row's first block's; qm: the 256-entry map (these three in shared memory); off: the offset (f32
+  [1] in global memory: a shared copy would cost a 128-byte buffer, and 70B gate/up fits 3
+  programs per SM with 80 bytes to spare; run s11_r8 read ne and qm from global memory too and was
+  slower); base: an i32 [128] array holding, in every element, row0 * B + the global index of the
+  step's first block (row0: the decode's first row in ne's rows), so that block j of row r has
+  nested absmax ne[(r * B + base + j) >> 8]; nblocks: B = K / 64."""
+  am: object
+  ne: object
+  qm: object
+  off: object
+  base: object
+  nblocks: int
+
+  @staticmethod
+  def arg_types():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return (plgpu.RefType(),) * 4 + (plgpu.Layout.WG_STRIDED((128,), vec_size=1),)
+
+  def args(self):
+    return (self.am, self.ne, self.qm, self.off, self.base)
+
+
+def _scale_fn(s_args, nblocks):
+  """Inside an `inline_mgpu` body: (row index value, static block) -> the i32 bf16 pair (s, s) of
+  that block's scale, from the bf16 scale tile [tile_k / 64, rows] or, with plan.dq, computed as
+  `dequantize_absmax` does (map[code] * nested, rounded, plus the offset, rounded: mul.rn and
+  add.rn, so nothing contracts them into one FMA) and rounded to bf16."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+  i32 = ir.IntegerType.get_signless(32)
+  i16 = ir.IntegerType.get_signless(16)
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  idx_c = lambda v: arith.constant(index, v)
+  pair = lambda b16: arith.ori(b16, arith.shli(b16, arith.constant(i32, 16)))
+  if not isinstance(s_args, tuple):
+    s_ref = s_args
+    return lambda row, blk: pair(arith.extui(i32, arith.bitcast(i16, memref.load(
+        s_ref, [idx_c(blk), row]))))
+  am, ne, qm, off, base = s_args
+  base_reg = base.registers.flat[0]
+  base = vector.extract(base_reg, [], [0]) if isinstance(base_reg.type, ir.VectorType) else base_reg
+  offset = memref.load(off, [idx_c(0)])
+  asm = lambda op, a, b: llvm.inline_asm(f32, [a, b], f"{op}.rn.f32 $0, $1, $2;", "=f,f,f",
+                                         has_side_effects=False)
+
+  def scale(row, blk):
+    code = arith.extui(i32, memref.load(am, [row, idx_c(blk)]))
+    r = arith.index_cast(i32, row)
+    nidx = arith.shrui(arith.addi(arith.addi(arith.muli(r, arith.constant(i32, nblocks)), base),
+                                  arith.constant(i32, blk)), arith.constant(i32, 8))
+    nested = memref.load(ne, [arith.index_cast(index, nidx)])
+    v = asm("add", asm("mul", memref.load(qm, [arith.index_cast(index, code)]), nested), offset)
+    b16 = llvm.inline_asm(i16, [v], "cvt.rn.bf16.f32 $0, $1;", "=h,f", has_side_effects=False)
+    return pair(arith.extui(i32, b16))
+
+  return scale
+
+
 def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   """The swap kernel's decode: columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile
   (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register
@@ -318,16 +392,19 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, memref
+  from jax._src.lib.mlir.dialects import arith, llvm
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes), plgpu.RefType()),
+  dq = isinstance(s_smem, _DQ)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes),
+                                _DQ.arg_types() if dq else plgpu.RefType()),
                      return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
                                                         layout=plgpu.Layout.WGMMA))
-  def body(ctx, c_ref, s_ref):
+  def body(ctx, c_ref, s_args):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    i16 = ir.IntegerType.get_signless(16)
     bf16 = ir.BF16Type.get()
+    scale = _scale_fn(s_args, s_smem.nblocks if dq else 0)
     code_layout = mgpu.WGMMA_LAYOUT_UPCAST_4X      # on bytes: 8 consecutive bytes per thread
     codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=lay.code_swizzle, layout=code_layout,
                                             is_signed=False)
@@ -338,17 +415,13 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
                            f"{a_shape}")
     decode = _pair_asm_op()
     pair_ty = ir.VectorType.get((2,), bf16)
-    index = ir.IndexType.get()
     lo, hi = col0 // 64, (col0 + cols) // 64      # code register column j: bytes 32j..32j+31
     regs = np.empty(a_shape, dtype=object)
     for (idx, creg), (row, _) in zip(np.ndenumerate(codes.registers),
                                      code_layout.thread_idxs((tile_n, tile_k // 2))):
       if not lo <= idx[1] < hi:
         continue
-      # blocksize 64: block j's bf16 scale -> the pair (s, s)
-      sb = arith.extui(i32, arith.bitcast(i16, memref.load(s_ref, [arith.constant(index, idx[1]),
-                                                                  row])))
-      sc = arith.ori(sb, arith.shli(sb, arith.constant(i32, 16)))
+      sc = scale(row, idx[1])        # blocksize 64: block idx[1]'s scale pair (s, s)
       words = mgpu_utils.bitcast(creg, ir.VectorType.get((2,), i32))
       for half in range(2):
         word = llvm.extractelement(words, arith.constant(i32, half))
@@ -358,7 +431,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
               outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
-  return body(c_smem, s_smem)
+  return body(c_smem, s_smem.args() if dq else s_smem)
 
 
 def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
@@ -377,17 +450,19 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+  from jax._src.lib.mlir.dialects import arith, llvm, vector
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+  dq = isinstance(s_smem, _DQ)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _DQ.arg_types() if dq else plgpu.RefType()),
                      return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
                                                         layout=plgpu.Layout.WGMMA))
-  def body(ctx, c_ref, s_ref):
+  def body(ctx, c_ref, s_args):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    i16 = ir.IntegerType.get_signless(16)
     bf16 = ir.BF16Type.get()
     index = ir.IndexType.get()
+    scale = _scale_fn(s_args, s_smem.nblocks if dq else 0)
     const = lambda v: arith.constant(i32, v)
     word_ty = ir.MemRefType(c_ref.type).element_type
     v4 = ir.VectorType.get((4,), word_ty)
@@ -410,9 +485,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
         continue            # one visit per row and 64-column block: registers e = 0..7
       j = idx[1] // 8
       blk = col0 // 64 + j
-      sb = arith.extui(i32, arith.bitcast(i16, memref.load(s_ref, [arith.constant(index, blk),
-                                                                  row])))
-      sc = arith.ori(sb, arith.shli(sb, const(16)))
+      sc = scale(row, blk)
       words = []
       for h in range(2):
         vec = vector.load(v4, c_ref, [row, arith.constant(index, 8 * blk + 4 * h)])
@@ -425,7 +498,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
           regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
-  return body(c_smem, s_smem)
+  return body(c_smem, s_smem.args() if dq else s_smem)
 
 
 def _swap_x(x2, mp: int):
@@ -471,6 +544,59 @@ class _SwapGeom:
     return self.plan.split == 1
 
   @property
+  def nblocks(self) -> int:
+    return self.k // 64
+
+  @property
+  def kr(self) -> int:
+    """Blocks of the absmax in one program's K range (plan.dq)."""
+    return self.k // 64 // self.plan.split
+
+  def dq_scratch(self, rows: int, lead=()):
+    """plan.dq: shared memory for the absmax codes [rows, kr], the rows' nested absmax and the
+    map, and a barrier per copy."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return [plgpu.SMEM(lead + (rows, self.kr), jnp.uint8),
+            plgpu.SMEM(lead + (self.ne_len(rows),), jnp.float32),
+            plgpu.SMEM(lead + (256,), jnp.float32),
+            plgpu.Barrier(num_barriers=3 * math.prod(lead))]
+
+  def ne_len(self, rows: int) -> int:
+    """Nested absmax values copied per program (or warpgroup) of `rows` W rows: those of its rows,
+    rounded up to 32 (a copy must be a multiple of 128 bytes)."""
+    return -(-rows * self.nblocks // 256 // 32) * 32
+
+  def dq_load(self, srcs, scratch, n0, si, rows: int, slot=None):
+    """Copies one program's (or warpgroup's) absmax codes and nested absmax of W rows [n0, n0 +
+    rows) and K range si, and the map, into `scratch` (at `slot` of its leading axis) and waits
+    -> what `dq_step` takes."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    am_g, ne_g, qm_g, off_g = srcs
+    *bufs, bars = scratch
+    if slot is not None:
+      bufs = [b.at[slot] for b in bufs]
+    gsrc = [am_g.at[pl.ds(n0, rows), pl.ds(si * self.kr, self.kr)],
+            ne_g.at[pl.ds(n0 * self.nblocks // 256, self.ne_len(rows))], qm_g]
+    first = 0 if slot is None else 3 * slot
+    for i, (src, dst) in enumerate(zip(gsrc, bufs)):
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[first + i])
+    for i in range(3):
+      plgpu.barrier_wait(bars.at[first + i])
+    return (*bufs, off_g)
+
+  def dq_step(self, bufs, idx, si):
+    """The step's `_DQ` (base: the global index of its first block)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    am, ne, qm, off = bufs
+    nb = self.plan.tile_k // 64
+    lc0 = idx * nb
+    base = plgpu.layout_cast(jnp.full((128,), si * self.kr + lc0, jnp.int32),
+                             plgpu.Layout.WG_STRIDED((128,), vec_size=1))
+    return _DQ(am.at[:, pl.ds(lc0, nb)], ne, qm, off, base, self.nblocks)
+
+  @property
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
@@ -505,8 +631,10 @@ class _SwapGeom:
     tn, tk, lay = self.plan.tile_n, self.plan.tile_k, self.layouts
     codes = (plgpu.BlockSpec((tn, tk // 8), lambda s: (0, s)) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes))
-    return [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16), codes,
-            plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0))]
+    specs = [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16), codes]
+    if not self.plan.dq:
+      specs.append(plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)))
+    return specs
 
   def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
     """Program (mi, ni, si)'s slices of x, the codes and the scales: x rows tile mi, W rows tile
@@ -514,11 +642,13 @@ class _SwapGeom:
     from jax.experimental import pallas as pl
     tn, tk, steps, mp = self.plan.tile_n, self.plan.tile_k, self.steps, self.mp
     per_code = 8 if self.plan.gather else 2     # K columns per element of the code array
-    return (x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],
-            c_gmem.at[pl.ds(ni * tn, tn),
-                      pl.ds(si * steps * tk // per_code, steps * tk // per_code)],
-            s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
-                      pl.ds(ni * tn, tn)])
+    parts = (x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],
+             c_gmem.at[pl.ds(ni * tn, tn),
+                       pl.ds(si * steps * tk // per_code, steps * tk // per_code)])
+    if self.plan.dq:
+      return parts
+    return parts + (s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
+                              pl.ds(ni * tn, tn)],)
 
   def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int):
     """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
@@ -551,9 +681,9 @@ class _SwapGeom:
     if self.plan.gather:
       codes = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
     if raw:
-      return f(x2, codes, scales)
+      return f(x2, codes, *scales)
     x2p = _pad_rows(x2, m_pad) if self.plan.gather else _swap_x(x2, m_pad)
-    y = f(x2p, codes, scales)
+    y = f(x2p, codes, *scales)
     if not self.direct:
       y = y.sum(0).T
     return y[:self.m, :n_out].astype(x2.dtype)
@@ -562,43 +692,54 @@ class _SwapGeom:
 def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
   """The small-M kernel (plan.swap): per program tile_n rows of W against mp rows of x, split-K
   over programs; y.T's tile accumulates in wgmma's f32 accumulator [tile_n, mp] with the decoded
-  W chunk as the register operand and x's shared tile as the other."""
+  W chunk as the register operand and x's shared tile as the other. `scales`: (bf16 scales,), or
+  with plan.dq `_dq_inputs`."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   g = _SwapGeom.of(x2, plan)
   tn = plan.tile_n
+  n_in = len(scales)
 
-  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem):
+  def kernel(x_gmem, c_gmem, *refs):
+    s_in, (o_gmem, o_smem, *dq_scratch) = refs[:n_in], refs[n_in:]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    bufs = g.dq_load(s_in, dq_scratch, ni * tn, si, tn) if plan.dq else None
 
     def compute(acc_ref):
+      def body(idx, x_smem, c_smem, *s_smem):
+        sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0]
+        g.step(acc_ref, x_smem, c_smem, sc, tile_n=tn)
+
       plgpu.emit_pipeline(
-          lambda idx, *refs: g.step(acc_ref, *refs, tile_n=tn),
-          grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
+          body, grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
           in_specs=g.in_specs(blocksize),
-      )(*g.parts(x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize))
+      )(*g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize))
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
     g.store(acc, o_smem, o_gmem, mi, ni, si, 0, tn)
 
-  return g.call(kernel, x2, codes, scales, n_out, raw, scratch_types=[g.out_scratch(tn)])
+  return g.call(kernel, x2, codes, scales, n_out, raw,
+                scratch_types=[g.out_scratch(tn)] + (g.dq_scratch(tn) if plan.dq else []))
 
 
 def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
   """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding two compute
   warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
-  the shared x tile; split-K over programs as in `_forward_swap`."""
+  the shared x tile (with plan.dq, each loads its half's absmax); split-K over programs as in
+  `_forward_swap`."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   g = _SwapGeom.of(x2, plan)
   hn = plan.tile_n // 2
+  n_in = len(scales)
 
-  def kernel(x_gmem, c_gmem, s_gmem, o_gmem):
+  def kernel(x_gmem, c_gmem, *refs):
+    s_in, o_gmem = refs[:n_in], refs[n_in]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
-    parts = g.parts(x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize)
+    parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -606,19 +747,24 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, g.steps),
           compute_context=compute_context)
 
-    def scope(allocs, o_smem):
+    def scope(allocs, o_smem, *dq_scratch):
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * hn, hn)
+      bufs = []
 
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
+          if plan.dq:
+            bufs[:] = g.dq_load(s_in, dq_scratch, g.plan.tile_n * ni + wg * hn, si, hn, slot=wg)
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
           g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
         pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
 
-      def body(idx, x_smem, c_smem, s_smem, acc_ref):
-        g.step(acc_ref, x_smem, c_smem.at[rows], s_smem.at[:, rows], tile_n=hn)
+      def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
+        *s_smem, acc_ref = rest
+        sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
+        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn)
         return acc_ref
 
       get_pipeline(body, compute_context)(*parts, allocations=allocs)
@@ -628,9 +774,31 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
         scope,
         get_pipeline(ignore, ignore).get_allocations(*parts),
         g.out_scratch(hn, (2,)),
+        *(g.dq_scratch(hn, (2,)) if plan.dq else []),
         collective_axes="wg")
 
   return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=3, thread_name="wg")
+
+
+def _dq_inputs(w: NF4, n_pad: int):
+  """plan.dq's kernel inputs: the absmax codes u8 [n_pad, K / 64], the nested absmax (zero-padded
+  by 32 past the padded rows' last, for whole 128-byte copies), the 256-entry map, the offset
+  [1]."""
+  nb = w.shape[1] // w.blocksize
+  ne = jnp.pad(w.nested_absmax, (0, n_pad * nb // 256 + 32 - w.nested_absmax.shape[0]))
+  return (_pad_rows(w.absmax, n_pad), ne, jnp.asarray(_quant().DYNAMIC_MAP, jnp.float32),
+          w.absmax_offset.reshape(1).astype(jnp.float32))
+
+
+def _dq_problem(k: int, plan: MgpuPlan) -> str | None:
+  """None if plan.dq (split resolved) can load its absmax tiles, else why not: a program's
+  K / 64 / split absmax bytes per row must be a multiple of 16 and at most 256 (one copy), and
+  K / 64 a multiple of 16 (aligned rows)."""
+  kr = k // 64 // max(plan.split, 1)
+  if (k // 64) % 16 or kr % 16 or kr > 256:
+    return (f"dq needs K / 64 and K / 64 / split multiples of 16, the latter <= 256 (K={k}, "
+            f"split={plan.split})")
+  return None
 
 
 def _scales_bf16(w: NF4, n_pad: int):
@@ -832,6 +1000,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return f"epi_rows must be a multiple of 64 dividing tile_m (got {plan.epi_rows})"
   if plan.ws and not plan.swap and (plan.split > 1 or plan.tile_n % 128):
     return "ws takes no split, and tile_n a multiple of 128 (chunk is ignored)"
+  if plan.dq and not plan.swap:
+    return "dq takes swap"
   if plan.gather and (not plan.swap or plan.tile_m > 256):
     return "gather takes swap, and tile_m <= 256 (x's rows are wgmma's N)"
   if plan.skip_mma and (plan.swap or not plan.ws):
@@ -872,10 +1042,13 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   if plan.split == 0:
     auto = _swap_split if plan.swap else _auto_split
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
+  if plan.dq and (not w.double_quant or _dq_problem(k, plan)):
+    raise ValueError(f"nf4_matmul_mgpu: {_dq_problem(k, plan) or 'dq needs a double-quant w'}")
   n_pad = -(-n // plan.tile_n) * plan.tile_n
   codes = _pad_rows(w.codes, n_pad)
   if plan.swap:
-    scales, fwd = _scales_bf16(w, n_pad), (_forward_swap_ws if plan.ws else _forward_swap)
+    scales = _dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),)
+    fwd = _forward_swap_ws if plan.ws else _forward_swap
   else:
     scales, fwd = _scale_pairs(w, n_pad), (_forward_ws if plan.ws else _forward)
   y = fwd(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)

@@ -9,6 +9,8 @@ rounded to bf16 (three roundings: codebook, absmax, product) before a bf16 wgmma
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,10 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=2, swap=True,
                            ws=True, gather=True),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=128, stages=2, swap=True, ws=True,
-                           gather=True)]
+                           gather=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=2, split=2, swap=True,
+                           ws=True, gather=True, dq=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -48,7 +53,7 @@ def _shape_of_nf4(n, k):
 
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
-          f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}")
+          f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -96,6 +101,10 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
   shared-memory budget) to one custom call, without a GPU."""
   m, n, k = mnk
+  if plan.dq and nf4_mgpu._dq_problem(k, plan) and plan.split:
+    pytest.skip("dq takes K / 64 / split a multiple of 16")
+  if plan.dq and k % 1024:
+    pytest.skip("dq takes K / 64 a multiple of 16")
   w = _shape_of_nf4(n, k)
   x = jax.ShapeDtypeStruct((m if not plan.swap or plan.gather else min(m, 40), k), jnp.bfloat16)
   f = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))
@@ -202,6 +211,11 @@ def test_unsupported_calls_say_why():
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((65, 256), jnp.bfloat16),
                              quantize_nf4(jnp.ones((64, 256), jnp.float32)),
                              nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True))
+  assert "dq" in nf4_mgpu.check_supported(1024, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(dq=True))
+  with pytest.raises(ValueError, match="dq needs K / 64"):
+    nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 512), jnp.bfloat16),
+                             quantize_nf4(jnp.ones((64, 512), jnp.float32)),
+                             nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True, dq=True))
   assert "gather" in nf4_mgpu.check_supported(256, 64, jnp.bfloat16,
                                               nf4_mgpu.MgpuPlan(gather=True))
   assert "tile_m" in nf4_mgpu.check_supported(
@@ -221,11 +235,12 @@ def test_unsupported_calls_say_why():
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
 @pytest.mark.parametrize("mnk", [(1, 128, 128), (16, 192, 256), (40, 576, 1024), (100, 320, 512),
-                                 (300, 1000, 1024), (2048, 4096, 4096)])
+                                 (300, 1000, 1024), (2048, 4096, 4096), (7, 4160, 2048)])
 def test_kernel_matches_reference_on_gpu(plan, mnk):
   m, n, k = mnk
-  if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and not plan.gather
-                                                              and m > 64):
+  if (nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and not plan.gather
+                                                               and m > 64)
+      or (plan.dq and (k % 1024 or (plan.split and nf4_mgpu._dq_problem(k, plan))))):
     pytest.skip("shape not taken by this plan")
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -234,6 +249,27 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   err = np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max()
   assert err < 2**-7, err
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,ws", [(16, 8192, 8192, False), (5, 4160, 14336, False),
+                                      (300, 4096, 4096, True)])
+def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):
+  """plan.dq (the double quant undone in the kernel, mul and add rounded apart, then bf16) gives
+  exactly the scales of the XLA pre-pass (`dequantize_absmax` -> bf16): the outputs of the same
+  plan with and without it are bit-identical."""
+  # the same split on both sides (split=0 may pick another for dq: the f32 partial sums differ)
+  plan = (nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=2, swap=True,
+                            ws=True, gather=True) if ws else
+          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=2, swap=True))
+  w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
+  x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+  run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
+  a, b = run(plan), run(dataclasses.replace(plan, dq=True))
+  assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+  ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
+  assert np.abs(b.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
 
 
 def test_refuses_a_gpu_without_wgmma(monkeypatch):
@@ -253,18 +289,28 @@ def test_refuses_a_stacked_weight():
 
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
-  """nf4_matmul's default forward for 2 <= M <= 16, bf16 x, on Hopper: the swap kernel for
-  weights of >= MGPU_MIN_WEIGHT elements (measured faster there), at M = 1 only where K > N (70B
-  down), the Triton plans otherwise."""
+  """nf4_matmul's default forward for 2 <= M <= 16, bf16 x, on Hopper: the swap kernel with the
+  double quant undone in-kernel (dq) for weights of >= MGPU_DQ_MIN_WEIGHT elements, the bf16-scale
+  one for weights without double quant of >= MGPU_MIN_WEIGHT, at M = 1 (bf16 scales) only where
+  K > N on >= MGPU_MIN_WEIGHT (70B down), the Triton plans otherwise (measured faster there)."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   big, small = _shape_of_nf4(8192, 8192), _shape_of_nf4(4096, 4096)
   plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
-  assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.bwd == "fused"
+  assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.mgpu.dq and plan.bwd == "fused"
   assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
+  for n, k in ((14336, 4096), (4096, 14336)):                       # 8B gate/up, down: dq only
+    assert mod._dispatch_plan(8, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu.dq
+    single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32),
+                                                 double_quant=False))
+    assert mod._dispatch_plan(8, single, None, jnp.bfloat16).fwd != "mgpu"
+  single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((8192, 8192), jnp.float32),
+                                               double_quant=False))
+  plan = mod._dispatch_plan(8, single, None, jnp.bfloat16)
+  assert plan.fwd == "mgpu" and not plan.mgpu.dq
   down = mod._dispatch_plan(1, _shape_of_nf4(8192, 28672), None, jnp.bfloat16)
-  assert down.fwd == "mgpu" and down.bwd == mod.TUNED["m1"].bwd
+  assert down.fwd == "mgpu" and not down.mgpu.dq and down.bwd == mod.TUNED["m1"].bwd
   assert mod._dispatch_plan(1, _shape_of_nf4(4096, 14336), None, jnp.bfloat16).fwd != "mgpu"
   for m, w, impl, dt in ((1, big, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
                          (16, small, None, jnp.bfloat16), (16, big, None, jnp.float32),
