@@ -24,19 +24,28 @@ never touches shared memory) and x's rows are wgmma's N (8 to 64), so nothing is
 A thread's registers of that operand cover pairs of W columns in an order set by wgmma; instead of
 shuffling the decoded values into it, x's K is permuted within each 64 columns (`_swap_x`, an XLA
 pass over the small x) so that a thread's 8 consecutive code bytes of a row decode, one PTX block
-per 4 bytes, into exactly its 8 operand registers for that row. Scales come as bf16 [K/64, N] (an
-XLA pre-pass undoes the double quant), K is split over programs by a wave model (`_swap_split`), and
-XLA sums the f32 partial tiles. nf4_matmul dispatches its forward for 2 <= M <= 16 on weights of at
-least 8192 x 8192 (70B gate/up at M=16: 0.537 of the bf16 dot against 0.691 for the Triton kernel,
-same job), and at M=1 on those with K > N (70B down); smaller weights stay on Triton
-(bench/RESULTS.md, "Session 10 runs").
+per 4 bytes, into exactly its 8 operand registers for that row. K is split over programs by a wave
+model (`_swap_split`) and XLA sums the f32 partial tiles. Scales: bf16 [K/64, N] from an XLA
+pre-pass, or (plan.dq, session 11) the double quant undone in the kernel from each program's
+absmax codes, nested absmax and map in shared memory, bit-identical and without the pass.
+nf4_matmul dispatches the dq kernel's forward for 2 <= M <= 16 on weights from 14336 x 4096 up
+(M=16: 70B gate/up 0.517 of the bf16 dot, 8B gate/up 0.631 against 0.720 for the Triton kernel,
+same job) and the bf16-scale one at M=1 on 70B down (bench/RESULTS.md, "Session 10 runs" and
+"Session 11 runs").
 
-Large M, measured (bench/RESULTS.md, "Session 9 runs"): correct, but slower than nf4_matmul's
-dispatch at every size, so nothing dispatches there. With one warpgroup the decode and the wgmma
-add up (~1.96x the bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute
-warpgroups, each decoding its half of the W rows against a 256-row x tile) 1.41-1.46x at M=2048
-and 4096, against 0.95-1.05x for the same kernel without its decode: the decode's instructions are
-the gap.
+Any M (plan.swap + plan.gather, session 11): x in its own order; each thread loads the code words
+of its rows' 64-column blocks and gathers the bytes its operand registers hold (`_decode_gather`),
+so no x pass, x's rows tiled over programs (tile_m <= 256) and, at split 1, y written directly
+through a transposed store. Warp-specialized with 256-row x tiles (wgmma m64n256k16): 1.18-1.39x
+the bf16 dot at M=2048 and 4096 (skeleton 1.03-1.08x), level with dequant + cuBLAS at 2048;
+nf4_matmul dispatches it at M=256-1024, where it beat the module's plans on 23 of 24 weight x M.
+
+Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
+nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
+bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
+decoding its half of the W rows into shared memory against a 256-row x tile) 1.41-1.46x at M=2048
+and 4096 (session 11: 1.50-1.70x, its decode alone 0.90x), against 0.95-1.05x for the same kernel
+without its decode.
 
 GPU only (Hopper): on another GPU `nf4_matmul_mgpu` raises; on the CPU JAX refuses to run it (no
 interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and the layout mapping are
@@ -93,10 +102,10 @@ class MgpuPlan:
   gather: bool = False     # swap: x in its own order; each thread gathers the code bytes of its
                            # operand registers (`_decode_gather`), so any M (tile_m rows of x
                            # per program above 64)
-  swap: bool = False       # small M (<= 64): y.T = W @ x.T, the decoded W tile wgmma's register
-                           # operand (never stored to shared memory) and x's rows wgmma's N (8,
-                           # 16, 32 or 64, not 64 padded rows); tile_m is ignored, tile_n rows of
-                           # W per program (a multiple of 64), chunk columns decoded per wgmma
+  swap: bool = False       # y.T = W @ x.T, the decoded W tile wgmma's register operand (never
+                           # stored to shared memory) and x's rows wgmma's N (8, 16, 32 or 64
+                           # for M <= 64, not 64 padded rows; tile_m above, with gather), tile_n
+                           # rows of W per program (a multiple of 64), chunk columns per wgmma
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)

@@ -26,8 +26,12 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          P(tile_n=128, tile_k=128, stages=4, split=2, chunk=64, swap=True, ws=True),
          P(tile_n=256, tile_k=256, stages=4, split=0, chunk=64, swap=True, ws=True, skip_decode=True),
          P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True, skip_decode=True),
-         P(256, 128, 64, 4, ws=True), P(128, 128, 64, 2)]
-SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192)]
+         P(256, 128, 64, 4, ws=True), P(128, 128, 64, 2),
+         # session 11: the swap kernels with gather (any M) and dq (double quant in the kernel)
+         P(tile_m=256, tile_n=128, tile_k=128, stages=2, split=1, swap=True, ws=True, gather=True),
+         P(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True, ws=True, gather=True),
+         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True)]
+SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
 def main():
@@ -41,7 +45,8 @@ def main():
   core._run_serde_pass = spy
   for plan in PLANS:
     for m, n, k in SHAPES:
-      if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan):
+      if (nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan)
+          or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)):
         continue
       w = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
       x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
