@@ -163,10 +163,12 @@ def available() -> bool:
   try:
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: F401
     import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: F401
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector  # noqa: F401
     return (all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
-                                            "emit_pipeline_warp_specialized", "ShapeDtypeStruct"))
-            and hasattr(getattr(plgpu, "Layout", None), "WGMMA")
+                                            "emit_pipeline_warp_specialized", "ShapeDtypeStruct",
+                                            "transpose_ref", "layout_cast"))
+            and all(hasattr(getattr(plgpu, "Layout", None), a)
+                    for a in ("WGMMA", "WGMMA_TRANSPOSED", "WG_STRIDED"))
             and hasattr(mgpu, "WGMMA_LAYOUT_UPCAST_4X") and hasattr(mgpu, "WGMMA_LAYOUT"))
   except ImportError:
     return False
@@ -383,6 +385,22 @@ def _scale_fn(s_args, nblocks):
   return scale
 
 
+def _operand_decode(code_type, s_smem, tile_n: int, cols: int):
+  """The `inline_mgpu` decorator of a swap decode: (code ref, scales) -> bf16 [tile_n, cols] in
+  WGMMA_LAYOUT; the scales are a ref (bf16 tile) or, with plan.dq, `_DQ.args()`. Call the
+  decorated body with `_scale_args(s_smem)`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  scales = _DQ.arg_types() if isinstance(s_smem, _DQ) else plgpu.RefType()
+  return plgpu.inline_mgpu(arg_types=(code_type, scales),
+                           return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
+                                                              layout=plgpu.Layout.WGMMA))
+
+
+def _scale_args(s_smem):
+  """What a decode body gets for its scales, and B for `_scale_fn` (0 for a bf16 tile)."""
+  return (s_smem.args(), s_smem.nblocks) if isinstance(s_smem, _DQ) else (s_smem, 0)
+
+
 def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   """The swap kernel's decode: columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile
   (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register
@@ -403,17 +421,14 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm
 
-  dq = isinstance(s_smem, _DQ)
+  s_args, nblocks = _scale_args(s_smem)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.codes),
-                                _DQ.arg_types() if dq else plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
-                                                        layout=plgpu.Layout.WGMMA))
+  @_operand_decode(plgpu.RefType(lay.codes), s_smem, tile_n, cols)
   def body(ctx, c_ref, s_args):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
-    scale = _scale_fn(s_args, s_smem.nblocks if dq else 0)
+    scale = _scale_fn(s_args, nblocks)
     code_layout = mgpu.WGMMA_LAYOUT_UPCAST_4X      # on bytes: 8 consecutive bytes per thread
     codes = mgpu.FragmentedArray.load_tiled(c_ref, swizzle=lay.code_swizzle, layout=code_layout,
                                             is_signed=False)
@@ -440,7 +455,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
               outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
-  return body(c_smem, s_smem.args() if dq else s_smem)
+  return body(c_smem, s_args)
 
 
 def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
@@ -461,17 +476,15 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm, vector
 
-  dq = isinstance(s_smem, _DQ)
+  s_args, nblocks = _scale_args(s_smem)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), _DQ.arg_types() if dq else plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
-                                                        layout=plgpu.Layout.WGMMA))
+  @_operand_decode(plgpu.RefType(), s_smem, tile_n, cols)
   def body(ctx, c_ref, s_args):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
     index = ir.IndexType.get()
-    scale = _scale_fn(s_args, s_smem.nblocks if dq else 0)
+    scale = _scale_fn(s_args, nblocks)
     const = lambda v: arith.constant(i32, v)
     word_ty = ir.MemRefType(c_ref.type).element_type
     v4 = ir.VectorType.get((4,), word_ty)
@@ -507,7 +520,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
           regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
-  return body(c_smem, s_smem.args() if dq else s_smem)
+  return body(c_smem, s_args)
 
 
 def _swap_x(x2, mp: int):

@@ -112,6 +112,24 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   assert "mosaic_gpu" in text
 
 
+def _operand_codes(n, k, pair):
+  """wgmma's register operand [n, k] as the swap kernels fill it: thread t of the warpgroup (lane
+  l = t % 32, q = l % 4) holds in register (i, 8j + e, h), at logical columns 64j + 8e + 2q + (0, 1)
+  of row 64i + 16(t // 32) + 8h + l // 4, the two codes pair(row, j, e, q); every slot written
+  once."""
+  a = np.full((n, k), np.nan)
+  for t in range(128):
+    lane, q = t % 32, t % 4
+    for i in range(n // 64):
+      for h in range(2):
+        row = 64 * i + 16 * (t // 32) + 8 * h + lane // 4
+        for j in range(k // 64):
+          for e in range(8):
+            a[row, 64 * j + 8 * e + 2 * q + np.arange(2)] = pair(row, j, e, q)
+  assert not np.isnan(a).any()
+  return a
+
+
 def test_swap_layout_pairs_codes_with_permuted_x():
   """The swap kernel's operand, built as `_decode_regs` maps it (thread t of the warpgroup, lane
   l = t % 32, q = l % 4: register (i, 8j + e, h) holds (value of the high nibble, of the low
@@ -123,16 +141,7 @@ def test_swap_layout_pairs_codes_with_permuted_x():
   w = quantize_nf4(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
   codes = np.asarray(w.codes)                                # [n, k / 2], byte j: 2j hi, 2j+1 lo
   vals = np.stack([codes >> 4, codes & 15], -1).astype(np.int64)   # [n, k/2, 2]
-  a = np.full((n, k), np.nan)
-  for t in range(128):
-    lane, q = t % 32, t % 4
-    for i in range(n // 64):
-      for h in range(2):
-        row = 64 * i + 16 * (t // 32) + 8 * h + lane // 4
-        for j in range(k // 64):
-          for e in range(8):
-            a[row, 64 * j + 8 * e + 2 * q + np.arange(2)] = vals[row, 32 * j + 8 * q + e]
-  assert not np.isnan(a).any()                               # every operand slot is written once
+  a = _operand_codes(n, k, lambda row, j, e, q: vals[row, 32 * j + 8 * q + e])
   x = rng.normal(size=(m, k)).astype(np.float32)
   xs = np.asarray(nf4_mgpu._swap_x(jnp.asarray(x), 8), np.float64)
   assert xs.shape == (8, k) and not xs[m:].any()
@@ -158,19 +167,10 @@ def test_gather_layout_pairs_codes_with_x_in_order():
                                                   jnp.uint32))      # [n, k/8]
 
   def operand(byte_of):
-    a = np.full((n, k), np.nan)
-    for t in range(128):
-      lane, q = t % 32, t % 4
-      for i in range(n // 64):
-        for h in range(2):
-          row = 64 * i + 16 * (t // 32) + 8 * h + lane // 4
-          for j in range(k // 64):
-            for e in range(8):
-              word = int(words[row, 8 * j + e])
-              byte = (word >> (8 * byte_of(q))) & 0xFF
-              a[row, 64 * j + 8 * e + 2 * q + np.arange(2)] = (byte >> 4, byte & 15)
-    assert not np.isnan(a).any()
-    return NF4_CODE[a.astype(np.int64)]
+    def pair(row, j, e, q):
+      byte = (int(words[row, 8 * j + e]) >> (8 * byte_of(q))) & 0xFF
+      return byte >> 4, byte & 15
+    return NF4_CODE[_operand_codes(n, k, pair).astype(np.int64)]
 
   x = rng.normal(size=(m, k))
   want = NF4_CODE[vals.reshape(n, k)] @ x.T
