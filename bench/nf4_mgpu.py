@@ -6,10 +6,13 @@ Mosaic kernel), interleaved rounds, each op compiled once.
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
-its boolean fields by name (+ws, +swap, +gather, +overlap, +skip_decode, +skip_mma) or
-+epi_rows=N; a plan is timed only up to max_m rows of x. +skip_decode times a kernel without its
-decode, +skip_mma one without its wgmma (results wrong, not checked). Runs of session 9 wrote the flags positionally: "256,128,64,4,1,64,0,1" is now
-"256,128,64,4,1,64+ws".
+its boolean fields by name (+ws, +swap, +gather, +dq, +overlap, +skip_decode, +skip_mma) or
++epi_rows=N; a plan is timed only up to max_m rows of x (swap plans without gather: 64).
++skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
+not checked); a plan whose check fails is not timed. --kernel-only also times each swap plan's
+kernel without the XLA passes around it. Runs of session 9 wrote the flags positionally:
+"256,128,64,4,1,64,0,1" is now "256,128,64,4,1,64+ws"; session 11's runs r1 and r3 used flags since
+removed (+pingpong, +overlap on swap plans).
 """
 import argparse
 import dataclasses
