@@ -54,15 +54,11 @@ def kernel_only_timer(bench, mod, plan, n, k, m, ops):
   jax = bench.jax
   r, qs, wds, xs, dys = ops
   plan = dataclasses.replace(plan, split=plan.split or mod._swap_split(m, n, k, plan))
-  n_pad = -(-n // plan.tile_n) * plan.tile_n
   mp = mod._swap_mp(m, plan)
   m_pad = -(-m // mp) * mp
-  order = mod._pad_rows if plan.gather else mod._swap_x
-  scales = (lambda w: mod._dq_inputs(w, n_pad)) if plan.dq else (
-      lambda w: (mod._scales_bf16(w, n_pad),))
-  prep = jax.jit(lambda x, w: (order(x, m_pad), (mod._pad_rows(w.codes, n_pad), scales(w))))
+  fwd = mod._forward_of(plan)
+  prep = jax.jit(lambda x, w: (mod._swap_x_in(x, m_pad, plan), mod._operands(w, plan)))
   parts = [prep(x, w) for x, w in zip(xs, qs)]
-  fwd = mod._forward_swap_ws if plan.ws else mod._forward_swap
   first = lambda y: y if plan.split == 1 else y[0].T     # y, or partial 0 of y.T
   op = lambda xp, cs: first(fwd(xp, cs[0], cs[1], n_out=n, blocksize=64, plan=plan, raw=True))
   return bench.timer("mgpu", n, k, m, "fwd", op=op,

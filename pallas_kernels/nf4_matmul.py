@@ -260,9 +260,9 @@ def _mgpu_plan(m: int, w, dtype):
   elif 2 <= m <= 16:
     if n * k < MGPU_DQ_MIN_WEIGHT:
       return None
-    plan = _mgpu_small_plan()
-    resolved = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))
-    if not w.double_quant or nf4_mgpu._dq_problem(k, resolved):
+    plan = _mgpu_small_plan()        # split resolved here: whether dq can load its absmax
+    plan = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))   # depends on it
+    if not w.double_quant or nf4_mgpu._dq_problem(k, plan):
       if n * k < MGPU_MIN_WEIGHT:
         return None
       plan = _mgpu_small_plan(dq=False)

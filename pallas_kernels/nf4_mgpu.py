@@ -97,8 +97,8 @@ class MgpuPlan:
                              # pipeline and wgmma without the decode
   skip_mma: bool = False   # bench only (wrong results): the decode without the wgmma, to time it
   dq: bool = False         # swap: the double quant undone in the kernel (each program loads its
-                           # absmax codes, nested absmax, offset and the 256-entry map into shared
-                           # memory), instead of an XLA pre-pass writing bf16 scales
+                           # absmax codes, nested absmax and the 256-entry map into shared memory,
+                           # the offset from global), instead of an XLA pre-pass's bf16 scales
   gather: bool = False     # swap: x in its own order; each thread gathers the code bytes of its
                            # operand registers (`_decode_gather`), so any M (tile_m rows of x
                            # per program above 64)
@@ -116,15 +116,21 @@ SMEM = 228 * 1024   # shared memory per SM; each resident block also takes 1 KB 
 SWAP_FILL = 2
 
 
+def _ne_len(rows: int, nblocks: int) -> int:
+  """plan.dq: nested absmax values copied per program (or warpgroup) of `rows` W rows of K / 64 =
+  nblocks blocks: those of its rows, rounded up to 32 (a copy must be a multiple of 128 bytes)."""
+  return -(-rows * nblocks // 256 // 32) * 32
+
+
 def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
   """Bytes of shared memory one swap program takes: its pipeline stages and output tile, and with
-  plan.dq (split resolved) its absmax codes, nested absmax, offset and map."""
+  plan.dq (split resolved) its absmax codes, nested absmax, map and barriers."""
   mp, tn, tk = _swap_mp(m, plan), plan.tile_n, plan.tile_k
   stage = mp * tk * 2 + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
   dq = 0
   if plan.dq:
     kr = k // 64 // max(plan.split, 1)
-    dq = tn * kr + (-(-tn * (k // 64) // 256 // 32) * 32 + 256) * 4 + 64
+    dq = tn * kr + (_ne_len(tn, k // 64) + 256) * 4 + 64
   return plan.stages * stage + tn * mp * 4 + 1024 + dq
 
 
@@ -142,7 +148,7 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
     at = dataclasses.replace(plan, split=split)
     slots = SMS * max(1, min(8, SMEM // (_swap_smem(m, k, at) + 1024)))
     cost = -(-tiles * split // slots) * (steps // split + SWAP_FILL)
-    ok = not plan.dq or _dq_problem(k, dataclasses.replace(plan, split=split)) is None
+    ok = not plan.dq or _dq_problem(k, at) is None
     if ok and (best_cost is None or cost < best_cost):
       best, best_cost = split, cost
     split *= 2
@@ -328,10 +334,10 @@ class _DQ:
   [rows, tile_k / 64]; ne: the nested absmax of the program's (or warpgroup's) rows, from its first
   row's first block's; qm: the 256-entry map (these three in shared memory); off: the offset (f32
   [1] in global memory: a shared copy would cost a 128-byte buffer, and 70B gate/up fits 3
-  programs per SM with 80 bytes to spare; run s11_r8 read ne and qm from global memory too and was
-  slower); base: an i32 [128] array holding, in every element, row0 * B + the global index of the
-  step's first block (row0: the decode's first row in ne's rows), so that block j of row r has
-  nested absmax ne[(r * B + base + j) >> 8]; nblocks: B = K / 64."""
+  programs per SM; run s11_r8 read ne and qm from global memory too and was slower); base: an i32
+  [128] array holding, in every element, the global index of the step's first block, so that
+  block j of row r (of ne's rows) has nested absmax ne[(r * B + base + j) >> 8]; nblocks:
+  B = K / 64."""
   am: object
   ne: object
   qm: object
@@ -531,6 +537,11 @@ def _swap_x(x2, mp: int):
   return x2.reshape(mp, k // 64, 4, 8, 2).transpose(0, 1, 3, 2, 4).reshape(mp, k)
 
 
+def _swap_x_in(x2, m_pad: int, plan: MgpuPlan):
+  """x as the swap kernels take it: rows padded to m_pad and, without gather, K permuted."""
+  return _pad_rows(x2, m_pad) if plan.gather else _swap_x(x2, m_pad)
+
+
 def _swap_mp(m: int, plan: MgpuPlan) -> int:
   """x's rows per swap program, wgmma's N: 8, 16, 32 or 64 covering M <= 64, else tile_m (M > 64
   needs plan.gather: x is not permuted)."""
@@ -584,9 +595,7 @@ class _SwapGeom:
             plgpu.Barrier(num_barriers=3 * math.prod(lead))]
 
   def ne_len(self, rows: int) -> int:
-    """Nested absmax values copied per program (or warpgroup) of `rows` W rows: those of its rows,
-    rounded up to 32 (a copy must be a multiple of 128 bytes)."""
-    return -(-rows * self.nblocks // 256 // 32) * 32
+    return _ne_len(rows, self.nblocks)
 
   def dq_load(self, srcs, scratch, n0, si, rows: int, slot=None):
     """Copies one program's (or warpgroup's) absmax codes and nested absmax of W rows [n0, n0 +
@@ -704,8 +713,7 @@ class _SwapGeom:
       codes = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
     if raw:
       return f(x2, codes, *scales)
-    x2p = _pad_rows(x2, m_pad) if self.plan.gather else _swap_x(x2, m_pad)
-    y = f(x2p, codes, *scales)
+    y = f(_swap_x_in(x2, m_pad, self.plan), codes, *scales)
     if not self.direct:
       y = y.sum(0).T
     return y[:self.m, :n_out].astype(x2.dtype)
@@ -777,7 +785,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
           if plan.dq:
-            bufs[:] = g.dq_load(s_in, dq_scratch, g.plan.tile_n * ni + wg * hn, si, hn, slot=wg)
+            bufs[:] = g.dq_load(s_in, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
           g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
@@ -1066,12 +1074,23 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
   if plan.dq and (not w.double_quant or _dq_problem(k, plan)):
     raise ValueError(f"nf4_matmul_mgpu: {_dq_problem(k, plan) or 'dq needs a double-quant w'}")
-  n_pad = -(-n // plan.tile_n) * plan.tile_n
-  codes = _pad_rows(w.codes, n_pad)
-  if plan.swap:
-    scales = _dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),)
-    fwd = _forward_swap_ws if plan.ws else _forward_swap
-  else:
-    scales, fwd = _scale_pairs(w, n_pad), (_forward_ws if plan.ws else _forward)
-  y = fwd(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
+  codes, scales = _operands(w, plan)
+  y = _forward_of(plan)(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)
+
+
+def _forward_of(plan: MgpuPlan):
+  """The kernel function that runs `plan`."""
+  if plan.swap:
+    return _forward_swap_ws if plan.ws else _forward_swap
+  return _forward_ws if plan.ws else _forward
+
+
+def _operands(w: NF4, plan: MgpuPlan):
+  """W's inputs to `_forward_of(plan)`: the codes with rows padded to tile_n, and the scales
+  (bf16 pairs; bf16 for swap plans, or with plan.dq `_dq_inputs`)."""
+  n_pad = -(-w.shape[0] // plan.tile_n) * plan.tile_n
+  codes = _pad_rows(w.codes, n_pad)
+  if not plan.swap:
+    return codes, _scale_pairs(w, n_pad)
+  return codes, (_dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),))

@@ -178,6 +178,41 @@ def test_gather_layout_pairs_codes_with_x_in_order():
   assert not np.allclose(operand(lambda q: 3 - q) @ x.T, want)
 
 
+def _dq_scales(w, n_pad, tn, tile_k, split, shift_base=0):
+  """plan.dq's scales as the kernel computes them (`_DQ`, `_scale_fn`, `_SwapGeom.dq_load` and
+  `dq_step`), emulated with numpy f32 on `_dq_inputs`: program (ni, si), step idx, row r, block j:
+  map[code] * ne_window[(r * B + base + j) >> 8] + offset, each rounded to f32, then bf16."""
+  am, ne, qm, off = (np.asarray(a) for a in nf4_mgpu._dq_inputs(w, n_pad))
+  nb_all = w.shape[1] // 64
+  kr, nb = nb_all // split, tile_k // 64
+  out = np.zeros((nb_all, n_pad), np.float32)
+  for ni in range(n_pad // tn):
+    win = ne[ni * tn * nb_all // 256:][:nf4_mgpu._ne_len(tn, nb_all)]
+    for si in range(split):
+      for idx in range(kr // nb):
+        base = si * kr + idx * nb + shift_base
+        for r in range(tn):
+          for j in range(nb):
+            code = am[ni * tn + r, si * kr + idx * nb + j]
+            prod = np.float32(qm[code]) * win[(r * nb_all + base + j) >> 8]
+            out[si * kr + idx * nb + j, ni * tn + r] = np.float32(prod) + off[0]
+  return np.asarray(jnp.asarray(out).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_dq_scales_match_the_prepass():
+  """plan.dq's in-kernel scales (emulated) equal the XLA pre-pass's bf16 scales bit for bit, on
+  rows past N's 64-row padding and several programs and steps; a base without the program's K
+  offset does not."""
+  n, k = 200, 4096
+  w = quantize_nf4(jax.random.normal(jax.random.key(7), (n, k), jnp.float32)
+                   * jnp.exp(jax.random.normal(jax.random.key(8), (n, 1))))
+  want = np.asarray(nf4_mgpu._scales_bf16(w, 256).astype(jnp.float32))[:, :n]
+  got = _dq_scales(w, 256, 64, 512, 2)[:, :n]
+  np.testing.assert_array_equal(got, want)
+  bad = _dq_scales(w, 256, 64, 512, 2, shift_base=-32)[:, :n]
+  assert not np.array_equal(bad, want)
+
+
 def test_auto_split_reaches_the_program_target():
   """split=0: K is split (powers of two dividing the steps) until ~PROGRAMS programs, not beyond."""
   plan = nf4_mgpu.MgpuPlan(64, 128, 128, split=0)
