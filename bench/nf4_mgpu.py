@@ -6,10 +6,12 @@ Mosaic kernel), interleaved rounds, each op compiled once.
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
-its boolean fields by name (+ws, +swap, +gather, +dq, +overlap, +skip_decode, +skip_mma) or
-+epi_rows=N; a plan is timed only up to max_m rows of x (swap plans without gather: 64).
+its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +overlap, +skip_decode,
++skip_mma) or +epi_rows=N, +stream=N; a plan is timed only up to max_m rows of x (swap plans
+without gather: 64).
 +skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
-not checked); a plan whose check fails is not timed. --kernel-only also times each swap plan's
+not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
+(against the f32 product of x and the dequantized W). --kernel-only also times each swap plan's
 kernel without the XLA passes around it. Runs of session 9 wrote the flags positionally:
 "256,128,64,4,1,64,0,1" is now "256,128,64,4,1,64+ws"; session 11's runs r1 and r3 used flags since
 removed (+pingpong, +overlap on swap plans).
@@ -36,7 +38,8 @@ def check(jax, jnp, mod, quant, plan, log):
   for m, n, k in ((1, 128, 256), (16, 192, 256), (40, 320, 512), (100, 320, 512),
                   (256, 1024, 4096), (2048, 4096, 4096)):
     if (mod.check_supported(k, 64, jnp.bfloat16, plan)
-        or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)):
+        or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)
+        or (plan.stream and mod._swap_smem(m, k, plan) > mod.SMEM - 1024)):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -131,9 +134,22 @@ def main():
       triton = bench.mod._auto_plan(m, None, jnp.bfloat16)   # the Triton/XLA plan of this M
       if bench.mod._dispatch_plan(m, qs[0], None, jnp.bfloat16) != triton:
         timers["triton"] = bench.timer("triton", n, k, m, "fwd", plan=triton, ops=ops)
+      ref = None
       for plan in ok:
         if m > max_ms[plan] or mod.check_supported(k, qs[0].blocksize, jnp.bfloat16, plan):
           continue
+        if not (plan.skip_decode or plan.skip_mma):   # checked at the timed shape too
+          if ref is None:
+            ref = xs[0].astype(jnp.float32) @ wds[0].astype(jnp.float32).T
+          try:
+            y = jax.jit(lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))(xs[0], qs[0])
+            err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+          except Exception as e:
+            log(dict(kind="check_failed", shape=name, m=m, plan=str(plan), error=repr(e)[:2000]))
+            continue
+          log(dict(kind="check", shape=name, m=m, plan=str(plan), max_rel_err=err))
+          if not err < 2**-7:
+            continue
         timers[str(plan)] = bench.timer(
             "mgpu", n, k, m, "fwd", ops=ops,
             op=lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))

@@ -106,6 +106,13 @@ class MgpuPlan:
                            # stored to shared memory) and x's rows wgmma's N (8, 16, 32 or 64
                            # for M <= 64, not 64 padded rows; tile_m above, with gather), tile_n
                            # rows of W per program (a multiple of 64), chunk columns per wgmma
+  stream: int = 0          # swap without ws: each program runs this many consecutive tile_n-row
+                           # tiles of W over its K range in one pipeline (no drain between
+                           # tiles), its x rows' K range copied to shared memory once, not per
+                           # step; 0: one tile per program
+  reduce: bool = False     # swap + stream, split > 1: the programs' f32 tiles of y.T added into
+                           # one zeroed buffer by TMA (cp.reduce.async.bulk .add), not written as
+                           # [split, N, M] partials for XLA to sum
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -126,11 +133,15 @@ def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
   """Bytes of shared memory one swap program takes: its pipeline stages and output tile, and with
   plan.dq (split resolved) its absmax codes, nested absmax, map and barriers."""
   mp, tn, tk = _swap_mp(m, plan), plan.tile_n, plan.tile_k
-  stage = mp * tk * 2 + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
+  x_stage = 0 if plan.stream else mp * tk * 2
+  stage = x_stage + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
   dq = 0
+  rows = tn * max(plan.stream, 1)
   if plan.dq:
     kr = k // 64 // max(plan.split, 1)
-    dq = tn * kr + (_ne_len(tn, k // 64) + 256) * 4 + 64
+    dq = rows * kr + (_ne_len(rows, k // 64) + 256) * 4 + 64
+  if plan.stream:    # x's K range, resident, and a barrier per step of it
+    dq += mp * k // max(plan.split, 1) * 2 + 8 * k // max(plan.split, 1) // tk
   return plan.stages * stage + tn * mp * 4 + 1024 + dq
 
 
@@ -140,14 +151,14 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
   allows (at most 8); ties go to the smaller split. Each program streams tile_n rows over
   K / split; SWAP_FILL steps stand for its pipeline fill and epilogue (run s10_swap2: split 4
   beat 1 at 70B gate/up, M=16: 94 vs 105 us)."""
-  tiles = -(-n // plan.tile_n) * -(-m // _swap_mp(m, plan))
+  tiles = -(-n // (plan.tile_n * max(plan.stream, 1))) * -(-m // _swap_mp(m, plan))
   steps = k // plan.tile_k
   best, best_cost = 1, None
   split = 1
   while steps % split == 0 and split <= steps:
     at = dataclasses.replace(plan, split=split)
     slots = SMS * max(1, min(8, SMEM // (_swap_smem(m, k, at) + 1024)))
-    cost = -(-tiles * split // slots) * (steps // split + SWAP_FILL)
+    cost = -(-tiles * split // slots) * (max(plan.stream, 1) * steps // split + SWAP_FILL)
     ok = not plan.dq or _dq_problem(k, at) is None
     if ok and (best_cost is None or cost < best_cost):
       best, best_cost = split, cost
@@ -597,10 +608,10 @@ class _SwapGeom:
   def ne_len(self, rows: int) -> int:
     return _ne_len(rows, self.nblocks)
 
-  def dq_load(self, srcs, scratch, n0, si, rows: int, slot=None):
+  def dq_load(self, srcs, scratch, n0, si, rows: int, slot=None, wait=True):
     """Copies one program's (or warpgroup's) absmax codes and nested absmax of W rows [n0, n0 +
     rows) and K range si, and the map, into `scratch` (at `slot` of its leading axis) and waits
-    -> what `dq_step` takes."""
+    (unless not `wait`: then `dq_wait` before the first use) -> what `dq_step` takes."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     am_g, ne_g, qm_g, off_g = srcs
@@ -612,18 +623,30 @@ class _SwapGeom:
     first = 0 if slot is None else 3 * slot
     for i, (src, dst) in enumerate(zip(gsrc, bufs)):
       plgpu.copy_gmem_to_smem(src, dst, bars.at[first + i])
-    for i in range(3):
-      plgpu.barrier_wait(bars.at[first + i])
+    if wait:
+      self.dq_wait(scratch, first)
     return (*bufs, off_g)
 
-  def dq_step(self, bufs, idx, si):
-    """The step's `_DQ` (base: the global index of its first block)."""
+  @staticmethod
+  def dq_wait(scratch, first=0):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    for i in range(3):
+      plgpu.barrier_wait(scratch[-1].at[first + i])
+
+  def dq_step(self, bufs, idx, si, tile=None):
+    """The step's `_DQ` (base: the global index of its first block, counted from the first row
+    of the copied absmax; with plan.stream, of tile `tile` of the program's)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     am, ne, qm, off = bufs
     nb = self.plan.tile_k // 64
     lc0 = idx * nb
-    base = plgpu.layout_cast(jnp.full((128,), si * self.kr + lc0, jnp.int32),
+    first = si * self.kr + lc0
+    if tile is not None:
+      tn = self.plan.tile_n
+      am = am.at[pl.ds(tile * tn, tn)]
+      first = first + tile * (tn * self.nblocks)
+    base = plgpu.layout_cast(jnp.full((128,), first, jnp.int32),
                              plgpu.Layout.WG_STRIDED((128,), vec_size=1))
     return _DQ(am.at[:, pl.ds(lc0, nb)], ne, qm, off, base, self.nblocks)
 
@@ -639,6 +662,28 @@ class _SwapGeom:
                         transforms=_transforms(_swizzle(rows * 2), 2))
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
                       transforms=_transforms(_swizzle(self.mp * 4), 4))
+
+  def store_async(self, acc, o_smem, o_gmem, mi, n0, si):
+    """plan.stream: tile y.T [tile_n, mp] of W rows from n0 -> o_smem -> y, the partials or (
+    plan.reduce) added into y.T by TMA, not waited for; o_smem is rewritten once the last such
+    store has read it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    rows = self.plan.tile_n
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if self.direct:
+      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+      dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(n0, rows)]
+    else:
+      o_smem[...] = acc
+      dst = (o_gmem.at[pl.ds(n0, rows), pl.ds(mi * self.mp, self.mp)] if self.plan.reduce else
+             o_gmem.at[si, pl.ds(n0, rows), pl.ds(mi * self.mp, self.mp)])
+    plgpu.commit_smem()
+    if self.plan.reduce:
+      plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add")
+    else:
+      plgpu.copy_smem_to_gmem(o_smem, dst)
 
   def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int):
     """The accumulator y.T [rows, mp] -> shared memory -> y (or the partials) in global memory."""
@@ -660,11 +705,17 @@ class _SwapGeom:
     untransformed, with gather), the scales' [tile_k / 64, tile_n]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tn, tk, lay = self.plan.tile_n, self.plan.tile_k, self.layouts
-    codes = (plgpu.BlockSpec((tn, tk // 8), lambda s: (0, s)) if self.plan.gather else
-             plgpu.BlockSpec((tn, tk // 2), lambda s: (0, s), transforms=lay.codes))
-    specs = [plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16), codes]
+    if self.plan.stream:     # grid (tile, step); x is resident, not a pipeline input
+      c_map, s_map = (lambda t, s: (t, s)), (lambda t, s: (s, t))
+    else:
+      c_map, s_map = (lambda s: (0, s)), (lambda s: (s, 0))
+    codes = (plgpu.BlockSpec((tn, tk // 8), c_map) if self.plan.gather else
+             plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
+    specs = [codes]
+    if not self.plan.stream:
+      specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16))
     if not self.plan.dq:
-      specs.append(plgpu.BlockSpec((tk // blocksize, tn), lambda s: (s, 0)))
+      specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
     return specs
 
   def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
@@ -672,10 +723,13 @@ class _SwapGeom:
     ni, K range si."""
     from jax.experimental import pallas as pl
     tn, tk, steps, mp = self.plan.tile_n, self.plan.tile_k, self.steps, self.mp
+    tn = tn * max(self.plan.stream, 1)          # W rows per program
     per_code = 8 if self.plan.gather else 2     # K columns per element of the code array
     parts = (x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],
              c_gmem.at[pl.ds(ni * tn, tn),
                        pl.ds(si * steps * tk // per_code, steps * tk // per_code)])
+    if self.plan.stream:
+      parts = parts[1:]
     if self.plan.dq:
       return parts
     return parts + (s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
@@ -703,12 +757,28 @@ class _SwapGeom:
     m_pad = self.m_tiles * self.mp
     out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16) if self.direct else
            jax.ShapeDtypeStruct((self.plan.split, n_pad, m_pad), jnp.float32))
-    f = plgpu.kernel(
-        kernel, out_type=out,
-        grid=(self.m_tiles, n_pad // self.plan.tile_n, self.plan.split),
-        grid_names=("m", "n", "s"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        **kernel_kw)
+    reduce = self.plan.reduce and not self.direct
+    grid = (self.m_tiles, n_pad // self.plan.tile_n // max(self.plan.stream, 1), self.plan.split)
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+    if reduce:
+      # y.T [n_pad, m_pad] f32 as a zeroed Ref each program's tiles are added into (aliased in
+      # and out; plgpu.kernel's batching wrapper takes no Ref, so pl.kernel on its mesh)
+      from jax.experimental import pallas as pl
+      scratch = kernel_kw.pop("scratch_types", ())
+      mesh = plgpu.Mesh(grid=grid, grid_names=("m", "n", "s"), **kernel_kw)
+
+      def body(*refs):
+        pl.run_scoped(functools.partial(kernel, *refs), *scratch)
+
+      run = pl.kernel(body, out_type=(), mesh=mesh, compiler_params=params)
+
+      def f(*args):
+        acc = jax.new_ref(jnp.zeros((n_pad, m_pad), jnp.float32))
+        run(*args, acc)
+        return acc[...][None]
+    else:
+      f = plgpu.kernel(kernel, out_type=out, grid=grid, grid_names=("m", "n", "s"),
+                       compiler_params=params, **kernel_kw)
     if self.plan.gather:
       codes = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
     if raw:
@@ -752,6 +822,67 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=Fa
 
   return g.call(kernel, x2, codes, scales, n_out, raw,
                 scratch_types=[g.out_scratch(tn)] + (g.dq_scratch(tn) if plan.dq else []))
+
+
+def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
+  """plan.swap + plan.stream: `_forward_swap` with each program running plan.stream consecutive
+  tile_n-row tiles of W over its K range as one pipeline of (tile, step), so the code copies of
+  the next tile are in flight while this one finishes. x's rows [mp, K range] are copied to shared
+  memory once per program (the other kernels copy x's tile every step, as many bytes as the codes'
+  at M=16). At each tile's last step the accumulator goes out through a TMA store (or add, with
+  plan.reduce) that is not waited for, and is zeroed."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  g = _SwapGeom.of(x2, plan)
+  tn, st, tk = plan.tile_n, plan.stream, plan.tile_k
+  n_in = len(scales)
+
+  def kernel(x_gmem, c_gmem, *refs):
+    s_in, (o_gmem, x_smem, x_bars, o_smem, *dq_scratch) = refs[:n_in], refs[n_in:]
+    mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    n0 = ni * (st * tn)
+    k0 = si * (g.steps * tk)
+    for s in range(g.steps):
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * g.mp, g.mp), pl.ds(k0 + s * tk, tk)],
+                              x_smem.at[s], x_bars.at[s])
+    bufs = (g.dq_load(s_in, dq_scratch, n0, si, st * tn, wait=False) if plan.dq else None)
+
+    def compute(acc_ref):
+      def body(idx, c_smem, *s_smem):
+        t, s = idx
+
+        @pl.when(t == 0)
+        def _():
+          plgpu.barrier_wait(x_bars.at[s])
+          if plan.dq:
+            @pl.when(s == 0)
+            def _():
+              g.dq_wait(dq_scratch)
+
+        sc = g.dq_step(bufs, s, si, tile=t) if plan.dq else s_smem[0]
+        g.step(acc_ref, x_smem.at[s], c_smem, sc, tile_n=tn)
+        acc = acc_ref[...]
+        last = s == g.steps - 1
+
+        @pl.when(last)
+        def _():
+          g.store_async(acc, o_smem, o_gmem, mi, n0 + t * tn, si)
+
+        acc_ref[...] = acc * jnp.where(last, 0.0, 1.0).astype(jnp.float32)
+
+      plgpu.emit_pipeline(
+          body, grid=(st, g.steps), max_concurrent_steps=min(plan.stages, st * g.steps),
+          in_specs=g.in_specs(blocksize),
+      )(*g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize))
+
+    pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.layouts.bf16),
+             plgpu.Barrier(num_barriers=g.steps), g.out_scratch(tn)]
+  return g.call(kernel, x2, codes, scales, n_out, raw,
+                scratch_types=scratch + (g.dq_scratch(st * tn) if plan.dq else []))
 
 
 def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
@@ -1038,6 +1169,10 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "skip_mma takes ws without swap (the large-M warp-specialized kernel)"
   if plan.swap and (plan.overlap or (plan.ws and plan.tile_n % 128)):
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
+  if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
+    return "stream and reduce take swap without ws"
+  if plan.reduce and not plan.stream:
+    return "reduce takes stream"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -1074,6 +1209,10 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
   if plan.dq and (not w.double_quant or _dq_problem(k, plan)):
     raise ValueError(f"nf4_matmul_mgpu: {_dq_problem(k, plan) or 'dq needs a double-quant w'}")
+  if plan.stream and (need := _swap_smem(x2.shape[0], k, plan)) > SMEM - 1024:
+    raise ValueError(f"nf4_matmul_mgpu: this stream plan needs {need} bytes of shared memory per "
+                     f"program (x's rows of the K range are resident), over {SMEM - 1024}: take a "
+                     "larger split or fewer stages")
   codes, scales = _operands(w, plan)
   y = _forward_of(plan)(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)
@@ -1082,6 +1221,8 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
 def _forward_of(plan: MgpuPlan):
   """The kernel function that runs `plan`."""
   if plan.swap:
+    if plan.stream:
+      return _forward_swap_stream
     return _forward_swap_ws if plan.ws else _forward_swap
   return _forward_ws if plan.ws else _forward
 
@@ -1089,7 +1230,8 @@ def _forward_of(plan: MgpuPlan):
 def _operands(w: NF4, plan: MgpuPlan):
   """W's inputs to `_forward_of(plan)`: the codes with rows padded to tile_n, and the scales
   (bf16 pairs; bf16 for swap plans, or with plan.dq `_dq_inputs`)."""
-  n_pad = -(-w.shape[0] // plan.tile_n) * plan.tile_n
+  rows = plan.tile_n * max(plan.stream, 1)     # W rows per program
+  n_pad = -(-w.shape[0] // rows) * rows
   codes = _pad_rows(w.codes, n_pad)
   if not plan.swap:
     return codes, _scale_pairs(w, n_pad)
