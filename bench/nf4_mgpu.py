@@ -38,7 +38,7 @@ def check(jax, jnp, mod, quant, plan, log):
   for m, n, k in ((1, 128, 256), (16, 192, 256), (40, 320, 512), (100, 320, 512),
                   (256, 1024, 4096), (2048, 4096, 4096)):
     if (mod.check_supported(k, 64, jnp.bfloat16, plan)
-        or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)
+        or (plan.swap and not plan.gather and m > 64) or (plan.dq and mod._dq_problem(k, plan))
         or (plan.stream and mod._swap_smem(m, k, plan) > mod.SMEM - 1024)):
       continue
     w = quant.quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)

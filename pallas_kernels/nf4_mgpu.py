@@ -603,7 +603,12 @@ class _SwapGeom:
     return [plgpu.SMEM(lead + (rows, self.kr), jnp.uint8),
             plgpu.SMEM(lead + (self.ne_len(rows),), jnp.float32),
             plgpu.SMEM(lead + (256,), jnp.float32),
-            plgpu.Barrier(num_barriers=3 * math.prod(lead))]
+            plgpu.Barrier(num_barriers=self.dq_copies(rows) * math.prod(lead))]
+
+  def dq_copies(self, rows: int) -> int:
+    """Copies (and barriers) of `dq_load`: a TMA copy takes at most 256 elements per dimension,
+    so the absmax rows and the nested absmax go in pieces of 256."""
+    return -(-rows // 256) + -(-self.ne_len(rows) // 256) + 1
 
   def ne_len(self, rows: int) -> int:
     return _ne_len(rows, self.nblocks)
@@ -618,19 +623,27 @@ class _SwapGeom:
     *bufs, bars = scratch
     if slot is not None:
       bufs = [b.at[slot] for b in bufs]
-    gsrc = [am_g.at[pl.ds(n0, rows), pl.ds(si * self.kr, self.kr)],
-            ne_g.at[pl.ds(n0 * self.nblocks // 256, self.ne_len(rows))], qm_g]
-    first = 0 if slot is None else 3 * slot
-    for i, (src, dst) in enumerate(zip(gsrc, bufs)):
+    am, ne, qm = bufs
+    at = lambda a, i: a if i == 0 else a + i      # (no add of 0: plans before stream unchanged)
+    size = lambda i, total: min(256, total - i)
+    copies = [(am_g.at[pl.ds(at(n0, r), size(r, rows)), pl.ds(si * self.kr, self.kr)],
+               am if rows <= 256 else am.at[pl.ds(r, size(r, rows))])
+              for r in range(0, rows, 256)]
+    ne0, ne_len = n0 * self.nblocks // 256, self.ne_len(rows)
+    copies += [(ne_g.at[pl.ds(at(ne0, e), size(e, ne_len))],
+                ne if ne_len <= 256 else ne.at[pl.ds(e, size(e, ne_len))])
+               for e in range(0, ne_len, 256)]
+    copies.append((qm_g, qm))
+    first = 0 if slot is None else self.dq_copies(rows) * slot
+    for i, (src, dst) in enumerate(copies):
       plgpu.copy_gmem_to_smem(src, dst, bars.at[first + i])
     if wait:
-      self.dq_wait(scratch, first)
+      self.dq_wait(scratch, rows, first)
     return (*bufs, off_g)
 
-  @staticmethod
-  def dq_wait(scratch, first=0):
+  def dq_wait(self, scratch, rows: int, first=0):
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    for i in range(3):
+    for i in range(self.dq_copies(rows)):
       plgpu.barrier_wait(scratch[-1].at[first + i])
 
   def dq_step(self, bufs, idx, si, tile=None):
@@ -858,7 +871,7 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
           if plan.dq:
             @pl.when(s == 0)
             def _():
-              g.dq_wait(dq_scratch)
+              g.dq_wait(dq_scratch, st * tn)
 
         sc = g.dq_step(bufs, s, si, tile=t) if plan.dq else s_smem[0]
         g.step(acc_ref, x_smem.at[s], c_smem, sc, tile_n=tn)

@@ -405,12 +405,12 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (300, 4096, 14336),
-                                   (520, 14336, 4096)])
+                                   (520, 11264, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5 and 1 (x [1, M, K]): the swap
-  kernel's forward and the Triton backward; on 8B down and gate/up at M = 300 and 520, the gather
-  kernel's (128-row x tiles, split; 256-row) and dequant + cuBLAS; against the f32 reference and
-  its vjp."""
+  kernel's forward and the Triton backward; on 8B down at M = 300 and 11264 x 4096 at 520, the gather
+  kernel's (128-row x tiles, split; 256-row, 264 programs: two full waves) and dequant + cuBLAS;
+  against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
