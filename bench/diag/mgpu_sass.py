@@ -41,7 +41,7 @@ def main():
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (args.n, args.k), jnp.float32) * 0.02)
   for text in args.plans:
     plan, _ = parse_plan(mod, text)
-    m = min(args.m, 64) if plan.swap else args.m
+    m = min(args.m, 64) if plan.swap and not plan.gather else args.m
     x = jnp.ones((m, args.k), jnp.bfloat16)
     before = set(os.listdir(args.dir))
     jax.block_until_ready(jax.jit(lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))(x, w))
