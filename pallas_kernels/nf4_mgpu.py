@@ -110,6 +110,10 @@ class MgpuPlan:
                            # tiles of W over its K range in one pipeline (no drain between
                            # tiles), its x rows' K range copied to shared memory once, not per
                            # step; 0: one tile per program
+  lut: bool = False        # swap without ws: each code byte decoded by one shared-memory load of
+                           # its bf16 pair from a [256 bytes, 32 lanes] table (`lut_asm`: 4
+                           # instructions per 2 weights, conflict-free) instead of `pair_asm`'s
+                           # byte-permute lookups; the table costs 32 KB per program
   reduce: bool = False     # swap + stream, split > 1: the programs' f32 tiles of y.T added into
                            # one zeroed buffer by TMA (cp.reduce.async.bulk .add), not written as
                            # [split, N, M] partials for XLA to sum
@@ -142,7 +146,8 @@ def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
     dq = rows * kr + (_ne_len(rows, k // 64) + 256) * 4 + 64
   if plan.stream:    # x's K range, resident, and a barrier per step of it
     dq += mp * k // max(plan.split, 1) * 2 + 8 * k // max(plan.split, 1) // tk
-  return plan.stages * stage + tn * mp * 4 + 1024 + dq
+  lut = 256 * LUT_LANES * 4 + 8 if plan.lut else 0
+  return plan.stages * stage + tn * mp * 4 + 1024 + dq + lut
 
 
 def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
@@ -230,6 +235,49 @@ def pair_asm_emulated(words, scale_bf16):
   return (vals * s).astype(jnp.bfloat16)
 
 
+LUT_LANES = 32     # plan.lut: the table's copies, one per lane (lane l reads only bank l)
+
+
+@functools.cache
+def lut_asm() -> str:
+  """PTX, `pair_asm`'s interface with a shared-memory table instead of the byte planes: 4 code
+  bytes in $4, their bf16 scale pair in $5, this lane's address in the table in $6 (a u32 shared
+  address: the table is u32 [256, LUT_LANES], byte b's unscaled pair at row b, column lane) -> in
+  $0..$3 the words of bytes 0..3 as `pair_asm` gives them. Per byte one extract, one multiply-add
+  of the address, one load and the bf16x2 multiply by the scale (fma with -0, as pair_asm)."""
+  regs = ".reg .b32 c, sc, z, a0, a1, a2, a3, v0, v1, v2, v3;"
+  body = ["mov.b32 c, $4; mov.b32 sc, $5; mov.b32 z, 0x80008000;",
+          "and.b32 a0, c, 0xff; prmt.b32 a1, c, 0, 0x4441; prmt.b32 a2, c, 0, 0x4442; "
+          "shr.b32 a3, c, 24;"]
+  body += [f"mad.lo.u32 a{i}, a{i}, {4 * LUT_LANES}, $6;" for i in range(4)]
+  body += [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
+  body += [f"fma.rn.bf16x2 ${i}, v{i}, sc, z;" for i in range(4)]
+  return "{ " + regs + " " + " ".join(body) + " }"
+
+
+@functools.cache
+def lut_table() -> np.ndarray:
+  """plan.lut's table, u32 [256, LUT_LANES]: row b is byte b's pair of bf16 codebook values (the
+  high nibble's in the low half), repeated for every lane."""
+  import ml_dtypes
+  code = np.asarray(_quant().NF4_CODE, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  b = np.arange(256)
+  pair = code[b >> 4].astype(np.uint32) | (code[b & 15].astype(np.uint32) << 16)
+  return np.ascontiguousarray(np.repeat(pair[:, None], LUT_LANES, axis=1))
+
+
+def lut_emulated(words, scale_bf16):
+  """`lut_asm` in numpy through `lut_table` (lane 0): uint32 code words [...] and bf16 scales
+  [...] -> bf16 [..., 8], as `pair_asm_emulated`."""
+  import ml_dtypes
+  c = np.asarray(words, np.uint32)
+  pairs = lut_table()[:, 0][np.stack([(c >> (8 * i)) & 0xFF for i in range(4)], -1)]
+  vals = np.stack([pairs & 0xFFFF, pairs >> 16], -1).astype(np.uint16).view(ml_dtypes.bfloat16)
+  vals = vals.reshape(*c.shape, 8).astype(np.float32)
+  s = np.asarray(scale_bf16, ml_dtypes.bfloat16).astype(np.float32)[..., None]
+  return (vals * s).astype(ml_dtypes.bfloat16)
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 def _swizzle(row_bytes: int) -> int:
@@ -282,6 +330,27 @@ def _pair_asm_op():
 
   def decode(word, sc, then=lambda v: v):
     res = llvm.inline_asm(struct, [word, sc, *planes], asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                          has_side_effects=False)
+    return [then(llvm.extractvalue(i32, res, [e])) for e in range(4)]
+
+  return decode
+
+
+def _lut_op(lut_ref):
+  """Inside an `inline_mgpu` body: `_pair_asm_op`'s decode through `lut_asm` and the table at
+  lut_ref (shared memory, u32 [256, LUT_LANES]), this lane's address computed once, here."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  i32 = ir.IntegerType.get_signless(32)
+  base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(lut_ref))
+  lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, LUT_LANES))
+  addr = arith.addi(base, arith.muli(lane, arith.constant(i32, 4)))
+  struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+  asm = lut_asm()
+
+  def decode(word, sc, then=lambda v: v):
+    res = llvm.inline_asm(struct, [word, sc, addr], asm, "=r,=r,=r,=r,r,r,r",
                           has_side_effects=False)
     return [then(llvm.extractvalue(i32, res, [e])) for e in range(4)]
 
@@ -402,13 +471,13 @@ def _scale_fn(s_args, nblocks):
   return scale
 
 
-def _operand_decode(code_type, s_smem, tile_n: int, cols: int):
-  """The `inline_mgpu` decorator of a swap decode: (code ref, scales) -> bf16 [tile_n, cols] in
-  WGMMA_LAYOUT; the scales are a ref (bf16 tile) or, with plan.dq, `_DQ.args()`. Call the
-  decorated body with `_scale_args(s_smem)`."""
+def _operand_decode(code_type, s_smem, tile_n: int, cols: int, lut: bool = False):
+  """The `inline_mgpu` decorator of a swap decode: (code ref, scales[, table ref]) -> bf16
+  [tile_n, cols] in WGMMA_LAYOUT; the scales are a ref (bf16 tile) or, with plan.dq,
+  `_DQ.args()`; the table (plan.lut) a ref. Call the decorated body with `_scale_args(s_smem)`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   scales = _DQ.arg_types() if isinstance(s_smem, _DQ) else plgpu.RefType()
-  return plgpu.inline_mgpu(arg_types=(code_type, scales),
+  return plgpu.inline_mgpu(arg_types=(code_type, scales) + ((plgpu.RefType(),) if lut else ()),
                            return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
                                                               layout=plgpu.Layout.WGMMA))
 
@@ -418,7 +487,7 @@ def _scale_args(s_smem):
   return (s_smem.args(), s_smem.nblocks) if isinstance(s_smem, _DQ) else (s_smem, 0)
 
 
-def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
+def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None):
   """The swap kernel's decode: columns [col0, col0 + cols) of the [tile_n, tile_k / 2] code tile
   (with their bf16 scales [tile_k / 64, tile_n]) -> bf16 [tile_n, cols] in wgmma's register
   operand layout (WGMMA_LAYOUT), K permuted within each 64 columns as `_swap_x` permutes x;
@@ -440,8 +509,8 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
 
   s_args, nblocks = _scale_args(s_smem)
 
-  @_operand_decode(plgpu.RefType(lay.codes), s_smem, tile_n, cols)
-  def body(ctx, c_ref, s_args):
+  @_operand_decode(plgpu.RefType(lay.codes), s_smem, tile_n, cols, lut is not None)
+  def body(ctx, c_ref, s_args, *lut_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
@@ -454,7 +523,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
     if (a_shape[0], a_shape[2:]) != (c_shape[0], c_shape[2:]) or a_shape[1] * 8 != cols:
       raise AssertionError(f"nf4_mgpu: code and operand register grids differ: {c_shape} vs "
                            f"{a_shape}")
-    decode = _pair_asm_op()
+    decode = _lut_op(lut_ref[0]) if lut_ref else _pair_asm_op()
     pair_ty = ir.VectorType.get((2,), bf16)
     lo, hi = col0 // 64, (col0 + cols) // 64      # code register column j: bytes 32j..32j+31
     regs = np.empty(a_shape, dtype=object)
@@ -472,10 +541,10 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
               outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
-  return body(c_smem, s_args)
+  return body(c_smem, s_args, *([] if lut is None else [lut]))
 
 
-def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
+def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None):
   """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
   of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
   scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
@@ -495,8 +564,8 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
 
   s_args, nblocks = _scale_args(s_smem)
 
-  @_operand_decode(plgpu.RefType(), s_smem, tile_n, cols)
-  def body(ctx, c_ref, s_args):
+  @_operand_decode(plgpu.RefType(), s_smem, tile_n, cols, lut is not None)
+  def body(ctx, c_ref, s_args, *lut_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
@@ -516,7 +585,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
     a_shape = layout.registers_shape((tile_n, cols))
     if a_shape[1] * 8 != cols:
       raise AssertionError(f"nf4_mgpu: unexpected operand register grid {a_shape}")
-    decode = _pair_asm_op()
+    decode = _lut_op(lut_ref[0]) if lut_ref else _pair_asm_op()
     pair_ty = ir.VectorType.get((2,), bf16)
     regs = np.empty(a_shape, dtype=object)
     for idx, (row, _) in zip(np.ndindex(a_shape), layout.thread_idxs((tile_n, cols))):
@@ -537,7 +606,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False):
           regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
-  return body(c_smem, s_args)
+  return body(c_smem, s_args, *([] if lut is None else [lut]))
 
 
 def _swap_x(x2, mp: int):
@@ -667,6 +736,20 @@ class _SwapGeom:
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
+  @staticmethod
+  def lut_scratch():
+    """plan.lut: shared memory for the table and the barrier of its copy."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return [plgpu.SMEM((256, LUT_LANES), jnp.uint32), plgpu.Barrier(num_barriers=1)]
+
+  @staticmethod
+  def lut_load(lut_g, scratch):
+    """Starts the table's copy into shared memory -> (table, its barrier)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    lut, bar = scratch
+    plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
+    return lut, bar
+
   def out_scratch(self, rows: int, lead=()):
     """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -748,16 +831,18 @@ class _SwapGeom:
     return parts + (s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
                               pl.ds(ni * tn, tn)],)
 
-  def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int):
+  def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int, lut=None):
     """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
-    wgmma issued before the next chunk's decode; all done before the step's buffers go back."""
+    wgmma issued before the next chunk's decode; all done before the step's buffers go back.
+    lut: plan.lut's table in shared memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tk, ch = self.plan.tile_k, self.plan.chunk
     decode = _decode_gather if self.plan.gather else _decode_regs
+    kw = {} if lut is None else dict(lut=lut)
     for j in range(tk // ch):
       a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
-                 skip=self.plan.skip_decode)
+                 skip=self.plan.skip_decode, **kw)
       plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
     plgpu.wgmma_wait(0)
 
@@ -815,14 +900,21 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=Fa
   n_in = len(scales)
 
   def kernel(x_gmem, c_gmem, *refs):
-    s_in, (o_gmem, o_smem, *dq_scratch) = refs[:n_in], refs[n_in:]
+    s_in, (o_gmem, o_smem, *scratch) = refs[:n_in], refs[n_in:]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
-    bufs = g.dq_load(s_in, dq_scratch, ni * tn, si, tn) if plan.dq else None
+    lut = None
+    if plan.lut:
+      *s_in, lut_g = s_in
+      *scratch, lut, lut_bar = scratch
+      g.lut_load(lut_g, (lut, lut_bar))
+    bufs = g.dq_load(s_in, scratch, ni * tn, si, tn) if plan.dq else None
+    if plan.lut:
+      plgpu.barrier_wait(lut_bar.at[0])
 
     def compute(acc_ref):
       def body(idx, x_smem, c_smem, *s_smem):
         sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0]
-        g.step(acc_ref, x_smem, c_smem, sc, tile_n=tn)
+        g.step(acc_ref, x_smem, c_smem, sc, tile_n=tn, lut=lut)
 
       plgpu.emit_pipeline(
           body, grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
@@ -834,7 +926,8 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=Fa
     g.store(acc, o_smem, o_gmem, mi, ni, si, 0, tn)
 
   return g.call(kernel, x2, codes, scales, n_out, raw,
-                scratch_types=[g.out_scratch(tn)] + (g.dq_scratch(tn) if plan.dq else []))
+                scratch_types=[g.out_scratch(tn)] + (g.dq_scratch(tn) if plan.dq else [])
+                + (g.lut_scratch() if plan.lut else []))
 
 
 def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
@@ -854,6 +947,11 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
   def kernel(x_gmem, c_gmem, *refs):
     s_in, (o_gmem, x_smem, x_bars, o_smem, *dq_scratch) = refs[:n_in], refs[n_in:]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    lut = None
+    if plan.lut:
+      *s_in, lut_g = s_in
+      *dq_scratch, lut, lut_bar = dq_scratch
+      g.lut_load(lut_g, (lut, lut_bar))
     n0 = ni * (st * tn)
     k0 = si * (g.steps * tk)
     for s in range(g.steps):
@@ -868,13 +966,16 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
         @pl.when(t == 0)
         def _():
           plgpu.barrier_wait(x_bars.at[s])
-          if plan.dq:
+          if plan.dq or plan.lut:
             @pl.when(s == 0)
             def _():
-              g.dq_wait(dq_scratch, st * tn)
+              if plan.dq:
+                g.dq_wait(dq_scratch, st * tn)
+              if plan.lut:
+                plgpu.barrier_wait(lut_bar.at[0])
 
         sc = g.dq_step(bufs, s, si, tile=t) if plan.dq else s_smem[0]
-        g.step(acc_ref, x_smem.at[s], c_smem, sc, tile_n=tn)
+        g.step(acc_ref, x_smem.at[s], c_smem, sc, tile_n=tn, lut=lut)
         acc = acc_ref[...]
         last = s == g.steps - 1
 
@@ -895,7 +996,8 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
   scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.layouts.bf16),
              plgpu.Barrier(num_barriers=g.steps), g.out_scratch(tn)]
   return g.call(kernel, x2, codes, scales, n_out, raw,
-                scratch_types=scratch + (g.dq_scratch(st * tn) if plan.dq else []))
+                scratch_types=scratch + (g.dq_scratch(st * tn) if plan.dq else [])
+                + (g.lut_scratch() if plan.lut else []))
 
 
 def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
@@ -1186,6 +1288,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "stream and reduce take swap without ws"
   if plan.reduce and not plan.stream:
     return "reduce takes stream"
+  if plan.lut and (not plan.swap or plan.ws):
+    return "lut takes swap without ws"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -1248,4 +1352,5 @@ def _operands(w: NF4, plan: MgpuPlan):
   codes = _pad_rows(w.codes, n_pad)
   if not plan.swap:
     return codes, _scale_pairs(w, n_pad)
-  return codes, (_dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),))
+  scales = _dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),)
+  return codes, scales + ((jnp.asarray(lut_table()),) if plan.lut else ())

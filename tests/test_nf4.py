@@ -400,10 +400,11 @@ def _bf16x2_fma(a, b, c):
   return out
 
 
-def _run_ptx(asm: str, inputs: dict) -> dict:
+def _run_ptx(asm: str, inputs: dict, shared=None) -> dict:
   """A tiny interpreter for the straight-line b32 PTX of `_prmt_asm` and `_prmt_bf16_asm` (mov,
-  and, or, shr, prmt, fma.rn.bf16x2) on numpy uint32 arrays: operands are registers or
-  immediates; returns every register."""
+  and, or, shr, prmt, fma.rn.bf16x2), and of nf4_mgpu's `lut_asm` (mad.lo.u32, and ld.shared.b32
+  from `shared`, a uint8 array addressed in bytes) on numpy uint32 arrays: operands are registers
+  or immediates; returns every register."""
   regs = {k: np.asarray(v, np.uint32) for k, v in inputs.items()}
   val = lambda o: np.uint32(int(o, 0)) if o[0].isdigit() else regs[o]
   body = asm.strip().removeprefix("{").removesuffix("}")
@@ -412,6 +413,10 @@ def _run_ptx(asm: str, inputs: dict) -> dict:
     if op == ".reg":
       continue
     d, *src = [o.strip() for o in rest.split(",")]
+    if op == "ld.shared.b32":                      # d, [address register]
+      addr = regs[src[0].strip("[]")].astype(np.int64)
+      regs[d] = sum(shared[addr + i].astype(np.uint32) << np.uint32(8 * i) for i in range(4))
+      continue
     a = [val(o) for o in src]
     if op == "mov.b32":
       regs[d] = np.broadcast_to(a[0], next(iter(inputs.values())).shape).astype(np.uint32).copy()
@@ -421,6 +426,8 @@ def _run_ptx(asm: str, inputs: dict) -> dict:
       regs[d] = a[0] | a[1]
     elif op == "shr.b32":
       regs[d] = a[0] >> a[1]
+    elif op == "mad.lo.u32":
+      regs[d] = (a[0].astype(np.uint64) * a[1] + a[2]).astype(np.uint32)
     elif op == "fma.rn.bf16x2":
       regs[d] = _bf16x2_fma(*np.broadcast_arrays(*a))
     elif op == "prmt.b32":
