@@ -110,10 +110,11 @@ class MgpuPlan:
                            # tiles of W over its K range in one pipeline (no drain between
                            # tiles), its x rows' K range copied to shared memory once, not per
                            # step; 0: one tile per program
-  lut: bool = False        # swap without ws: each code byte decoded by one shared-memory load of
-                           # its bf16 pair from a [256 bytes, 32 lanes] table (`lut_asm`: 4
-                           # instructions per 2 weights, conflict-free) instead of `pair_asm`'s
-                           # byte-permute lookups; the table costs 32 KB per program
+  lut: int = 0             # swap without ws: each code byte decoded by one shared-memory load of
+                           # its bf16 pair from a table of 256 rows and this many copies, lane l
+                           # reading copy l % lut (`lut_asm`: 4 instructions per 2 weights)
+                           # instead of `pair_asm`'s byte permutes; 32: conflict-free, 32 KB per
+                           # program; 16: 16 KB, two lanes per bank; 0: pair_asm
   reduce: bool = False     # swap + stream, split > 1: the programs' f32 tiles of y.T added into
                            # one zeroed buffer by TMA (cp.reduce.async.bulk .add), not written as
                            # [split, N, M] partials for XLA to sum
@@ -146,7 +147,7 @@ def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
     dq = rows * kr + (_ne_len(rows, k // 64) + 256) * 4 + 64
   if plan.stream:    # x's K range, resident, and a barrier per step of it
     dq += mp * k // max(plan.split, 1) * 2 + 8 * k // max(plan.split, 1) // tk
-  lut = 256 * LUT_LANES * 4 + 8 if plan.lut else 0
+  lut = 256 * plan.lut * 4 + 8 if plan.lut else 0
   return plan.stages * stage + tn * mp * 4 + 1024 + dq + lut
 
 
@@ -235,35 +236,36 @@ def pair_asm_emulated(words, scale_bf16):
   return (vals * s).astype(jnp.bfloat16)
 
 
-LUT_LANES = 32     # plan.lut: the table's copies, one per lane (lane l reads only bank l)
+LUT_LANES = 32     # plan.lut: at most one copy of the table per lane (lane l reads only bank l)
 
 
 @functools.cache
-def lut_asm() -> str:
+def lut_asm(copies: int = LUT_LANES) -> str:
   """PTX, `pair_asm`'s interface with a shared-memory table instead of the byte planes: 4 code
   bytes in $4, their bf16 scale pair in $5, this lane's address in the table in $6 (a u32 shared
-  address: the table is u32 [256, LUT_LANES], byte b's unscaled pair at row b, column lane) -> in
+  address: the table is u32 [256, copies], byte b's unscaled pair at row b, column lane % copies)
+  -> in
   $0..$3 the words of bytes 0..3 as `pair_asm` gives them. Per byte one extract, one multiply-add
   of the address, one load and the bf16x2 multiply by the scale (fma with -0, as pair_asm)."""
   regs = ".reg .b32 c, sc, z, a0, a1, a2, a3, v0, v1, v2, v3;"
   body = ["mov.b32 c, $4; mov.b32 sc, $5; mov.b32 z, 0x80008000;",
           "and.b32 a0, c, 0xff; prmt.b32 a1, c, 0, 0x4441; prmt.b32 a2, c, 0, 0x4442; "
           "shr.b32 a3, c, 24;"]
-  body += [f"mad.lo.u32 a{i}, a{i}, {4 * LUT_LANES}, $6;" for i in range(4)]
+  body += [f"mad.lo.u32 a{i}, a{i}, {4 * copies}, $6;" for i in range(4)]
   body += [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
   body += [f"fma.rn.bf16x2 ${i}, v{i}, sc, z;" for i in range(4)]
   return "{ " + regs + " " + " ".join(body) + " }"
 
 
 @functools.cache
-def lut_table() -> np.ndarray:
-  """plan.lut's table, u32 [256, LUT_LANES]: row b is byte b's pair of bf16 codebook values (the
-  high nibble's in the low half), repeated for every lane."""
+def lut_table(copies: int = LUT_LANES) -> np.ndarray:
+  """plan.lut's table, u32 [256, copies]: row b is byte b's pair of bf16 codebook values (the
+  high nibble's in the low half), repeated in every column."""
   import ml_dtypes
   code = np.asarray(_quant().NF4_CODE, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
   b = np.arange(256)
   pair = code[b >> 4].astype(np.uint32) | (code[b & 15].astype(np.uint32) << 16)
-  return np.ascontiguousarray(np.repeat(pair[:, None], LUT_LANES, axis=1))
+  return np.ascontiguousarray(np.repeat(pair[:, None], copies, axis=1))
 
 
 def lut_emulated(words, scale_bf16):
@@ -338,16 +340,17 @@ def _pair_asm_op():
 
 def _lut_op(lut_ref):
   """Inside an `inline_mgpu` body: `_pair_asm_op`'s decode through `lut_asm` and the table at
-  lut_ref (shared memory, u32 [256, LUT_LANES]), this lane's address computed once, here."""
+  lut_ref (shared memory, u32 [256, copies]), this lane's address computed once, here."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   i32 = ir.IntegerType.get_signless(32)
+  copies = ir.MemRefType(lut_ref.type).shape[1]
   base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(lut_ref))
-  lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, LUT_LANES))
+  lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, copies))
   addr = arith.addi(base, arith.muli(lane, arith.constant(i32, 4)))
   struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
-  asm = lut_asm()
+  asm = lut_asm(copies)
 
   def decode(word, sc, then=lambda v: v):
     res = llvm.inline_asm(struct, [word, sc, addr], asm, "=r,=r,=r,=r,r,r,r",
@@ -736,11 +739,10 @@ class _SwapGeom:
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
-  @staticmethod
-  def lut_scratch():
+  def lut_scratch(self):
     """plan.lut: shared memory for the table and the barrier of its copy."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    return [plgpu.SMEM((256, LUT_LANES), jnp.uint32), plgpu.Barrier(num_barriers=1)]
+    return [plgpu.SMEM((256, self.plan.lut), jnp.uint32), plgpu.Barrier(num_barriers=1)]
 
   @staticmethod
   def lut_load(lut_g, scratch):
@@ -1288,8 +1290,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "stream and reduce take swap without ws"
   if plan.reduce and not plan.stream:
     return "reduce takes stream"
-  if plan.lut and (not plan.swap or plan.ws):
-    return "lut takes swap without ws"
+  if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
+    return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -1353,4 +1355,4 @@ def _operands(w: NF4, plan: MgpuPlan):
   if not plan.swap:
     return codes, _scale_pairs(w, n_pad)
   scales = _dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),)
-  return codes, scales + ((jnp.asarray(lut_table()),) if plan.lut else ())
+  return codes, scales + ((jnp.asarray(lut_table(plan.lut)),) if plan.lut else ())

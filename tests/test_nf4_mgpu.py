@@ -53,11 +53,11 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_n=128, tile_k=256, stages=3, split=4, swap=True, dq=True,
                            stream=2, reduce=True),
          # session 12: the decode through a shared-memory table
-         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, lut=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=3, split=1, swap=True, gather=True,
-                           dq=True, lut=True),
+                           dq=True, lut=16),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=3, split=2, swap=True, dq=True,
-                           stream=2, reduce=True, lut=True)]
+                           stream=2, reduce=True, lut=32)]
 
 
 def _shape_of_nf4(n, k):
@@ -73,7 +73,7 @@ def _stream_too_big(plan, m, k):
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
-          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{'L' * p.lut}")
+          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -98,7 +98,8 @@ def test_pair_asm_text_decodes_and_scales():
     np.testing.assert_array_equal(out[r], v)
 
 
-def test_lut_asm_text_matches_the_pair_block():
+@pytest.mark.parametrize("copies", [32, 16])
+def test_lut_asm_text_matches_the_pair_block(copies):
   """plan.lut's PTX, interpreted with its table in the columns of the (even) lanes that read it
   and a wrong table (rows rolled) in the others: the same words as `pair_asm` for every byte value
   and scale; a table one row off, or the right one only in the odd lanes' columns, fails."""
@@ -107,11 +108,11 @@ def test_lut_asm_text_matches_the_pair_block():
                           np.arange(256, dtype=np.uint32) * 0x01010101])
   scales = (rng.uniform(-4, 4, words.size) * 10.0 ** rng.integers(-3, 2, words.size))
   sb = _bf16_words(scales.astype(np.float32))
-  lanes = 2 * rng.integers(0, nf4_mgpu.LUT_LANES // 2, words.size)    # even lanes
+  lanes = 2 * rng.integers(0, copies // 2, words.size)    # even columns
   base = 0x400
   want = np.asarray(nf4_mgpu.pair_asm_emulated(words, jnp.asarray(scales, jnp.bfloat16)))
-  table = nf4_mgpu.lut_table()
-  assert table.shape == (256, nf4_mgpu.LUT_LANES) and table.dtype == np.uint32
+  table = nf4_mgpu.lut_table(copies)
+  assert table.shape == (256, copies) and table.dtype == np.uint32
 
   def run(right, cols):
     mem = np.roll(table, 7, axis=0)            # wrong but valid bf16 pairs
@@ -119,7 +120,7 @@ def test_lut_asm_text_matches_the_pair_block():
     shared = np.zeros(base + mem.nbytes, np.uint8)
     shared[base:] = mem.reshape(-1).view(np.uint8)
     regs_in = {"$4": words, "$5": sb | (sb << 16), "$6": (base + 4 * lanes).astype(np.uint32)}
-    out = _run_ptx(nf4_mgpu.lut_asm(), regs_in, shared)
+    out = _run_ptx(nf4_mgpu.lut_asm(copies), regs_in, shared)
     for r, v in regs_in.items():
       np.testing.assert_array_equal(out[r], v)
     return np.stack([out[f"${j}"] for j in range(4)], -1).view(np.uint16).reshape(-1, 8)
@@ -128,7 +129,7 @@ def test_lut_asm_text_matches_the_pair_block():
   np.testing.assert_array_equal(nf4_mgpu.lut_emulated(words, scales).view(np.uint16),
                                 want.view(np.uint16))
   assert not np.array_equal(run(np.roll(table, 1, axis=0), lanes), want.view(np.uint16))
-  assert not np.array_equal(run(table, lanes + 1), want.view(np.uint16))     # odd lanes only
+  assert not np.array_equal(run(table, lanes + 1), want.view(np.uint16))     # odd columns only
 
 
 def test_pair_emulation_is_the_scaled_codebook_in_order():
@@ -368,17 +369,18 @@ def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,flags", [(16, 8192, 8192, dict(dq=True)), (1, 4160, 14336, {}),
-                                         (40, 1000, 2048, dict(gather=True)),
-                                         (5, 4096, 4096, dict(dq=True, gather=True))])
-def test_lut_equals_the_byte_permutes_bitwise_on_gpu(m, n, k, flags):
+@pytest.mark.parametrize("m,n,k,lut,flags", [(16, 8192, 8192, 32, dict(dq=True)),
+                                             (1, 4160, 14336, 16, {}),
+                                             (40, 1000, 2048, 32, dict(gather=True)),
+                                             (5, 4096, 4096, 8, dict(dq=True, gather=True))])
+def test_lut_equals_the_byte_permutes_bitwise_on_gpu(m, n, k, lut, flags):
   """plan.lut (each byte's bf16 pair from the shared-memory table) gives exactly the outputs of
   the same plan decoding with `pair_asm`'s byte permutes."""
   plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, **flags)
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
   run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
-  a, b = run(plan), run(dataclasses.replace(plan, lut=True))
+  a, b = run(plan), run(dataclasses.replace(plan, lut=lut))
   assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   assert np.abs(b.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
