@@ -198,13 +198,29 @@ TUNED: dict[str, Plan] = {
 # or whose K and split leave the absmax copies unaligned, falls back to the bf16-scale kernel on
 # weights of at least MGPU_MIN_WEIGHT. M=1 (70B down) keeps the bf16-scale kernel it was measured
 # with.
+# Session 12 (runs s12_r5, r6): plan.lut (each code byte's bf16 pair loaded from a per-lane
+# shared-memory table, 4 instructions per 2 weights where the byte permutes took ~9; Nsight Compute
+# on 70B gate/up at M=16: 30.0M warp-instructions against 45.7M) cut the swap kernel's time by
+# 15-25%. r6, M=16, dq + lut (32 copies), tile_k 256 / 512, against the dispatch of the time:
+# 70B gate/up 0.434 / 0.512 vs 0.527, down 0.438 / 0.425 vs 0.556, q/o 0.505 / 0.506 vs 0.628,
+# 8B gate/up 0.523 / 0.528 vs 0.651, down 0.708 / 0.665 vs 0.766, q/o 0.766 / 0.778 vs 0.867
+# (the Triton plan); 16 copies (two lanes per bank) were slower on all six. So tile_k 512 where K
+# > N (down), else 256, and 2 <= M <= 16 takes it from 4096 x 4096 (8B q/o) up. M=1 (r5, r6,
+# tile_k 256): 70B gate/up 0.412 vs the GEMV's 0.503, q/o 0.512 vs 0.563, down 0.423 vs 0.538
+# (the bf16-scale swap kernel), 8B down 0.705 vs 0.773; the GEMV kept 8B gate/up (0.538 vs 0.567),
+# q/o (0.607 vs 0.700) and k/v. So M=1 takes it on weights of at least MGPU_MIN_WEIGHT, and on
+# those of at least MGPU_DQ_MIN_WEIGHT with K > N.
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
 MGPU_DQ_MIN_WEIGHT = 1 << 25  # 14336 x 4096 (8B gate/up, down) and up
+MGPU_LUT_MIN_WEIGHT = 1 << 24  # 4096 x 4096 (8B q/o) and up: 2 <= M <= 16 with plan.lut
 
 
-def _mgpu_small_plan(dq: bool = True):
+def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0):
+  """The swap kernel's plan at small M: 64 W rows per program, 2 stages of tile_k 512 where K > N
+  (the down projections) else 256, K split by the wave model, the table decode (plan.lut)."""
   from pallas_kernels import nf4_mgpu
-  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=dq)
+  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512 if k > n else 256, stages=2, split=0, chunk=64,
+                           swap=True, dq=dq, lut=32)
 
 
 # Session 11 (run s11_r4, H100, medians of 3 interleaved rounds, ratio to the bf16 dot): the swap
@@ -244,28 +260,27 @@ def _mgpu_mid_plan(m: int, n: int):
 
 
 def _mgpu_plan(m: int, w, dtype):
-  """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel at
-  2 <= M <= 16 on weights of at least MGPU_DQ_MIN_WEIGHT elements (with plan.dq), or at M == 1 on
-  weights of at least MGPU_MIN_WEIGHT with K > N (the down projections, where the GEMV is
-  weakest); the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
+  """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel
+  (plan.dq and plan.lut) at 2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
+  M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
+  GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
+  MGPU_MIN_WEIGHT; the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
   columns."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
   n, k = w.shape
   from pallas_kernels import nf4_mgpu
-  if m == 1:
-    if n * k < MGPU_MIN_WEIGHT or k <= n:
+  if 1 <= m <= 16:
+    if m == 1 and n * k < MGPU_MIN_WEIGHT and not (k > n and n * k >= MGPU_DQ_MIN_WEIGHT):
       return None
-    plan = _mgpu_small_plan(dq=False)
-  elif 2 <= m <= 16:
-    if n * k < MGPU_DQ_MIN_WEIGHT:
+    if n * k < MGPU_LUT_MIN_WEIGHT:
       return None
-    plan = _mgpu_small_plan()        # split resolved here: whether dq can load its absmax
+    plan = _mgpu_small_plan(n=n, k=k)   # split resolved here: whether dq can load its absmax
     plan = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))   # depends on it
     if not w.double_quant or nf4_mgpu._dq_problem(k, plan):
       if n * k < MGPU_MIN_WEIGHT:
         return None
-      plan = _mgpu_small_plan(dq=False)
+      plan = _mgpu_small_plan(dq=False, n=n, k=k)
   elif MGPU_MID_M[0] <= m <= MGPU_MID_M[1] and min(n, k) >= MGPU_MID_MIN_N:
     plan = _mgpu_mid_plan(m, n)
   else:

@@ -403,32 +403,36 @@ def test_refuses_a_stacked_weight():
 
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
-  """nf4_matmul's default forward for 2 <= M <= 16, bf16 x, on Hopper: the swap kernel with the
-  double quant undone in-kernel (dq) for weights of >= MGPU_DQ_MIN_WEIGHT elements, the bf16-scale
-  one for weights without double quant of >= MGPU_MIN_WEIGHT, at M = 1 (bf16 scales) only where
-  K > N on >= MGPU_MIN_WEIGHT (70B down), the Triton plans otherwise (measured faster there)."""
+  """nf4_matmul's default forward for 1 <= M <= 16, bf16 x, on Hopper: the swap kernel with the
+  double quant undone in-kernel (dq) and the table decode (lut), tile_k 512 where K > N, for
+  weights of >= MGPU_LUT_MIN_WEIGHT elements at 2 <= M <= 16, and at M = 1 on >= MGPU_MIN_WEIGHT
+  or >= MGPU_DQ_MIN_WEIGHT with K > N; the bf16-scale one for weights without double quant of >=
+  MGPU_MIN_WEIGHT; the Triton plans otherwise (measured faster there)."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   big, small = _shape_of_nf4(8192, 8192), _shape_of_nf4(4096, 4096)
   plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
   assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.mgpu.dq and plan.bwd == "fused"
+  assert plan.mgpu.lut == 32 and plan.mgpu.tile_k == 256
   assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
-  for n, k in ((14336, 4096), (4096, 14336)):                       # 8B gate/up, down: dq only
-    assert mod._dispatch_plan(8, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu.dq
+  for n, k in ((14336, 4096), (4096, 14336), (4096, 4096)):        # 8B gate/up, down, q/o: dq
+    p8 = mod._dispatch_plan(8, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
+    assert p8.dq and p8.lut and p8.tile_k == (512 if k > n else 256)
     single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32),
                                                  double_quant=False))
     assert mod._dispatch_plan(8, single, None, jnp.bfloat16).fwd != "mgpu"
   single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((8192, 8192), jnp.float32),
                                                double_quant=False))
   plan = mod._dispatch_plan(8, single, None, jnp.bfloat16)
-  assert plan.fwd == "mgpu" and not plan.mgpu.dq
-  down = mod._dispatch_plan(1, _shape_of_nf4(8192, 28672), None, jnp.bfloat16)
-  assert down.fwd == "mgpu" and not down.mgpu.dq and down.bwd == mod.TUNED["m1"].bwd
-  assert mod._dispatch_plan(1, _shape_of_nf4(4096, 14336), None, jnp.bfloat16).fwd != "mgpu"
-  for m, w, impl, dt in ((1, big, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
-                         (16, small, None, jnp.bfloat16), (16, big, None, jnp.float32),
-                         (16, big, "xla", jnp.bfloat16),
+  assert plan.fwd == "mgpu" and not plan.mgpu.dq and plan.mgpu.lut
+  for n, k in ((8192, 28672), (28672, 8192), (8192, 8192), (4096, 14336)):   # M=1
+    one = mod._dispatch_plan(1, _shape_of_nf4(n, k), None, jnp.bfloat16)
+    assert one.fwd == "mgpu" and one.mgpu.dq and one.bwd == mod.TUNED["m1"].bwd, (n, k)
+  for m, w, impl, dt in ((1, _shape_of_nf4(14336, 4096), None, jnp.bfloat16),   # 8B gate/up
+                         (1, small, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
+                         (16, _shape_of_nf4(1024, 8192), None, jnp.bfloat16),  # 70B k/v
+                         (16, big, None, jnp.float32), (16, big, "xla", jnp.bfloat16),
                          (16, _shape_of_nf4(16384, 4160), None, jnp.bfloat16)):  # K % 512 != 0
     assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
   monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
