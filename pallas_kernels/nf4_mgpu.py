@@ -258,6 +258,21 @@ def lut_asm(copies: int = LUT_LANES) -> str:
 
 
 @functools.cache
+def lut_gather_asm(copies: int = LUT_LANES) -> str:
+  """PTX, `lut_asm` for plan.gather: 4 code words in $4..$7, the scale pair in $8, this lane's
+  table address in $9, a byte selector in $10 (0x4440 + q: byte q, zero-extended) -> in $i the
+  bf16 pair of byte q of word $(4 + i), scaled. Per word one byte extract (prmt), one multiply-add
+  of the address, one load, one bf16x2 multiply: the gather costs no instruction of its own."""
+  regs = ".reg .b32 sc, z, sel, a0, a1, a2, a3, v0, v1, v2, v3;"
+  body = ["mov.b32 sc, $8; mov.b32 z, 0x80008000; mov.b32 sel, $10;"]
+  body += [f"prmt.b32 a{i}, ${4 + i}, 0, sel;" for i in range(4)]
+  body += [f"mad.lo.u32 a{i}, a{i}, {4 * copies}, $9;" for i in range(4)]
+  body += [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
+  body += [f"fma.rn.bf16x2 ${i}, v{i}, sc, z;" for i in range(4)]
+  return "{ " + regs + " " + " ".join(body) + " }"
+
+
+@functools.cache
 def lut_table(copies: int = LUT_LANES) -> np.ndarray:
   """plan.lut's table, u32 [256, copies]: row b is byte b's pair of bf16 codebook values (the
   high nibble's in the low half), repeated in every column."""
@@ -350,13 +365,22 @@ def _lut_op(lut_ref):
   lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, copies))
   addr = arith.addi(base, arith.muli(lane, arith.constant(i32, 4)))
   struct = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
-  asm = lut_asm(copies)
+  asm, gather_asm = lut_asm(copies), lut_gather_asm(copies)
+  q = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 4))
+  sel = arith.addi(q, arith.constant(i32, 0x4440))
 
   def decode(word, sc, then=lambda v: v):
     res = llvm.inline_asm(struct, [word, sc, addr], asm, "=r,=r,=r,=r,r,r,r",
                           has_side_effects=False)
     return [then(llvm.extractvalue(i32, res, [e])) for e in range(4)]
 
+  def gather(words, sc):
+    """plan.gather: the pairs of byte q (q = lane % 4) of 4 code words."""
+    res = llvm.inline_asm(struct, [*words, sc, addr, sel], gather_asm,
+                          "=r,=r,=r,=r,r,r,r,r,r,r,r", has_side_effects=False)
+    return [llvm.extractvalue(i32, res, [e]) for e in range(4)]
+
+  decode.gather = gather
   return decode
 
 
@@ -566,13 +590,15 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   from jax._src.lib.mlir.dialects import arith, llvm, vector
 
   s_args, nblocks = _scale_args(s_smem)
+  code_type = plgpu.RefType(_gather_code_transforms(tile_k)) if lut is not None else plgpu.RefType()
 
-  @_operand_decode(plgpu.RefType(), s_smem, tile_n, cols, lut is not None)
+  @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
   def body(ctx, c_ref, s_args, *lut_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
     index = ir.IndexType.get()
+    idx_c = lambda v: arith.constant(index, v)
     scale = _scale_fn(s_args, nblocks)
     const = lambda v: arith.constant(i32, v)
     word_ty = ir.MemRefType(c_ref.type).element_type
@@ -599,17 +625,34 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
       sc = scale(row, blk)
       words = []
       for h in range(2):
-        vec = vector.load(v4, c_ref, [row, arith.constant(index, 8 * blk + 4 * h)])
+        if lut_ref:     # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
+          w0 = 8 * blk + 4 * h
+          r8 = arith.remui(row, idx_c(8))
+          at = [arith.divui(row, idx_c(8)), idx_c(w0 // 32), r8,
+                arith.muli(arith.xori(idx_c(w0 % 32 // 4), r8), idx_c(4))]
+        else:
+          at = [row, idx_c(8 * blk + 4 * h)]
+        vec = vector.load(v4, c_ref, at)
         words += [mgpu_utils.bitcast(vector.extract(vec, [], [e]), i32) for e in range(4)]
       for half in range(2):
         w = words[4 * half:4 * half + 4]
-        word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
-        outs = [word] * 4 if skip else decode(word, sc)
+        if lut_ref and not skip:
+          outs = decode.gather(w, sc)
+        else:
+          word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
+          outs = [word] * 4 if skip else decode(word, sc)
         for e in range(4):
           regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
     return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
 
   return body(c_smem, s_args, *([] if lut is None else [lut]))
+
+
+def _gather_code_transforms(tile_k: int):
+  """plan.gather with plan.lut: the code words' shared-memory layout, tiled 8 rows by 128 bytes
+  and 128-byte swizzled, so the 8 rows a warp loads at once sit in different banks (untransformed,
+  rows of tile_k / 2 >= 128 bytes all start in the same bank: 8-way conflicts)."""
+  return _transforms(128, 4)
 
 
 def _swap_x(x2, mp: int):
@@ -807,7 +850,8 @@ class _SwapGeom:
       c_map, s_map = (lambda t, s: (t, s)), (lambda t, s: (s, t))
     else:
       c_map, s_map = (lambda s: (0, s)), (lambda s: (s, 0))
-    codes = (plgpu.BlockSpec((tn, tk // 8), c_map) if self.plan.gather else
+    gather_t = _gather_code_transforms(tk) if self.plan.lut else ()
+    codes = (plgpu.BlockSpec((tn, tk // 8), c_map, transforms=gather_t) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
     if not self.plan.stream:
@@ -1292,6 +1336,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "reduce takes stream"
   if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
     return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
+  if plan.lut and plan.gather and plan.tile_k < 256:
+    return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:

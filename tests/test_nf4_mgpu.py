@@ -54,8 +54,10 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            stream=2, reduce=True),
          # session 12: the decode through a shared-memory table
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, lut=32),
-         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=3, split=1, swap=True, gather=True,
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=3, split=1, swap=True, gather=True,
                            dq=True, lut=16),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, swap=True, gather=True,
+                           dq=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=3, split=2, swap=True, dq=True,
                            stream=2, reduce=True, lut=32)]
 
@@ -65,9 +67,11 @@ def _shape_of_nf4(n, k):
   return jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
 
 
-def _stream_too_big(plan, m, k):
-  """A stream plan whose resident x rows and stages overflow shared memory (it refuses)."""
-  return plan.stream and nf4_mgpu._swap_smem(m, k, plan) > nf4_mgpu.SMEM - 1024
+def _too_big(plan, m, k):
+  """A swap plan without ws whose stages (with stream: x's resident rows) and table overflow shared
+  memory at this M (a stream plan refuses, the others fail to compile)."""
+  return (plan.swap and not plan.ws and (plan.stream or plan.lut)
+          and nf4_mgpu._swap_smem(m, k, plan) > nf4_mgpu.SMEM - 1024)
 
 
 def _plan_id(p):
@@ -132,6 +136,38 @@ def test_lut_asm_text_matches_the_pair_block(copies):
   assert not np.array_equal(run(table, lanes + 1), want.view(np.uint16))     # odd columns only
 
 
+def test_lut_gather_asm_picks_byte_q_of_each_word():
+  """plan.gather's table block, interpreted: for 4 code words and a lane's q, $i is byte q of
+  word i through the table, scaled, as `pair_asm` decodes that byte; selecting another byte fails."""
+  rng = np.random.default_rng(3)
+  n = 2048
+  words = rng.integers(0, 2**32, (n, 4), dtype=np.uint64).astype(np.uint32)
+  q = rng.integers(0, 4, n)
+  scales = rng.uniform(-4, 4, n) * 10.0 ** rng.integers(-3, 2, n)
+  sb = _bf16_words(scales.astype(np.float32))
+  table, base = nf4_mgpu.lut_table(32), 0x400
+  shared = np.zeros(base + table.nbytes, np.uint8)
+  shared[base:] = table.reshape(-1).view(np.uint8)
+  lanes = 4 * rng.integers(0, 8, n) + q                   # lane % 4 == q
+
+  def run(sel):
+    regs_in = {**{f"${4 + i}": words[:, i] for i in range(4)}, "$8": sb | (sb << 16),
+               "$9": (base + 4 * lanes).astype(np.uint32), "$10": sel.astype(np.uint32)}
+    out = _run_ptx(nf4_mgpu.lut_gather_asm(32), regs_in, shared)
+    for r, v in regs_in.items():
+      np.testing.assert_array_equal(out[r], v)
+    return np.stack([out[f"${i}"] for i in range(4)], -1)
+
+  byte_q = (words >> (8 * q[:, None]).astype(np.uint32)) & 0xFF          # [n, 4]
+  want = np.asarray(nf4_mgpu.pair_asm_emulated(byte_q[:, 0] | byte_q[:, 1] << 8 |
+                                               byte_q[:, 2] << 16 | byte_q[:, 3] << 24,
+                                               jnp.asarray(scales, jnp.bfloat16)))
+  want = want.view(np.uint16).reshape(n, 4, 2)
+  got = run(0x4440 + q).view(np.uint16).reshape(n, 4, 2)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(run(0x4440 + (q + 1) % 4).view(np.uint16).reshape(n, 4, 2), want)
+
+
 def test_pair_emulation_is_the_scaled_codebook_in_order():
   """Byte j of a word holds weights 2j (high nibble) and 2j+1: the emulation's 8 values are the
   codebook of those nibbles times the scale, within 1.5 bf16 ulp of the f32 product."""
@@ -150,7 +186,8 @@ def test_pair_emulation_is_the_scaled_codebook_in_order():
 
 @pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
 @pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
-@pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096)])
+@pytest.mark.parametrize("mnk", [(16, 192, 256), (100, 320, 512), (2048, 4096, 4096),
+                                 (5, 1024, 4096)])
 def test_kernel_lowers_for_sm90(plan, mnk):
   """The kernel goes through Mosaic GPU's lowering (layouts, the inline PTX, the pipeline and the
   shared-memory budget) to one custom call, without a GPU."""
@@ -162,7 +199,7 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   m = m if not plan.swap or plan.gather else min(m, 40)
   if nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan):
     pytest.skip("K not taken by this plan")
-  if _stream_too_big(plan, m, k):
+  if _too_big(plan, m, k):
     pytest.skip("x's K range does not fit in shared memory")
   w = _shape_of_nf4(n, k)
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
@@ -335,7 +372,7 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
   if (nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan) or (plan.swap and not plan.gather
                                                                and m > 64)
       or (plan.dq and (k % 1024 or (plan.split and nf4_mgpu._dq_problem(k, plan))))
-      or _stream_too_big(plan, m, k)):
+      or _too_big(plan, m, k)):
     pytest.skip("shape not taken by this plan")
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
