@@ -28,10 +28,17 @@ per 4 bytes, into exactly its 8 operand registers for that row. K is split over 
 model (`_swap_split`) and XLA sums the f32 partial tiles. Scales: bf16 [K/64, N] from an XLA
 pre-pass, or (plan.dq, session 11) the double quant undone in the kernel from each program's
 absmax codes, nested absmax and map in shared memory, bit-identical and without the pass.
-nf4_matmul dispatches the dq kernel's forward for 2 <= M <= 16 on weights from 14336 x 4096 up
-(M=16: 70B gate/up 0.517 of the bf16 dot, 8B gate/up 0.631 against 0.720 for the Triton kernel,
-same job) and the bf16-scale one at M=1 on 70B down (bench/RESULTS.md, "Session 10 runs" and
-"Session 11 runs").
+
+The table decode (plan.lut, session 12): Nsight Compute showed the byte-permute decode bound by
+instruction issue (6.2 warp-instructions per weight at 70B gate/up, M=16, 17% of them ptxas copying
+the codebook's byte planes into registers). With plan.lut each code byte's pair of bf16 codebook
+values is one shared-memory load from a [256, copies] table (one copy per lane: each lane reads its
+own bank), then the bf16x2 multiply by the scale: 4 instructions per 2 weights (`lut_asm`; with
+gather, byte q of each word straight through the table, `lut_gather_asm`), outputs bitwise equal.
+nf4_matmul dispatches the dq + lut kernel's forward for 2 <= M <= 16 on weights from 4096 x 4096
+up and at M=1 on the larger ones (M=1: 70B gate/up 0.400 of the bf16 dot, down 0.391; M=16 0.428 /
+0.426, 8B gate/up 0.536; bench/RESULTS.md, "Session 12 runs"). plan.stream (several W tiles per
+program in one pipeline, x's K range resident) was measured slower and is not dispatched.
 
 Any M (plan.swap + plan.gather, session 11): x in its own order; each thread loads the code words
 of its rows' 64-column blocks and gathers the bytes its operand registers hold (`_decode_gather`),

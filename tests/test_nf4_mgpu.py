@@ -138,7 +138,8 @@ def test_lut_asm_text_matches_the_pair_block(copies):
 
 def test_lut_gather_asm_picks_byte_q_of_each_word():
   """plan.gather's table block, interpreted: for 4 code words and a lane's q, $i is byte q of
-  word i through the table, scaled, as `pair_asm` decodes that byte; selecting another byte fails."""
+  word i through the table, scaled, as `pair_asm` decodes that byte; selecting another byte
+  fails."""
   rng = np.random.default_rng(3)
   n = 2048
   words = rng.integers(0, 2**32, (n, 4), dtype=np.uint64).astype(np.uint32)
@@ -508,9 +509,9 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
                                    (520, 11264, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5 and 1 (x [1, M, K]): the swap
-  kernel's forward and the Triton backward; on 8B down at M = 300 and 11264 x 4096 at 520, the gather
-  kernel's (128-row x tiles, split; 256-row, 264 programs: two full waves) and dequant + cuBLAS;
-  against the f32 reference and its vjp."""
+  kernel's forward (dq, table decode) and the Triton backward; on 8B down at M = 300 and 11264 x
+  4096 at 520, the gather kernel's (128-row x tiles, split; 256-row, 264 programs: two full waves)
+  and dequant + cuBLAS; against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
