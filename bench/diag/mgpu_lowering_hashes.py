@@ -30,7 +30,14 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          # session 11: the swap kernels with gather (any M) and dq (double quant in the kernel)
          P(tile_m=256, tile_n=128, tile_k=128, stages=2, split=1, swap=True, ws=True, gather=True),
          P(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True, ws=True, gather=True),
-         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True)]
+         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True),
+         # session 12: the table decode (the dispatched small-M plans), with gather, and stream
+         P(tile_n=64, tile_k=256, stages=2, split=0, chunk=64, swap=True, dq=True, lut=32),
+         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True, lut=32),
+         P(tile_n=64, tile_k=256, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
+           lut=32),
+         P(tile_n=64, tile_k=256, stages=3, split=2, chunk=64, swap=True, dq=True, stream=2,
+           reduce=True)]
 SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
