@@ -360,9 +360,11 @@ def _pair_asm_op():
   return decode
 
 
-def _lut_op(lut_ref):
-  """Inside an `inline_mgpu` body: `_pair_asm_op`'s decode through `lut_asm` and the table at
-  lut_ref (shared memory, u32 [256, copies]), this lane's address computed once, here."""
+def _lut_ops(lut_ref):
+  """Inside an `inline_mgpu` body: (decode, gather) through the table at lut_ref (shared memory,
+  u32 [256, copies]), this lane's address computed once, here. decode(word, scale pair) is
+  `_pair_asm_op`'s through `lut_asm`; gather(4 words, scale pair) gives the pairs of byte q (q =
+  lane % 4) of each word through `lut_gather_asm` (plan.gather)."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -382,13 +384,11 @@ def _lut_op(lut_ref):
     return [then(llvm.extractvalue(i32, res, [e])) for e in range(4)]
 
   def gather(words, sc):
-    """plan.gather: the pairs of byte q (q = lane % 4) of 4 code words."""
     res = llvm.inline_asm(struct, [*words, sc, addr, sel], gather_asm,
                           "=r,=r,=r,=r,r,r,r,r,r,r,r", has_side_effects=False)
     return [llvm.extractvalue(i32, res, [e]) for e in range(4)]
 
-  decode.gather = gather
-  return decode
+  return decode, gather
 
 
 def _decode_tile(c_smem, s_smem, w_smem, *, tile_n, tile_k, blocksize, col0=0, cols=None):
@@ -557,7 +557,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=
     if (a_shape[0], a_shape[2:]) != (c_shape[0], c_shape[2:]) or a_shape[1] * 8 != cols:
       raise AssertionError(f"nf4_mgpu: code and operand register grids differ: {c_shape} vs "
                            f"{a_shape}")
-    decode = _lut_op(lut_ref[0]) if lut_ref else _pair_asm_op()
+    decode = _lut_ops(lut_ref[0])[0] if lut_ref else _pair_asm_op()
     pair_ty = ir.VectorType.get((2,), bf16)
     lo, hi = col0 // 64, (col0 + cols) // 64      # code register column j: bytes 32j..32j+31
     regs = np.empty(a_shape, dtype=object)
@@ -597,7 +597,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   from jax._src.lib.mlir.dialects import arith, llvm, vector
 
   s_args, nblocks = _scale_args(s_smem)
-  code_type = plgpu.RefType(_gather_code_transforms(tile_k)) if lut is not None else plgpu.RefType()
+  code_type = plgpu.RefType(_gather_code_transforms() if lut is not None else ())
 
   @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
   def body(ctx, c_ref, s_args, *lut_ref):
@@ -621,7 +621,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
     a_shape = layout.registers_shape((tile_n, cols))
     if a_shape[1] * 8 != cols:
       raise AssertionError(f"nf4_mgpu: unexpected operand register grid {a_shape}")
-    decode = _lut_op(lut_ref[0]) if lut_ref else _pair_asm_op()
+    decode, lut_gather = _lut_ops(lut_ref[0]) if lut_ref else (_pair_asm_op(), None)
     pair_ty = ir.VectorType.get((2,), bf16)
     regs = np.empty(a_shape, dtype=object)
     for idx, (row, _) in zip(np.ndindex(a_shape), layout.thread_idxs((tile_n, cols))):
@@ -644,7 +644,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
       for half in range(2):
         w = words[4 * half:4 * half + 4]
         if lut_ref and not skip:
-          outs = decode.gather(w, sc)
+          outs = lut_gather(w, sc)
         else:
           word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
           outs = [word] * 4 if skip else decode(word, sc)
@@ -655,7 +655,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   return body(c_smem, s_args, *([] if lut is None else [lut]))
 
 
-def _gather_code_transforms(tile_k: int):
+def _gather_code_transforms():
   """plan.gather with plan.lut: the code words' shared-memory layout, tiled 8 rows by 128 bytes
   and 128-byte swizzled, so the 8 rows a warp loads at once sit in different banks (untransformed,
   rows of tile_k / 2 >= 128 bytes all start in the same bank: 8-way conflicts)."""
@@ -764,6 +764,7 @@ class _SwapGeom:
     return (*bufs, off_g)
 
   def dq_wait(self, scratch, rows: int, first=0):
+    """Waits for `dq_load`'s copies of `rows` W rows (from barrier `first`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     for i in range(self.dq_copies(rows)):
       plgpu.barrier_wait(scratch[-1].at[first + i])
@@ -857,7 +858,7 @@ class _SwapGeom:
       c_map, s_map = (lambda t, s: (t, s)), (lambda t, s: (s, t))
     else:
       c_map, s_map = (lambda s: (0, s)), (lambda s: (s, 0))
-    gather_t = _gather_code_transforms(tk) if self.plan.lut else ()
+    gather_t = _gather_code_transforms() if self.plan.lut else ()
     codes = (plgpu.BlockSpec((tn, tk // 8), c_map, transforms=gather_t) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]

@@ -396,10 +396,16 @@ def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):
   plan = (nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=2, swap=True,
                             ws=True, gather=True) if ws else
           nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=2, swap=True))
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), m, n, k)
+
+
+def _assert_bitwise_equal(plan, other, m, n, k):
+  """Two plans' outputs on the same random x [m, k] and NF4 W [n, k] are bit-identical, and
+  within the kernel tolerance of the f32 reference."""
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
   run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
-  a, b = run(plan), run(dataclasses.replace(plan, dq=True))
+  a, b = run(plan), run(other)
   assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   assert np.abs(b.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
@@ -415,13 +421,7 @@ def test_lut_equals_the_byte_permutes_bitwise_on_gpu(m, n, k, lut, flags):
   """plan.lut (each byte's bf16 pair from the shared-memory table) gives exactly the outputs of
   the same plan decoding with `pair_asm`'s byte permutes."""
   plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, **flags)
-  w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
-  x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-  run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
-  a, b = run(plan), run(dataclasses.replace(plan, lut=lut))
-  assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
-  ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
-  assert np.abs(b.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, lut=lut), m, n, k)
 
 
 def test_refuses_a_gpu_without_wgmma(monkeypatch):
