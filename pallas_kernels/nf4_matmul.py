@@ -24,12 +24,19 @@ Implementations (`implementation=`):
             - dequant (large M): a bandwidth-bound kernel writes W [N, K] in x.dtype once, then
               cuBLAS does the dot (the fused kernel cannot match cuBLAS's GEMM at training sizes).
   None      the measured-fastest per device and M (`TUNED`, `_auto_plan`); "xla" off-GPU. For f32 x
-            the plans keep the exact f32 codebook (the measured ones round it to bf16).
+            the plans keep the exact f32 codebook (the measured ones round it to bf16). On Hopper
+            with bf16 x the forward goes to `pallas_kernels.nf4_mgpu` (Mosaic GPU, W decoded into
+            wgmma's register operand) where it was measured faster (`_mgpu_plan`): M <= 16 on
+            the larger weights, M = 256-1024; the backward stays here.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
-Where it stands (H100, session 8, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot,
-medians of 3 interleaved rounds): M=1, the GEMV with the byte-permute decode runs 1.2-2.0x faster
+Where it stands (H100, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot, medians of 3
+interleaved rounds). Session 12, the Mosaic swap kernel with the table decode (dispatched): M=1
+70B gate/up 0.400, down 0.391, q/o 0.516, 8B down 0.668; M=4-16 70B gate/up and down 0.405-0.428,
+q/o 0.51-0.54, 8B gate/up 0.54-0.56, down 0.67-0.68, q/o 0.74-0.83. Session 8, this module's
+kernels (where they are still the dispatch: off Hopper, the k/v weights, M=1 on the smaller ones):
+M=1, the GEMV with the byte-permute decode runs 1.2-2.0x faster
 on the 8B/70B q/o, gate/up, down and 70B k/v weights (8B k/v, 2 MB of codes: 1.34x slower), bound
 by the integer (ALU) pipe the decode runs on. M=16: tensor-core dots with the decoded W as the left
 operand, both tiles scaled in bf16 by one PTX block ("prmt_bf16"), K split to ~1024 programs (~512
