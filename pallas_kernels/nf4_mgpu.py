@@ -147,15 +147,16 @@ def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
   mp, tn, tk = _swap_mp(m, plan), plan.tile_n, plan.tile_k
   x_stage = 0 if plan.stream else mp * tk * 2
   stage = x_stage + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
-  dq = 0
-  rows = tn * max(plan.stream, 1)
-  if plan.dq:
-    kr = k // 64 // max(plan.split, 1)
-    dq = rows * kr + (_ne_len(rows, k // 64) + 256) * 4 + 64
-  if plan.stream:    # x's K range, resident, and a barrier per step of it
-    dq += mp * k // max(plan.split, 1) * 2 + 8 * k // max(plan.split, 1) // tk
+  rows, k_range = tn * max(plan.stream, 1), k // max(plan.split, 1)
+  dq = rows * (k_range // 64) + (_ne_len(rows, k // 64) + 256) * 4 + 64 if plan.dq else 0
+  x_res = mp * k_range * 2 + 8 * k_range // tk if plan.stream else 0   # and a barrier per step
   lut = 256 * plan.lut * 4 + 8 if plan.lut else 0
-  return plan.stages * stage + tn * mp * 4 + 1024 + dq + lut
+  return plan.stages * stage + tn * mp * 4 + 1024 + dq + x_res + lut
+
+
+def _swap_smem_over(m: int, k: int, plan: MgpuPlan) -> bool:
+  """Whether a swap plan without ws (split resolved) needs more shared memory than an SM has."""
+  return plan.swap and not plan.ws and _swap_smem(m, k, plan) > SMEM - 1024
 
 
 def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
@@ -246,21 +247,27 @@ def pair_asm_emulated(words, scale_bf16):
 LUT_LANES = 32     # plan.lut: at most one copy of the table per lane (lane l reads only bank l)
 
 
+def _lut_lookup(copies: int, addr: str, scale: str) -> list[str]:
+  """The table blocks' common tail: byte indices in a0..a3 -> their rows' addresses (row stride
+  4 * copies bytes, this lane's column address in `addr`), the loads into v0..v3, and $0..$3 =
+  v * the scale pair in register `scale` (fma with -0 in z, as pair_asm)."""
+  return ([f"mad.lo.u32 a{i}, a{i}, {4 * copies}, {addr};" for i in range(4)]
+          + [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
+          + [f"fma.rn.bf16x2 ${i}, v{i}, {scale}, z;" for i in range(4)])
+
+
 @functools.cache
 def lut_asm(copies: int = LUT_LANES) -> str:
   """PTX, `pair_asm`'s interface with a shared-memory table instead of the byte planes: 4 code
   bytes in $4, their bf16 scale pair in $5, this lane's address in the table in $6 (a u32 shared
   address: the table is u32 [256, copies], byte b's unscaled pair at row b, column lane % copies)
-  -> in
-  $0..$3 the words of bytes 0..3 as `pair_asm` gives them. Per byte one extract, one multiply-add
-  of the address, one load and the bf16x2 multiply by the scale (fma with -0, as pair_asm)."""
+  -> in $0..$3 the words of bytes 0..3 as `pair_asm` gives them. Per byte one extract, one
+  multiply-add of the address, one load and the bf16x2 multiply by the scale (fma with -0, as
+  pair_asm)."""
   regs = ".reg .b32 c, sc, z, a0, a1, a2, a3, v0, v1, v2, v3;"
   body = ["mov.b32 c, $4; mov.b32 sc, $5; mov.b32 z, 0x80008000;",
           "and.b32 a0, c, 0xff; prmt.b32 a1, c, 0, 0x4441; prmt.b32 a2, c, 0, 0x4442; "
-          "shr.b32 a3, c, 24;"]
-  body += [f"mad.lo.u32 a{i}, a{i}, {4 * copies}, $6;" for i in range(4)]
-  body += [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
-  body += [f"fma.rn.bf16x2 ${i}, v{i}, sc, z;" for i in range(4)]
+          "shr.b32 a3, c, 24;"] + _lut_lookup(copies, "$6", "sc")
   return "{ " + regs + " " + " ".join(body) + " }"
 
 
@@ -273,9 +280,7 @@ def lut_gather_asm(copies: int = LUT_LANES) -> str:
   regs = ".reg .b32 sc, z, sel, a0, a1, a2, a3, v0, v1, v2, v3;"
   body = ["mov.b32 sc, $8; mov.b32 z, 0x80008000; mov.b32 sel, $10;"]
   body += [f"prmt.b32 a{i}, ${4 + i}, 0, sel;" for i in range(4)]
-  body += [f"mad.lo.u32 a{i}, a{i}, {4 * copies}, $9;" for i in range(4)]
-  body += [f"ld.shared.b32 v{i}, [a{i}];" for i in range(4)]
-  body += [f"fma.rn.bf16x2 ${i}, v{i}, sc, z;" for i in range(4)]
+  body += _lut_lookup(copies, "$9", "sc")
   return "{ " + regs + " " + " ".join(body) + " }"
 
 
@@ -795,13 +800,17 @@ class _SwapGeom:
     from jax.experimental.pallas import mosaic_gpu as plgpu
     return [plgpu.SMEM((256, self.plan.lut), jnp.uint32), plgpu.Barrier(num_barriers=1)]
 
-  @staticmethod
-  def lut_load(lut_g, scratch):
-    """Starts the table's copy into shared memory -> (table, its barrier)."""
+  def lut_load(self, s_in, scratch):
+    """plan.lut: starts the table's copy (the last input) into its shared memory (the last two
+    scratch refs) -> (the other inputs, the other scratch, table, its barrier); without the
+    table, (s_in, scratch, None, None)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    lut, bar = scratch
+    if not self.plan.lut:
+      return s_in, scratch, None, None
+    *s_in, lut_g = s_in
+    *scratch, lut, bar = scratch
     plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
-    return lut, bar
+    return s_in, scratch, lut, bar
 
   def out_scratch(self, rows: int, lead=()):
     """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
@@ -812,42 +821,26 @@ class _SwapGeom:
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
                       transforms=_transforms(_swizzle(self.mp * 4), 4))
 
-  def store_async(self, acc, o_smem, o_gmem, mi, n0, si):
-    """plan.stream: tile y.T [tile_n, mp] of W rows from n0 -> o_smem -> y, the partials or (
-    plan.reduce) added into y.T by TMA, not waited for; o_smem is rewritten once the last such
-    store has read it."""
+  def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int, wait: bool = True):
+    """The accumulator y.T [rows, mp] of W rows from tile ni's row0 -> shared memory -> y, the
+    partials or (plan.reduce) added into y.T by TMA. Not `wait` (plan.stream, a store per tile):
+    o_smem is rewritten once the previous store has read it, and this one is not waited for."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    rows = self.plan.tile_n
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    if self.direct:
-      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-      dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(n0, rows)]
-    else:
-      o_smem[...] = acc
-      dst = (o_gmem.at[pl.ds(n0, rows), pl.ds(mi * self.mp, self.mp)] if self.plan.reduce else
-             o_gmem.at[si, pl.ds(n0, rows), pl.ds(mi * self.mp, self.mp)])
-    plgpu.commit_smem()
-    if self.plan.reduce:
-      plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add")
-    else:
-      plgpu.copy_smem_to_gmem(o_smem, dst)
-
-  def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int):
-    """The accumulator y.T [rows, mp] -> shared memory -> y (or the partials) in global memory."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if not wait:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     if self.direct:
       plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
           acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
       dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(ni * self.plan.tile_n + row0, rows)]
     else:
       o_smem[...] = acc
-      dst = o_gmem.at[si, pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)]
+      n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
+      dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, dst)
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if self.plan.reduce else None)
+    if wait:
+      plgpu.wait_smem_to_gmem(0)
 
   def in_specs(self, blocksize: int):
     """x's [mp, tile_k] tile, the codes' [tile_n, tile_k / 2] bytes ([tile_n, tile_k / 8] words,
@@ -956,11 +949,7 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=Fa
   def kernel(x_gmem, c_gmem, *refs):
     s_in, (o_gmem, o_smem, *scratch) = refs[:n_in], refs[n_in:]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
-    lut = None
-    if plan.lut:
-      *s_in, lut_g = s_in
-      *scratch, lut, lut_bar = scratch
-      g.lut_load(lut_g, (lut, lut_bar))
+    s_in, scratch, lut, lut_bar = g.lut_load(s_in, scratch)
     bufs = g.dq_load(s_in, scratch, ni * tn, si, tn) if plan.dq else None
     if plan.lut:
       plgpu.barrier_wait(lut_bar.at[0])
@@ -1001,11 +990,7 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
   def kernel(x_gmem, c_gmem, *refs):
     s_in, (o_gmem, x_smem, x_bars, o_smem, *dq_scratch) = refs[:n_in], refs[n_in:]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
-    lut = None
-    if plan.lut:
-      *s_in, lut_g = s_in
-      *dq_scratch, lut, lut_bar = dq_scratch
-      g.lut_load(lut_g, (lut, lut_bar))
+    s_in, dq_scratch, lut, lut_bar = g.lut_load(s_in, dq_scratch)
     n0 = ni * (st * tn)
     k0 = si * (g.steps * tk)
     for s in range(g.steps):
@@ -1035,7 +1020,7 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
 
         @pl.when(last)
         def _():
-          g.store_async(acc, o_smem, o_gmem, mi, n0 + t * tn, si)
+          g.store(acc, o_smem, o_gmem, mi, ni * st + t, si, 0, tn, wait=False)
 
         acc_ref[...] = acc * jnp.where(last, 0.0, 1.0).astype(jnp.float32)
 
@@ -1382,7 +1367,8 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
   if plan.dq and (not w.double_quant or _dq_problem(k, plan)):
     raise ValueError(f"nf4_matmul_mgpu: {_dq_problem(k, plan) or 'dq needs a double-quant w'}")
-  if plan.stream and (need := _swap_smem(x2.shape[0], k, plan)) > SMEM - 1024:
+  if plan.stream and _swap_smem_over(x2.shape[0], k, plan):
+    need = _swap_smem(x2.shape[0], k, plan)
     raise ValueError(f"nf4_matmul_mgpu: this stream plan needs {need} bytes of shared memory per "
                      f"program (x's rows of the K range are resident), over {SMEM - 1024}: take a "
                      "larger split or fewer stages")

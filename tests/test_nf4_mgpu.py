@@ -70,8 +70,7 @@ def _shape_of_nf4(n, k):
 def _too_big(plan, m, k):
   """A swap plan without ws whose stages (with stream: x's resident rows) and table overflow shared
   memory at this M (a stream plan refuses, the others fail to compile)."""
-  return (plan.swap and not plan.ws and (plan.stream or plan.lut)
-          and nf4_mgpu._swap_smem(m, k, plan) > nf4_mgpu.SMEM - 1024)
+  return bool(plan.stream or plan.lut) and nf4_mgpu._swap_smem_over(m, k, plan)
 
 
 def _plan_id(p):

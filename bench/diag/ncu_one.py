@@ -25,7 +25,7 @@ def main():
   args = ap.parse_args()
   import jax
   import jax.numpy as jnp
-  from bench.nf4_mgpu import parse_plan
+  from bench.nf4_mgpu import parse_plan, rel_err
   from jaxsloth.quant import dequantize_nf4, quantize_nf4
   from pallas_kernels import nf4_mgpu as mod
 
@@ -37,7 +37,7 @@ def main():
     y = jax.block_until_ready(f(x, w))
   if not (plan.skip_decode or plan.skip_mma):
     ref = x.astype(jnp.float32) @ dequantize_nf4(w, jnp.float32).T
-    err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+    err = rel_err(jnp, y, ref)
     print(f"max error / max |y|: {err:.5f}", flush=True)
 
 
