@@ -122,9 +122,9 @@ class MgpuPlan:
                            # reading copy l % lut (`lut_asm`: 4 instructions per 2 weights)
                            # instead of `pair_asm`'s byte permutes; 32: conflict-free, 32 KB per
                            # program; 16: 16 KB, two lanes per bank; 0: pair_asm
-  reduce: bool = False     # swap + stream, split > 1: the programs' f32 tiles of y.T added into
-                           # one zeroed buffer by TMA (cp.reduce.async.bulk .add), not written as
-                           # [split, N, M] partials for XLA to sum
+  reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
+                           # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
+                           # written as [split, N, M] partials for XLA to sum
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -1325,8 +1325,6 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
     return "stream and reduce take swap without ws"
-  if plan.reduce and not plan.stream:
-    return "reduce takes stream"
   if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
     return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
   if plan.lut and plan.gather and plan.tile_k < 256:

@@ -59,7 +59,13 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=0, swap=True, gather=True,
                            dq=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=3, split=2, swap=True, dq=True,
-                           stream=2, reduce=True, lut=32)]
+                           stream=2, reduce=True, lut=32),
+         # session 13: the split-K partials added by TMA without stream; 4 programs per SM
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True, lut=32,
+                           reduce=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
+                           dq=True, lut=32, reduce=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32)]
 
 
 def _shape_of_nf4(n, k):
