@@ -65,7 +65,14 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            reduce=True),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
                            dq=True, lut=32, reduce=True),
-         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32)]
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32),
+         # session 13: warp-specialized with 2-4 compute warpgroups sharing the table
+         nf4_mgpu.MgpuPlan(tile_n=256, tile_k=256, stages=3, split=0, swap=True, ws=True,
+                           dq=True, lut=32, wgs=4),
+         nf4_mgpu.MgpuPlan(tile_n=192, tile_k=256, stages=2, split=2, swap=True, ws=True,
+                           gather=True, dq=True, lut=32, wgs=3),
+         nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=2, split=0, swap=True, ws=True,
+                           lut=32)]
 
 
 def _shape_of_nf4(n, k):
@@ -74,15 +81,16 @@ def _shape_of_nf4(n, k):
 
 
 def _too_big(plan, m, k):
-  """A swap plan without ws whose stages (with stream: x's resident rows) and table overflow shared
-  memory at this M (a stream plan refuses, the others fail to compile)."""
+  """A swap plan (with ws: one with the table) whose stages (with stream: x's resident rows) and
+  table overflow shared memory at this M (a stream plan refuses, the others fail to compile)."""
   return bool(plan.stream or plan.lut) and nf4_mgpu._swap_smem_over(m, k, plan)
 
 
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
-          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}")
+          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
+          f"{f'W{p.wgs}' if p.ws and p.wgs != 2 else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
