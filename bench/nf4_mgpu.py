@@ -19,6 +19,7 @@ removed (+pingpong, +overlap on swap plans).
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,7 +52,7 @@ def check(jax, jnp, mod, quant, plan, log):
     y = jax.jit(lambda x, w: mod.nf4_matmul_mgpu(x, w, plan))(x, w)
     ref = x.astype(jnp.float32) @ quant.dequantize_nf4(w, jnp.float32).T
     err = rel_err(jnp, y, ref)
-    worst = max(worst, err)
+    worst = math.nan if math.isnan(err) or math.isnan(worst) else max(worst, err)
     log(dict(kind="check", plan=str(plan), m=m, n=n, k=k, max_rel_err=err))
   return worst
 

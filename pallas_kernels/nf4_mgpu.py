@@ -117,14 +117,11 @@ class MgpuPlan:
                            # tiles of W over its K range in one pipeline (no drain between
                            # tiles), its x rows' K range copied to shared memory once, not per
                            # step; 0: one tile per program
-  lut: int = 0             # swap: each code byte decoded by one shared-memory load of
+  lut: int = 0             # swap without ws: each code byte decoded by one shared-memory load of
                            # its bf16 pair from a table of 256 rows and this many copies, lane l
                            # reading copy l % lut (`lut_asm`: 4 instructions per 2 weights)
                            # instead of `pair_asm`'s byte permutes; 32: conflict-free, 32 KB per
                            # program; 16: 16 KB, two lanes per bank; 0: pair_asm
-  wgs: int = 2             # swap + ws: compute warpgroups, each decoding and multiplying tile_n /
-                           # wgs rows of W (a multiple of 64) against the shared x tile; with
-                           # plan.lut they share one table
   reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
                            # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
                            # written as [split, N, M] partials for XLA to sum
@@ -151,18 +148,15 @@ def _swap_smem(m: int, k: int, plan: MgpuPlan) -> int:
   x_stage = 0 if plan.stream else mp * tk * 2
   stage = x_stage + tn * tk // 2 + (0 if plan.dq else tk // 64 * tn * 2)
   rows, k_range = tn * max(plan.stream, 1), k // max(plan.split, 1)
-  copies = plan.wgs if plan.ws else 1      # ws: each compute warpgroup loads its rows' absmax
-  rows //= copies
-  dq = copies * (rows * (k_range // 64) + (_ne_len(rows, k // 64) + 256) * 4 + 64) if plan.dq else 0
+  dq = rows * (k_range // 64) + (_ne_len(rows, k // 64) + 256) * 4 + 64 if plan.dq else 0
   x_res = mp * k_range * 2 + 8 * k_range // tk if plan.stream else 0   # and a barrier per step
   lut = 256 * plan.lut * 4 + 8 if plan.lut else 0
   return plan.stages * stage + tn * mp * 4 + 1024 + dq + x_res + lut
 
 
 def _swap_smem_over(m: int, k: int, plan: MgpuPlan) -> bool:
-  """Whether a swap plan without ws, or with ws and the table, (split resolved) needs more shared
-  memory than an SM has."""
-  return plan.swap and (not plan.ws or plan.lut) and _swap_smem(m, k, plan) > SMEM - 1024
+  """Whether a swap plan without ws (split resolved) needs more shared memory than an SM has."""
+  return plan.swap and not plan.ws and _swap_smem(m, k, plan) > SMEM - 1024
 
 
 def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
@@ -177,8 +171,7 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
   split = 1
   while steps % split == 0 and split <= steps:
     at = dataclasses.replace(plan, split=split)
-    # ws: one program per SM (its compute warpgroups' setmaxnreg takes the register file)
-    slots = SMS if plan.ws else SMS * max(1, min(8, SMEM // (_swap_smem(m, k, at) + 1024)))
+    slots = SMS * max(1, min(8, SMEM // (_swap_smem(m, k, at) + 1024)))
     cost = -(-tiles * split // slots) * (max(plan.stream, 1) * steps // split + SWAP_FILL)
     ok = not plan.dq or _dq_problem(k, at) is None
     if ok and (best_cost is None or cost < best_cost):
@@ -845,7 +838,8 @@ class _SwapGeom:
       n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
       dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if self.plan.reduce else None)
+    add = self.plan.reduce and not self.direct     # (split 1 writes y itself, bf16)
+    plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
     if wait:
       plgpu.wait_smem_to_gmem(0)
 
@@ -1047,50 +1041,37 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
 
 
 def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=False):
-  """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding plan.wgs
-  compute warpgroups, each decoding and multiplying its tile_n / wgs rows of the tile's W against
-  the shared x tile (with plan.dq, each loads its rows' absmax; with plan.lut, they share one
-  table); split-K over programs as in `_forward_swap`."""
+  """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding two compute
+  warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
+  the shared x tile (with plan.dq, each loads its half's absmax); split-K over programs as in
+  `_forward_swap`."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   g = _SwapGeom.of(x2, plan)
-  wgs = plan.wgs
-  hn = plan.tile_n // wgs
+  hn = plan.tile_n // 2
   n_in = len(scales)
 
   def kernel(x_gmem, c_gmem, *refs):
     s_in, o_gmem = refs[:n_in], refs[n_in]
-    lut_g = None
-    if plan.lut:
-      *s_in, lut_g = s_in
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
     parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(g.steps,), memory_registers=40, in_specs=g.in_specs(blocksize),
-          wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=min(plan.stages, g.steps),
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, g.steps),
           compute_context=compute_context)
 
     def scope(allocs, o_smem, *dq_scratch):
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * hn, hn)
       bufs = []
-      lut = None
-      if plan.lut:       # one table for all compute warpgroups, copied by the first
-        *dq_scratch, lut, lut_bar = dq_scratch
-
-        @pl.when(wg == 0)
-        def _():
-          plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
 
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
           if plan.dq:
             bufs[:] = g.dq_load(s_in, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
-          if plan.lut:
-            plgpu.barrier_wait(lut_bar.at[0])
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
           g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
@@ -1099,7 +1080,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
         *s_smem, acc_ref = rest
         sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
-        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut)
+        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn)
         return acc_ref
 
       get_pipeline(body, compute_context)(*parts, allocations=allocs)
@@ -1108,12 +1089,11 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
     pl.run_scoped(
         scope,
         get_pipeline(ignore, ignore).get_allocations(*parts),
-        g.out_scratch(hn, (wgs,)),
-        *(g.dq_scratch(hn, (wgs,)) if plan.dq else []),
-        *(g.lut_scratch() if plan.lut else []),
+        g.out_scratch(hn, (2,)),
+        *(g.dq_scratch(hn, (2,)) if plan.dq else []),
         collective_axes="wg")
 
-  return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=wgs + 1, thread_name="wg")
+  return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=3, thread_name="wg")
 
 
 def _dq_inputs(w: NF4, n_pad: int):
@@ -1342,13 +1322,12 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "gather takes swap, and tile_m <= 256 (x's rows are wgmma's N)"
   if plan.skip_mma and (plan.swap or not plan.ws):
     return "skip_mma takes ws without swap (the large-M warp-specialized kernel)"
-  if plan.swap and (plan.overlap or (plan.ws and (plan.tile_n % (64 * plan.wgs)
-                                                  or not 1 <= plan.wgs <= 4))):
-    return "swap takes no overlap, and with ws 1-4 wgs and tile_n a multiple of 64 * wgs"
+  if plan.swap and (plan.overlap or (plan.ws and plan.tile_n % 128)):
+    return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
     return "stream and reduce take swap without ws"
-  if plan.lut and (not plan.swap or plan.lut not in (8, 16, 32)):
-    return "lut takes swap, and 8, 16 or 32 copies of the table"
+  if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
+    return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
   if plan.lut and plan.gather and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.overlap and plan.stages < 2:

@@ -65,14 +65,7 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            reduce=True),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
                            dq=True, lut=32, reduce=True),
-         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32),
-         # session 13: warp-specialized with 2-4 compute warpgroups sharing the table
-         nf4_mgpu.MgpuPlan(tile_n=256, tile_k=256, stages=3, split=0, swap=True, ws=True,
-                           dq=True, lut=32, wgs=4),
-         nf4_mgpu.MgpuPlan(tile_n=192, tile_k=256, stages=2, split=2, swap=True, ws=True,
-                           gather=True, dq=True, lut=32, wgs=3),
-         nf4_mgpu.MgpuPlan(tile_n=128, tile_k=128, stages=2, split=0, swap=True, ws=True,
-                           lut=32)]
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32)]
 
 
 def _shape_of_nf4(n, k):
@@ -81,16 +74,15 @@ def _shape_of_nf4(n, k):
 
 
 def _too_big(plan, m, k):
-  """A swap plan (with ws: one with the table) whose stages (with stream: x's resident rows) and
-  table overflow shared memory at this M (a stream plan refuses, the others fail to compile)."""
+  """A swap plan without ws whose stages (with stream: x's resident rows) and table overflow shared
+  memory at this M (a stream plan refuses, the others fail to compile)."""
   return bool(plan.stream or plan.lut) and nf4_mgpu._swap_smem_over(m, k, plan)
 
 
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
-          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{f'W{p.wgs}' if p.ws and p.wgs != 2 else ''}")
+          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -220,6 +212,39 @@ def test_kernel_lowers_for_sm90(plan, mnk):
   f = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def _kernel_modules(plan, m, n, k, monkeypatch):
+  """The Mosaic GPU modules (debug info stripped) that nf4_matmul_mgpu lowers to for this plan."""
+  import jax.experimental.mosaic.gpu.core as core
+  captured, serde = [], core._run_serde_pass
+
+  def spy(module, *args, **kwargs):
+    captured.append(module.operation.get_asm(enable_debug_info=False))
+    return serde(module, *args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  with monkeypatch.context() as patch:
+    patch.setattr(core, "_run_serde_pass", spy)
+    jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan)).trace(
+        x, _shape_of_nf4(n, k)).lower(lowering_platforms=("cuda",))
+  assert captured
+  return captured
+
+
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_reduce_at_split_1_is_the_direct_kernel(monkeypatch):
+  """plan.reduce where the split resolves to 1 lowers to exactly the kernel without it (y written
+  in bf16, no TMA add into an unzeroed y: session 13's run r1 got wrong outputs from that), and at
+  split 2 to another one."""
+  plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True, lut=32)
+  assert nf4_mgpu._swap_split(40, 576, 1024, plan) == 1
+  with_reduce = dataclasses.replace(plan, reduce=True)
+  assert (_kernel_modules(with_reduce, 40, 576, 1024, monkeypatch)
+          == _kernel_modules(plan, 40, 576, 1024, monkeypatch))
+  two = lambda p: dataclasses.replace(p, split=2, dq=False)
+  assert (_kernel_modules(two(with_reduce), 40, 576, 1024, monkeypatch)
+          != _kernel_modules(two(plan), 40, 576, 1024, monkeypatch))
 
 
 def _operand_codes(n, k, pair):
