@@ -222,12 +222,24 @@ MGPU_DQ_MIN_WEIGHT = 1 << 25  # 14336 x 4096 (8B gate/up, down) and up
 MGPU_LUT_MIN_WEIGHT = 1 << 24  # 4096 x 4096 (8B q/o) and up: 2 <= M <= 16 with plan.lut
 
 
-def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0):
+# Session 13 (runs s13_r1 and s13_r3, H100, medians of 3 interleaved rounds, ratio to the bf16
+# dot): at M=16, x in its own order (plan.gather: no XLA pass permuting x's K) and the split-K
+# partials TMA-added into one zeroed y.T (plan.reduce: no XLA sum of [split, N, M] partials) beat
+# the plan without them in both runs except 70B q/o, level: r3 70B gate/up 0.423 vs 0.431, down
+# 0.407 vs 0.424, q/o 0.508 vs 0.505 (r1 0.505 vs 0.507), 8B gate/up 0.495 vs 0.514, down 0.639
+# vs 0.679, q/o 0.756 vs 0.764. At M=4 they were mixed (70B down 0.381 vs 0.401, 8B down 0.678 vs
+# 0.665), at M=1 level or slower, so M <= 8 keeps the plan without them.
+MGPU_GATHER_MIN_M = 9
+
+
+def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
   """The swap kernel's plan at small M: 64 W rows per program, 2 stages of tile_k 512 where K > N
-  (the down projections) else 256, K split by the wave model, the table decode (plan.lut)."""
+  (the down projections) else 256, K split by the wave model, the table decode (plan.lut); from
+  MGPU_GATHER_MIN_M rows of x with dq, x unpermuted and the partials added in the kernel."""
   from pallas_kernels import nf4_mgpu
+  fold = dq and m >= MGPU_GATHER_MIN_M
   return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512 if k > n else 256, stages=2, split=0, chunk=64,
-                           swap=True, dq=dq, lut=32)
+                           swap=True, dq=dq, lut=32, gather=fold, reduce=fold)
 
 
 # Session 11 (run s11_r4, H100, medians of 3 interleaved rounds, ratio to the bf16 dot): the swap
@@ -268,7 +280,8 @@ def _mgpu_mid_plan(m: int, n: int):
 
 def _mgpu_plan(m: int, w, dtype):
   """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel
-  (plan.dq and plan.lut) at 2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
+  (plan.dq and plan.lut; from MGPU_GATHER_MIN_M rows also plan.gather and plan.reduce) at
+  2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
@@ -282,8 +295,9 @@ def _mgpu_plan(m: int, w, dtype):
       return None
     if n * k < MGPU_LUT_MIN_WEIGHT:
       return None
-    plan = _mgpu_small_plan(n=n, k=k)   # split resolved here: whether dq can load its absmax
-    plan = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))   # depends on it
+    # split resolved here: whether dq can load its absmax depends on it
+    plan = _mgpu_small_plan(n=n, k=k, m=m)
+    plan = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))
     if not w.double_quant or nf4_mgpu._dq_problem(k, plan):
       if n * k < MGPU_MIN_WEIGHT:
         return None

@@ -480,7 +480,8 @@ def test_refuses_a_stacked_weight():
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
   """nf4_matmul's default forward for 1 <= M <= 16, bf16 x, on Hopper: the swap kernel with the
-  double quant undone in-kernel (dq) and the table decode (lut), tile_k 512 where K > N, for
+  double quant undone in-kernel (dq) and the table decode (lut), tile_k 512 where K > N, from M=9
+  with x unpermuted (gather) and the split-K partials added in the kernel (reduce), for
   weights of >= MGPU_LUT_MIN_WEIGHT elements at 2 <= M <= 16, and at M = 1 on >= MGPU_MIN_WEIGHT
   or >= MGPU_DQ_MIN_WEIGHT with K > N; the bf16-scale one for weights without double quant of >=
   MGPU_MIN_WEIGHT; the Triton plans otherwise (measured faster there)."""
@@ -491,10 +492,14 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
   plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
   assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.mgpu.dq and plan.bwd == "fused"
   assert plan.mgpu.lut == 32 and plan.mgpu.tile_k == 256
+  assert plan.mgpu.gather and plan.mgpu.reduce                     # M >= MGPU_GATHER_MIN_M
   assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
   for n, k in ((14336, 4096), (4096, 14336), (4096, 4096)):        # 8B gate/up, down, q/o: dq
     p8 = mod._dispatch_plan(8, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
     assert p8.dq and p8.lut and p8.tile_k == (512 if k > n else 256)
+    assert not (p8.gather or p8.reduce)
+    p9 = mod._dispatch_plan(9, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
+    assert p9 == dataclasses.replace(p8, gather=True, reduce=True, split=p9.split)
     single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32),
                                                  double_quant=False))
     assert mod._dispatch_plan(8, single, None, jnp.bfloat16).fwd != "mgpu"
@@ -543,11 +548,12 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (300, 4096, 14336),
-                                   (520, 11264, 4096)])
+@pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (12, 8192, 28672),
+                                   (300, 4096, 14336), (520, 11264, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
-  """The default nf4_matmul on 70B q/o and down weights at M = 5 and 1 (x [1, M, K]): the swap
-  kernel's forward (dq, table decode) and the Triton backward; on 8B down at M = 300 and 11264 x
+  """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
+  kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
+  down at M = 300 and 11264 x
   4096 at 520, the gather kernel's (128-row x tiles, split; 256-row, 264 programs: two full waves)
   and dequant + cuBLAS; against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
