@@ -34,7 +34,9 @@ Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 Where it stands (H100, bench/RESULTS.md "NF4 matmul"; forward against the bf16 dot, medians of 3
 interleaved rounds). Session 12, the Mosaic swap kernel with the table decode (dispatched): M=1
 70B gate/up 0.400, down 0.391, q/o 0.516, 8B down 0.668; M=4-16 70B gate/up and down 0.405-0.428,
-q/o 0.51-0.54, 8B gate/up 0.54-0.56, down 0.67-0.68, q/o 0.74-0.83. Session 8, this module's
+q/o 0.51-0.54, 8B gate/up 0.54-0.56, down 0.67-0.68, q/o 0.74-0.83. Session 13, from M=9 with x
+unpermuted and the split-K sum in the kernel: M=16 70B gate/up 0.411, down 0.408, q/o 0.515, 8B
+gate/up 0.511, down 0.648, q/o 0.733. Session 8, this module's
 kernels (where they are still the dispatch: off Hopper, the k/v weights, M=1 on the smaller ones):
 M=1, the GEMV with the byte-permute decode runs 1.2-2.0x faster
 on the 8B/70B q/o, gate/up, down and 70B k/v weights (8B k/v, 2 MB of codes: 1.34x slower), bound
