@@ -60,7 +60,8 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            dq=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=3, split=2, swap=True, dq=True,
                            stream=2, reduce=True, lut=32),
-         # session 13: the split-K partials added by TMA without stream; 4 programs per SM
+         # session 13: the split-K partials added by TMA without stream (the dispatch from M=9
+         # with gather); tile_k 128, 4 programs per SM by the shared-memory model
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True, lut=32,
                            reduce=True),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
@@ -553,9 +554,8 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
   kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
-  down at M = 300 and 11264 x
-  4096 at 520, the gather kernel's (128-row x tiles, split; 256-row, 264 programs: two full waves)
-  and dequant + cuBLAS; against the f32 reference and its vjp."""
+  down at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
+  264 programs: two full waves) and dequant + cuBLAS; against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"

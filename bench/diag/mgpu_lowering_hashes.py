@@ -37,7 +37,12 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          P(tile_n=64, tile_k=256, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
            lut=32),
          P(tile_n=64, tile_k=256, stages=3, split=2, chunk=64, swap=True, dq=True, stream=2,
-           reduce=True)]
+           reduce=True),
+         # session 13: the dispatch from M=9 (x unpermuted, the split-K partials added by TMA)
+         P(tile_n=64, tile_k=256, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
+           lut=32, reduce=True),
+         P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
+           lut=32, reduce=True)]
 SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
