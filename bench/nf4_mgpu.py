@@ -6,8 +6,8 @@ Mosaic kernel), interleaved rounds, each op compiled once.
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
-its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +overlap, +skip_decode,
-+skip_mma) or +epi_rows=N, +stream=N; a plan is timed only up to max_m rows of x (swap plans
+its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +dequant, +overlap, +skip_decode,
++skip_mma) or +epi_rows=N, +stream=N, +lut=N; a plan is timed only up to max_m rows of x (swap plans
 without gather: 64).
 +skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
 not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
@@ -98,6 +98,9 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--kernel-only", action="store_true",
                   help="also time each swap plan's kernel without the XLA passes around it")
+  ap.add_argument("--dequant-only", action="store_true",
+                  help="also time each dequant plan's decode to HBM alone, and the Pallas dequant "
+                       "kernel of the large-M dispatch")
   args = ap.parse_args()
   bench = JaxBench()
   jax, jnp = bench.jax, bench.jnp
@@ -137,6 +140,11 @@ def main():
       r, qs, wds, xs, dys = ops
       timers = {"bf16": bench.timer("bf16", n, k, m, "fwd", ops=ops),
                 "ours": bench.timer("ours", n, k, m, "fwd", ops=ops)}
+      if args.dequant_only and any(p.dequant for p in ok):
+        large = bench.mod.TUNED["large"]
+        timers["pallas dequant"] = bench.timer(
+            "mgpu", n, k, m, "fwd", ops=ops,
+            op=lambda x, w: bench.mod.nf4_dequantize_pallas(w, jnp.bfloat16, large))
       triton = bench.mod._auto_plan(m, None, jnp.bfloat16)   # the Triton/XLA plan of this M
       if bench.mod._dispatch_plan(m, qs[0], None, jnp.bfloat16) != triton:
         timers["triton"] = bench.timer("triton", n, k, m, "fwd", plan=triton, ops=ops)
@@ -159,7 +167,11 @@ def main():
         timers[str(plan)] = bench.timer(
             "mgpu", n, k, m, "fwd", ops=ops,
             op=lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))
-        if args.kernel_only and plan.swap:
+        if args.dequant_only and plan.dequant:
+          timers[f"{plan} dequant"] = bench.timer(
+              "mgpu", n, k, m, "fwd", ops=ops,
+              op=lambda x, w, plan=plan: mod.nf4_dequantize_mgpu(w, plan))
+        if args.kernel_only and plan.swap and not plan.dequant:
           timers[f"{plan} kernel"] = kernel_only_timer(bench, mod, plan, n, k, m, ops)
       times = {key: [] for key in timers}
       for _ in range(args.rounds):

@@ -78,7 +78,8 @@ from pallas_kernels.nf4_matmul import _pad_rows, _prmt_planes, _quant
 if TYPE_CHECKING:
   from jaxsloth.quant import NF4
 
-__all__ = ["MgpuPlan", "nf4_matmul_mgpu", "pair_asm", "pair_asm_emulated", "available"]
+__all__ = ["MgpuPlan", "nf4_matmul_mgpu", "nf4_dequantize_mgpu", "pair_asm", "pair_asm_emulated",
+           "available"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,9 @@ class MgpuPlan:
                            # reading copy l % lut (`lut_asm`: 4 instructions per 2 weights)
                            # instead of `pair_asm`'s byte permutes; 32: conflict-free, 32 KB per
                            # program; 16: 16 KB, two lanes per bank; 0: pair_asm
+  dequant: bool = False    # swap + gather, split >= 1, no ws: W decoded by the same decode and
+                           # written to HBM in bf16 (`nf4_dequantize_mgpu`), then x @ W.T by
+                           # XLA's dot (cuBLAS): the large-M route (tile_n 64)
   reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
                            # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
                            # written as [split, N, M] partials for XLA to sum
@@ -1096,6 +1100,77 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
   return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=3, thread_name="wg")
 
 
+def _dequant(codes, scales, *, k: int, blocksize: int, plan: MgpuPlan):
+  """nf4_dequantize_mgpu's kernel: per program tile_n rows of W over K / split, each step's code
+  words decoded 64 columns at a time by `_decode_gather` (x's order; plan.dq and plan.lut as in
+  the swap kernels) into wgmma's register layout and stored to a swizzled shared tile that the
+  pipeline copies to W [n_pad, K] bf16 by TMA."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  tn, tk = plan.tile_n, plan.tile_k
+  g = _SwapGeom(m=1, k=k, mp=8, m_tiles=1, steps=k // tk // plan.split, plan=plan)
+  n_pad = codes.shape[0]
+  n_in = len(scales)
+  span = g.steps * tk       # K columns per program
+
+  def kernel(c_gmem, *refs):
+    s_in, (o_gmem, *scratch) = refs[:n_in], refs[n_in:]
+    ni, si = lax.axis_index("n"), lax.axis_index("s")
+    s_in, scratch, lut, lut_bar = g.lut_load(s_in, scratch)
+    bufs = g.dq_load(s_in, scratch, ni * tn, si, tn) if plan.dq else None
+    if plan.lut:
+      plgpu.barrier_wait(lut_bar.at[0])
+
+    def body(idx, c_smem, *rest):
+      *s_smem, o_smem = rest
+      sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0]
+      for j in range(tk // 64):
+        o_smem[:, pl.ds(j * 64, 64)] = _decode_gather(
+            c_smem, sc, tile_n=tn, tile_k=tk, col0=j * 64, cols=64, lut=lut)
+
+    parts = [c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * span // 8, span // 8)]]
+    if not plan.dq:
+      blocks = span // blocksize
+      parts.append(s_in[0].at[pl.ds(si * blocks, blocks), pl.ds(ni * tn, tn)])
+    plgpu.emit_pipeline(
+        body, grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
+        in_specs=g.in_specs(blocksize)[1:],
+        out_specs=[plgpu.BlockSpec((tn, tk), lambda s: (0, s), transforms=_Layouts(tk).bf16)],
+    )(*parts, o_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * span, span)])
+
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((n_pad, k), jnp.bfloat16),
+      grid=(n_pad // tn, plan.split), grid_names=("n", "s"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      scratch_types=(g.dq_scratch(tn) if plan.dq else []) + (g.lut_scratch() if plan.lut else []))
+  return f(lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32), *scales)
+
+
+DEQUANT_PLAN = MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, gather=True, dq=True,
+                        dequant=True)
+
+
+def nf4_dequantize_mgpu(w: NF4, plan: MgpuPlan = DEQUANT_PLAN) -> jax.Array:
+  """W [N, K] bf16 through the swap kernels' decode (`_decode_gather`, with plan.dq and plan.lut
+  as there), written to HBM for a cuBLAS dot (plan.dequant: nf4_matmul_mgpu's large-M route).
+  Each value is bf16(bf16(code) * bf16(scale)), as the Mosaic forward kernels decode it, not
+  dequantize_nf4's one rounding of the f32 product."""
+  if not available():
+    raise RuntimeError("nf4_dequantize_mgpu: this JAX has no Pallas Mosaic GPU backend")
+  w.validate("nf4_dequantize_mgpu: w")
+  if w.stacked_dims:
+    raise ValueError(f"nf4_dequantize_mgpu: w is stacked over leading dims {w.stacked_dims}")
+  why = check_supported(w.shape[1], w.blocksize, jnp.bfloat16, plan)
+  if why or not plan.dequant:
+    raise ValueError(f"nf4_dequantize_mgpu: {why or 'the plan must have dequant'}")
+  if plan.dq and (not w.double_quant or _dq_problem(w.shape[1], plan)):
+    raise ValueError(f"nf4_dequantize_mgpu: "
+                     f"{_dq_problem(w.shape[1], plan) or 'dq needs a double-quant w'}")
+  codes, scales = _operands(w, plan)
+  return _dequant(codes, scales, k=w.shape[1], blocksize=w.blocksize, plan=plan)[:w.shape[0]]
+
+
 def _dq_inputs(w: NF4, n_pad: int):
   """plan.dq's kernel inputs: the absmax codes u8 [n_pad, K / 64], the nested absmax (zero-padded
   by 32 past the padded rows' last, for whole 128-byte copies), the 256-entry map, the offset
@@ -1328,6 +1403,9 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "stream and reduce take swap without ws"
   if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
     return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
+  if plan.dequant and (not plan.gather or plan.ws or plan.tile_n != 64 or plan.split < 1
+                       or plan.reduce or plan.stream):
+    return "dequant takes swap and gather, tile_n 64 and split >= 1 (no ws, reduce or stream)"
   if plan.lut and plan.gather and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.overlap and plan.stages < 2:
@@ -1371,6 +1449,9 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
     raise ValueError(f"nf4_matmul_mgpu: this stream plan needs {need} bytes of shared memory per "
                      f"program (x's rows of the K range are resident), over {SMEM - 1024}: take a "
                      "larger split or fewer stages")
+  if plan.dequant:
+    from pallas_kernels.nf4_matmul import _dot
+    return _dot(x2, nf4_dequantize_mgpu(w, plan).T).reshape(*lead, n)
   codes, scales = _operands(w, plan)
   y = _forward_of(plan)(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)

@@ -66,7 +66,13 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            reduce=True),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
                            dq=True, lut=32, reduce=True),
-         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32)]
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32),
+         # session 13: W decoded to HBM in bf16 by the same decode, then cuBLAS (large M)
+         nf4_mgpu.DEQUANT_PLAN,
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=4, split=1, swap=True, gather=True,
+                           dequant=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=1, swap=True, gather=True,
+                           dq=True, lut=32, dequant=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -83,7 +89,8 @@ def _too_big(plan, m, k):
 def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
-          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}")
+          f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
+          f"{'D' * p.dequant}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -461,6 +468,40 @@ def test_lut_equals_the_byte_permutes_bitwise_on_gpu(m, n, k, lut, flags):
   the same plan decoding with `pair_asm`'s byte permutes."""
   plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, **flags)
   _assert_bitwise_equal(plan, dataclasses.replace(plan, lut=lut), m, n, k)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,plan", [
+    (4160, 4096, nf4_mgpu.DEQUANT_PLAN),
+    (576, 2048, dataclasses.replace(nf4_mgpu.DEQUANT_PLAN, lut=32, split=1)),
+    (1000, 1024, dataclasses.replace(nf4_mgpu.DEQUANT_PLAN, dq=False, tile_k=128, stages=4))])
+def test_dequantize_mgpu_is_the_emulated_decode_on_gpu(n, k, plan):
+  """nf4_dequantize_mgpu's W is bit for bit the numpy emulation of the decode (each weight
+  bf16(bf16(code) * bf16(scale)), `pair_asm_emulated` on the code words), with the rows padded to
+  64 cut off, and within bf16 rounding of dequantize_nf4."""
+  w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
+  got = np.asarray(jax.jit(lambda w: nf4_mgpu.nf4_dequantize_mgpu(w, plan))(w))
+  assert got.shape == (n, k) and got.dtype == jnp.bfloat16
+  words = np.asarray(w.codes).view(np.uint32)                          # [n, k / 8]
+  scales = np.asarray(nf4_mgpu._scales_bf16(w, n)).T                   # [n, k / 64]
+  want = nf4_mgpu.pair_asm_emulated(words, jnp.asarray(np.repeat(scales, 8, axis=1)))
+  np.testing.assert_array_equal(got.view(np.uint16),
+                                np.asarray(want).reshape(n, k).view(np.uint16))
+  ref = np.asarray(dequantize_nf4(w, jnp.float32))
+  assert np.abs(got.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
+
+
+def test_dequantize_mgpu_refuses_bad_plans():
+  w = quantize_nf4(jnp.ones((64, 1024), jnp.float32))
+  with pytest.raises(ValueError, match="must have dequant"):
+    nf4_mgpu.nf4_dequantize_mgpu(w, dataclasses.replace(nf4_mgpu.DEQUANT_PLAN, dequant=False))
+  assert "dequant takes" in nf4_mgpu.check_supported(
+      1024, 64, jnp.bfloat16, dataclasses.replace(nf4_mgpu.DEQUANT_PLAN, tile_n=128))
+  assert "dequant takes" in nf4_mgpu.check_supported(
+      1024, 64, jnp.bfloat16, dataclasses.replace(nf4_mgpu.DEQUANT_PLAN, gather=False))
+  with pytest.raises(ValueError, match="dq needs"):
+    nf4_mgpu.nf4_dequantize_mgpu(w, nf4_mgpu.DEQUANT_PLAN)           # K / 64 / split = 8
 
 
 def test_refuses_a_gpu_without_wgmma(monkeypatch):
