@@ -280,6 +280,19 @@ def _mgpu_mid_plan(m: int, n: int):
   return wide
 
 
+# Session 13 (run s13_r5, H100, medians of 3 interleaved rounds): W decoded to HBM by the swap
+# kernels' decode (nf4_mgpu.nf4_dequantize_mgpu, DEQUANT_PLAN: 64 rows per program, K split in 2,
+# the double quant undone in the kernel) took less time than the Pallas dequant kernel of the
+# "large" plan on the weights of >= 2^25 elements: 8B gate/up 67.0 vs 71.7 us, 8B down 70.3 vs
+# 76.3, 70B gate/up 241.0 vs 295.6, 70B q/o 75.0 vs 83.6 (8B q/o 45.8 vs 33.1: too few programs).
+# With the same dot after it, M=2048 / 4096 against the bf16 dot: 70B gate/up 1.205 / 1.110 vs
+# 1.242 / 1.137, 70B q/o 1.196 / 1.155 vs 1.212 / 1.153, 8B gate/up 1.243 / 1.111 vs 1.199 /
+# 1.108, 8B down 1.268 / 1.119 vs 1.239 / 1.125 (the dot's share varies by a few percent between
+# rounds). The decode differs from dequantize_nf4's in rounding the codebook value to bf16 first,
+# as every Mosaic kernel here does (within bf16 rounding).
+MGPU_DEQUANT_MIN_WEIGHT = 1 << 25
+
+
 def _mgpu_plan(m: int, w, dtype):
   """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel
   (plan.dq and plan.lut; from MGPU_GATHER_MIN_M rows also plan.gather and plan.reduce) at
@@ -287,7 +300,8 @@ def _mgpu_plan(m: int, w, dtype):
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
-  columns."""
+  columns; elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
+  double-quant weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
   n, k = w.shape
@@ -308,6 +322,9 @@ def _mgpu_plan(m: int, w, dtype):
     plan = _mgpu_mid_plan(m, n)
   else:
     plan = None
+  if (plan is None and m > FUSED_MAX_M and n * k >= MGPU_DEQUANT_MIN_WEIGHT and w.double_quant
+      and not nf4_mgpu._dq_problem(k, nf4_mgpu.DEQUANT_PLAN)):
+    plan = nf4_mgpu.DEQUANT_PLAN
   if plan is None:
     return None
   if not nf4_mgpu.available() or nf4_mgpu.check_supported(k, w.blocksize, dtype, plan):

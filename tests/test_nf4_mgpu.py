@@ -577,9 +577,11 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
     assert plan.fwd == "mgpu" and plan.mgpu.gather and plan.mgpu.ws, (m, w.shape)
     assert (plan.mgpu.tile_m, plan.mgpu.split) == (tile_m, split), (m, w.shape, plan.mgpu)
     assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
-  # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (measured slower, s11_r4 and r5)
-  assert mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).fwd == "dequant"
-  assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).fwd == "mgpu"
+  # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (measured slower, s11_r4 and r5):
+  # the large-M route instead, W decoded to HBM by the Mosaic dequant kernel
+  wide = mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16)
+  assert wide.fwd == "mgpu" and wide.mgpu == nf4_mgpu.DEQUANT_PLAN
+  assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.gather
   for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (1025, q_o, None, jnp.bfloat16),
                          (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
                          (512, q_o, None, jnp.float32), (512, q_o, "xla", jnp.bfloat16)):
@@ -588,15 +590,38 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   assert mod._dispatch_plan(512, q_o, None, jnp.bfloat16).fwd == "dequant"
 
 
+def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
+  """Above FUSED_MAX_M where no fused Mosaic plan runs, bf16 x, Hopper: the forward decodes W by
+  nf4_dequantize_mgpu (DEQUANT_PLAN) on double-quant weights of >= MGPU_DEQUANT_MIN_WEIGHT
+  elements, the backward stays the bucket's; the Pallas dequant kernel on smaller weights, without
+  double quant, for f32 x or off Hopper."""
+  from pallas_kernels import nf4_matmul as mod
+  monkeypatch.setattr(_common, "on_gpu", lambda: True)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
+  for m, (n, k) in ((2048, (14336, 4096)), (4096, (4096, 14336)), (16384, (28672, 8192)),
+                    (2048, (8192, 28672)), (1025, (8192, 8192))):
+    plan = mod._dispatch_plan(m, _shape_of_nf4(n, k), None, jnp.bfloat16)
+    assert plan.fwd == "mgpu" and plan.mgpu == nf4_mgpu.DEQUANT_PLAN, (m, n, k)
+    assert plan.bwd == mod.TUNED["large"].bwd
+  single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((14336, 4096), jnp.float32),
+                                               double_quant=False))
+  for m, w, dt in ((2048, _shape_of_nf4(4096, 4096), jnp.bfloat16),      # 8B q/o: 2^24
+                   (2048, single, jnp.bfloat16), (2048, _shape_of_nf4(14336, 4096), jnp.float32)):
+    assert mod._dispatch_plan(m, w, None, dt).fwd == "dequant", (m, w.shape, dt)
+  monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
+  assert mod._dispatch_plan(2048, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).fwd == "dequant"
+
+
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (12, 8192, 28672),
-                                   (300, 4096, 14336), (520, 11264, 4096)])
+                                   (300, 4096, 14336), (520, 11264, 4096), (1100, 8192, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
   kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
   down at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
-  264 programs: two full waves) and dequant + cuBLAS; against the f32 reference and its vjp."""
+  264 programs: two full waves) and dequant + cuBLAS; at M = 1100 W decoded to HBM by the Mosaic
+  dequant kernel, then cuBLAS; against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
