@@ -45,9 +45,11 @@ operand, both tiles scaled in bf16 by one PTX block ("prmt_bf16"), K split to ~1
 for N <= 4096): 1.13-1.46x faster on the q/o, gate/up and down weights, level on 70B k/v, 1.46x
 slower on 8B k/v. fwd+bwd at M <= 16 (backward on tensor cores, M=1 included): 0.67-0.87x the bf16
 dot's time on the q/o (70B), gate/up and down weights. M=256: W interleaved into column order,
-1.3-1.8x the bf16 dot. Large M: the Pallas dequant + cuBLAS (session 7: 1.17-1.26x at M=2048,
-1.09-1.12x at 4096, 0.79-1.03x at 16384): the dequant pass is a fixed cost per call that only a
-fused wgmma kernel removes (not written; a Triton-lowered fused kernel measured 2.3x).
+1.3-1.8x the bf16 dot. Large M: a dequant pass + cuBLAS (session 7, the Pallas dequant kernel:
+1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384; session 13, on Hopper the Mosaic
+decode to HBM, `nf4_mgpu.nf4_dequantize_mgpu`, on the weights of >= 2^25 elements: 1.19-1.24x at
+2048, 1.05-1.14x at 4096): the pass is a fixed cost per call that only a fused kernel removes
+(nf4_mgpu's gather kernel is level at 2048 and behind at 4096; a Triton-lowered one measured 2.3x).
 """
 
 from __future__ import annotations
@@ -288,8 +290,11 @@ def _mgpu_mid_plan(m: int, n: int):
 # With the same dot after it, M=2048 / 4096 against the bf16 dot: 70B gate/up 1.205 / 1.110 vs
 # 1.242 / 1.137, 70B q/o 1.196 / 1.155 vs 1.212 / 1.153, 8B gate/up 1.243 / 1.111 vs 1.199 /
 # 1.108, 8B down 1.268 / 1.119 vs 1.239 / 1.125 (the dot's share varies by a few percent between
-# rounds). The decode differs from dequantize_nf4's in rounding the codebook value to bf16 first,
-# as every Mosaic kernel here does (within bf16 rounding).
+# rounds). Run s13_r6 (this dispatch against the one before, 5 rounds), M=2048 / 4096: 70B down
+# 1.195 / 1.094 vs 1.255 / 1.104, 70B gate/up 1.217 / 1.138 vs 1.219 / 1.115, 70B q/o 1.187 /
+# 1.046 vs 1.327 / 1.097, 8B gate/up 1.237 / 1.125 vs 1.252 / 1.117, 8B down 1.223 / 1.133 vs
+# 1.250 / 1.135. The decode differs from dequantize_nf4's in rounding the codebook value to bf16
+# first, as every Mosaic kernel here does (within bf16 rounding).
 MGPU_DEQUANT_MIN_WEIGHT = 1 << 25
 
 
