@@ -47,6 +47,12 @@ through a transposed store. Warp-specialized with 256-row x tiles (wgmma m64n256
 the bf16 dot at M=2048 and 4096 (skeleton 1.03-1.08x), level with dequant + cuBLAS at 2048;
 nf4_matmul dispatches it at M=256-1024, where it beat the module's plans on 23 of 24 weight x M.
 
+Session 13: from M=9 to 16 the dispatched small-M kernel takes gather (no x pass) and plan.reduce
+(its split-K partials TMA-added into one zeroed y.T, no XLA sum): M=16 70B gate/up 0.411, down
+0.408. Above M=256, where no fused plan runs, `nf4_dequantize_mgpu` writes W in bf16 through
+`_decode_gather` for the cuBLAS dot (plan.dequant): 7-18% less time than the Pallas dequant kernel
+on the larger weights (bench/RESULTS.md, "Session 13 runs").
+
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
 bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
@@ -54,7 +60,7 @@ decoding its half of the W rows into shared memory against a 256-row x tile) 1.4
 and 4096 (session 11: 1.50-1.70x, its decode alone 0.90x), against 0.95-1.05x for the same kernel
 without its decode.
 
-GPU only (Hopper): on another GPU `nf4_matmul_mgpu` raises; on the CPU JAX refuses to run it (no
+GPU only (Hopper): on another GPU `nf4_matmul_mgpu` and `nf4_dequantize_mgpu` raise; on the CPU JAX refuses to run it (no
 interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and the layout mapping are
 tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
 MLIR), the kernel itself against the reference in tests/test_nf4_mgpu.py on the GPU.
@@ -1156,14 +1162,9 @@ def nf4_dequantize_mgpu(w: NF4, plan: MgpuPlan = DEQUANT_PLAN) -> jax.Array:
   as there), written to HBM for a cuBLAS dot (plan.dequant: nf4_matmul_mgpu's large-M route).
   Each value is bf16(bf16(code) * bf16(scale)), as the Mosaic forward kernels decode it, not
   dequantize_nf4's one rounding of the f32 product."""
-  if not available():
-    raise RuntimeError("nf4_dequantize_mgpu: this JAX has no Pallas Mosaic GPU backend")
-  w.validate("nf4_dequantize_mgpu: w")
-  if w.stacked_dims:
-    raise ValueError(f"nf4_dequantize_mgpu: w is stacked over leading dims {w.stacked_dims}")
-  why = check_supported(w.shape[1], w.blocksize, jnp.bfloat16, plan)
-  if why or not plan.dequant:
-    raise ValueError(f"nf4_dequantize_mgpu: {why or 'the plan must have dequant'}")
+  _check_call("nf4_dequantize_mgpu", w, jnp.bfloat16, plan)
+  if not plan.dequant:
+    raise ValueError("nf4_dequantize_mgpu: the plan must have dequant")
   if plan.dq and (not w.double_quant or _dq_problem(w.shape[1], plan)):
     raise ValueError(f"nf4_dequantize_mgpu: "
                      f"{_dq_problem(w.shape[1], plan) or 'dq needs a double-quant w'}")
@@ -1417,22 +1418,28 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
   return None
 
 
-def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Array:
-  """x [..., K] bf16 @ dequant(w).T -> [..., N] bf16 on a Hopper GPU (forward only)."""
+def _check_call(name: str, w: NF4, x_dtype, plan: MgpuPlan):
+  """The checks both entry points make: the backend, a Hopper GPU, one layer's valid weight, the
+  plan supported for its K and blocksize."""
   if not available():
-    raise RuntimeError("nf4_matmul_mgpu: this JAX has no Pallas Mosaic GPU backend")
+    raise RuntimeError(f"{name}: this JAX has no Pallas Mosaic GPU backend")
   from pallas_kernels import _common
   cc = _common.compute_capability()
   if cc is not None and cc[0] != 9:
-    raise RuntimeError(f"nf4_matmul_mgpu: needs a Hopper GPU (sm_90, wgmma); this one is "
+    raise RuntimeError(f"{name}: needs a Hopper GPU (sm_90, wgmma); this one is "
                        f"sm_{cc[0]}{cc[1]}: use pallas_kernels.nf4_matmul.nf4_matmul")
   if w.stacked_dims:
-    raise ValueError(f"nf4_matmul_mgpu: w is stacked over leading dims {w.stacked_dims}; pass "
-                     "one layer's weight")
-  w.validate("nf4_matmul_mgpu: w")
-  why = check_supported(w.shape[1], w.blocksize, x.dtype, plan)
+    raise ValueError(f"{name}: w is stacked over leading dims {w.stacked_dims}; pass one layer's "
+                     "weight")
+  w.validate(f"{name}: w")
+  why = check_supported(w.shape[1], w.blocksize, x_dtype, plan)
   if why:
-    raise ValueError(f"nf4_matmul_mgpu: {why}")
+    raise ValueError(f"{name}: {why}")
+
+
+def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Array:
+  """x [..., K] bf16 @ dequant(w).T -> [..., N] bf16 on a Hopper GPU (forward only)."""
+  _check_call("nf4_matmul_mgpu", w, x.dtype, plan)
   n, k = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)

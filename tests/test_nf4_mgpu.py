@@ -511,6 +511,8 @@ def test_refuses_a_gpu_without_wgmma(monkeypatch):
   w = quantize_nf4(jnp.ones((128, 256), jnp.float32))
   with pytest.raises(RuntimeError, match="sm_80.*nf4_matmul"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), w)
+  with pytest.raises(RuntimeError, match="nf4_dequantize_mgpu: needs a Hopper GPU"):
+    nf4_mgpu.nf4_dequantize_mgpu(w)
 
 
 def test_refuses_a_stacked_weight():
@@ -518,6 +520,8 @@ def test_refuses_a_stacked_weight():
   q = quantize_nf4(jnp.ones((128, 256), jnp.float32))
   with pytest.raises(ValueError, match="stacked"):
     nf4_mgpu.nf4_matmul_mgpu(jnp.ones((4, 256), jnp.bfloat16), stack_nf4([q, q]))
+  with pytest.raises(ValueError, match="nf4_dequantize_mgpu: w is stacked"):
+    nf4_mgpu.nf4_dequantize_mgpu(stack_nf4([q, q]))
 
 
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
