@@ -60,10 +60,11 @@ decoding its half of the W rows into shared memory against a 256-row x tile) 1.4
 and 4096 (session 11: 1.50-1.70x, its decode alone 0.90x), against 0.95-1.05x for the same kernel
 without its decode.
 
-GPU only (Hopper): on another GPU `nf4_matmul_mgpu` and `nf4_dequantize_mgpu` raise; on the CPU JAX refuses to run it (no
-interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and the layout mapping are
-tested on CPU (the PTX text through the tests' interpreter, the kernel through Mosaic's lowering to
-MLIR), the kernel itself against the reference in tests/test_nf4_mgpu.py on the GPU.
+GPU only (Hopper): on another GPU `nf4_matmul_mgpu` and `nf4_dequantize_mgpu` raise; on the CPU
+JAX refuses to run them (no interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and
+the layout mapping are tested on CPU (the PTX text through the tests' interpreter, the kernels
+through Mosaic's lowering to MLIR), the kernels themselves against the reference in
+tests/test_nf4_mgpu.py on the GPU.
 """
 
 from __future__ import annotations
