@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.nf4_matmul import _pad_rows, _prmt_planes, _quant
+from pallas_kernels.nf4_matmul import _dot, _pad_rows, _prmt_planes, _quant
 
 if TYPE_CHECKING:
   from jaxsloth.quant import NF4
@@ -854,9 +854,15 @@ class _SwapGeom:
     if wait:
       plgpu.wait_smem_to_gmem(0)
 
+  @property
+  def x_piped(self) -> bool:
+    """Whether x's tile is a pipeline input (not with plan.stream, where x is resident, nor
+    plan.dequant, which has no x)."""
+    return not (self.plan.stream or self.plan.dequant)
+
   def in_specs(self, blocksize: int):
-    """x's [mp, tile_k] tile, the codes' [tile_n, tile_k / 2] bytes ([tile_n, tile_k / 8] words,
-    untransformed, with gather), the scales' [tile_k / 64, tile_n]."""
+    """x's [mp, tile_k] tile (if `x_piped`), the codes' [tile_n, tile_k / 2] bytes ([tile_n,
+    tile_k / 8] words, untransformed, with gather), the scales' [tile_k / 64, tile_n]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tn, tk, lay = self.plan.tile_n, self.plan.tile_k, self.layouts
     if self.plan.stream:     # grid (tile, step); x is resident, not a pipeline input
@@ -867,24 +873,23 @@ class _SwapGeom:
     codes = (plgpu.BlockSpec((tn, tk // 8), c_map, transforms=gather_t) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
-    if not self.plan.stream:
+    if self.x_piped:
       specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16))
     if not self.plan.dq:
       specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
     return specs
 
   def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
-    """Program (mi, ni, si)'s slices of x, the codes and the scales: x rows tile mi, W rows tile
-    ni, K range si."""
+    """Program (mi, ni, si)'s slices of x (if `x_piped`), the codes and the scales: x rows tile
+    mi, W rows tile ni, K range si."""
     from jax.experimental import pallas as pl
     tn, tk, steps, mp = self.plan.tile_n, self.plan.tile_k, self.steps, self.mp
     tn = tn * max(self.plan.stream, 1)          # W rows per program
     per_code = 8 if self.plan.gather else 2     # K columns per element of the code array
-    parts = (x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],
-             c_gmem.at[pl.ds(ni * tn, tn),
-                       pl.ds(si * steps * tk // per_code, steps * tk // per_code)])
-    if self.plan.stream:
-      parts = parts[1:]
+    x = ((x_gmem.at[pl.ds(mi * mp, mp), pl.ds(si * steps * tk, steps * tk)],) if self.x_piped
+         else ())
+    parts = x + (c_gmem.at[pl.ds(ni * tn, tn),
+                           pl.ds(si * steps * tk // per_code, steps * tk // per_code)],)
     if self.plan.dq:
       return parts
     return parts + (s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
@@ -1116,6 +1121,7 @@ def _dequant(codes, scales, *, k: int, blocksize: int, plan: MgpuPlan):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   tn, tk = plan.tile_n, plan.tile_k
+  # no x: m, mp and m_tiles are placeholders
   g = _SwapGeom(m=1, k=k, mp=8, m_tiles=1, steps=k // tk // plan.split, plan=plan)
   n_pad = codes.shape[0]
   n_in = len(scales)
@@ -1136,13 +1142,15 @@ def _dequant(codes, scales, *, k: int, blocksize: int, plan: MgpuPlan):
         o_smem[:, pl.ds(j * 64, 64)] = _decode_gather(
             c_smem, sc, tile_n=tn, tile_k=tk, col0=j * 64, cols=64, lut=lut)
 
+    # (g.parts gives the same slices, computed as si * steps * tk: kept apart so that the kernel
+    # stays the one measured in run s13_r5)
     parts = [c_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * span // 8, span // 8)]]
     if not plan.dq:
       blocks = span // blocksize
       parts.append(s_in[0].at[pl.ds(si * blocks, blocks), pl.ds(ni * tn, tn)])
     plgpu.emit_pipeline(
         body, grid=(g.steps,), max_concurrent_steps=min(plan.stages, g.steps),
-        in_specs=g.in_specs(blocksize)[1:],
+        in_specs=g.in_specs(blocksize),
         out_specs=[plgpu.BlockSpec((tn, tk), lambda s: (0, s), transforms=_Layouts(tk).bf16)],
     )(*parts, o_gmem.at[pl.ds(ni * tn, tn), pl.ds(si * span, span)])
 
@@ -1166,9 +1174,7 @@ def nf4_dequantize_mgpu(w: NF4, plan: MgpuPlan = DEQUANT_PLAN) -> jax.Array:
   _check_call("nf4_dequantize_mgpu", w, jnp.bfloat16, plan)
   if not plan.dequant:
     raise ValueError("nf4_dequantize_mgpu: the plan must have dequant")
-  if plan.dq and (not w.double_quant or _dq_problem(w.shape[1], plan)):
-    raise ValueError(f"nf4_dequantize_mgpu: "
-                     f"{_dq_problem(w.shape[1], plan) or 'dq needs a double-quant w'}")
+  _check_dq("nf4_dequantize_mgpu", w, plan)
   codes, scales = _operands(w, plan)
   return _dequant(codes, scales, k=w.shape[1], blocksize=w.blocksize, plan=plan)[:w.shape[0]]
 
@@ -1438,6 +1444,12 @@ def _check_call(name: str, w: NF4, x_dtype, plan: MgpuPlan):
     raise ValueError(f"{name}: {why}")
 
 
+def _check_dq(name: str, w: NF4, plan: MgpuPlan):
+  """plan.dq (split resolved) needs a double-quant w whose absmax its programs can load."""
+  if plan.dq and (not w.double_quant or _dq_problem(w.shape[1], plan)):
+    raise ValueError(f"{name}: {_dq_problem(w.shape[1], plan) or 'dq needs a double-quant w'}")
+
+
 def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Array:
   """x [..., K] bf16 @ dequant(w).T -> [..., N] bf16 on a Hopper GPU (forward only)."""
   _check_call("nf4_matmul_mgpu", w, x.dtype, plan)
@@ -1450,19 +1462,40 @@ def nf4_matmul_mgpu(x: jax.Array, w: NF4, plan: MgpuPlan = MgpuPlan()) -> jax.Ar
   if plan.split == 0:
     auto = _swap_split if plan.swap else _auto_split
     plan = dataclasses.replace(plan, split=auto(x2.shape[0], n, k, plan))
-  if plan.dq and (not w.double_quant or _dq_problem(k, plan)):
-    raise ValueError(f"nf4_matmul_mgpu: {_dq_problem(k, plan) or 'dq needs a double-quant w'}")
+  _check_dq("nf4_matmul_mgpu", w, plan)
   if plan.stream and _swap_smem_over(x2.shape[0], k, plan):
     need = _swap_smem(x2.shape[0], k, plan)
     raise ValueError(f"nf4_matmul_mgpu: this stream plan needs {need} bytes of shared memory per "
                      f"program (x's rows of the K range are resident), over {SMEM - 1024}: take a "
                      "larger split or fewer stages")
-  if plan.dequant:
-    from pallas_kernels.nf4_matmul import _dot
-    return _dot(x2, nf4_dequantize_mgpu(w, plan).T).reshape(*lead, n)
   codes, scales = _operands(w, plan)
+  if plan.dequant:
+    wd = _dequant(codes, scales, k=k, blocksize=w.blocksize, plan=plan)[:n]
+    return _dot(x2, wd.T).reshape(*lead, n)
   y = _forward_of(plan)(x2, codes, scales, n_out=n, blocksize=w.blocksize, plan=plan)
   return y.reshape(*lead, n)
+
+
+def _kernel_modules(plan: MgpuPlan, m: int, n: int, k: int) -> list[str]:
+  """The Mosaic GPU modules (debug info stripped) that nf4_matmul_mgpu lowers to for x [m, k] bf16
+  and an NF4 W [n, k], on any host (no GPU): for the tests and bench/diag/mgpu_lowering_hashes.py.
+  Lowering errors propagate."""
+  import jax.experimental.mosaic.gpu.core as core
+  captured, serde = [], core._run_serde_pass   # every kernel module passes here
+
+  def spy(module, *args, **kwargs):
+    captured.append(module.operation.get_asm(enable_debug_info=False))
+    return serde(module, *args, **kwargs)
+
+  w = jax.eval_shape(lambda: _quant().quantize_nf4(jnp.zeros((n, k), jnp.float32)))
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  core._run_serde_pass = spy
+  try:
+    jax.jit(lambda x, w: nf4_matmul_mgpu(x, w, plan)).trace(x, w).lower(
+        lowering_platforms=("cuda",))
+  finally:
+    core._run_serde_pass = serde
+  return captured
 
 
 def _forward_of(plan: MgpuPlan):

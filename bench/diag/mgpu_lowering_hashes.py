@@ -12,11 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # noqa: E402
-import jax.experimental.mosaic.gpu.core as core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxsloth.quant import quantize_nf4  # noqa: E402
 from pallas_kernels import nf4_mgpu  # noqa: E402
 
 P = nf4_mgpu.MgpuPlan
@@ -47,31 +44,18 @@ SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
 def main():
-  captured = []
-  serde = core._run_serde_pass   # every kernel module passes here on its way to the custom call
-
-  def spy(module, *args, **kwargs):
-    captured.append(module.operation.get_asm(enable_debug_info=False))
-    return serde(module, *args, **kwargs)
-
-  core._run_serde_pass = spy
   for plan in PLANS:
     for m, n, k in SHAPES:
       if (nf4_mgpu.check_supported(k, 64, jnp.bfloat16, plan)
           or (plan.swap and not plan.gather and m > 64) or (plan.dq and k % 1024)):
         continue
-      w = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32)))
-      x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-      captured.clear()
       try:
-        jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan)).trace(x, w).lower(
-            lowering_platforms=("cuda",))
+        captured = nf4_mgpu._kernel_modules(plan, m, n, k)
       except ValueError as e:
         print(m, n, k, "error", str(e)[:60])
         continue
       digest = hashlib.sha256("".join(captured).encode()).hexdigest()[:16]
       print(m, n, k, digest, len(captured))
-
 
 if __name__ == "__main__":
   main()
