@@ -136,6 +136,11 @@ class MgpuPlan:
   reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
                            # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
                            # written as [split, N, M] partials for XLA to sum
+  decoder: bool = False    # large M, not swap: four warpgroups, one copying x's tiles, one
+                           # decoding W's [tile_n, tile_k] tile into shared memory (and copying
+                           # the codes), two running wgmma on it (y.T's tile_n / 2 rows each,
+                           # x's tile_m rows as wgmma's N): the decode off the wgmma warpgroups
+                           # (`_forward_dec`); tile_n 128, tile_m <= 256, split 1
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -594,7 +599,8 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=
   return body(c_smem, s_args, *([] if lut is None else [lut]))
 
 
-def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None):
+def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None,
+                   out=None):
   """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
   of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
   scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
@@ -605,7 +611,9 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   the block. Each thread loads the block's 8 words of each of its rows (two 16-byte loads, the
   same for the 4 threads of a row), gathers byte q of words 0-3 and of words 4-7 into two words
   (3 byte-permutes each) and decodes each, one PTX block per word, into registers e = 0-3 and
-  4-7. skip (bench only): the gathered words themselves as the operand (wrong results)."""
+  4-7. skip (bench only): the gathered words themselves as the operand (wrong results).
+  out: a bf16 [tile_n, cols] shared ref (tile_k's swizzle) the decoded tile is stored to, inside
+  the same body (not `out[...] = ` outside it, which also loads the old tile); returns None."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -615,9 +623,17 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   s_args, nblocks = _scale_args(s_smem)
   code_type = plgpu.RefType(_gather_code_transforms() if lut is not None else ())
 
-  @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
-  def body(ctx, c_ref, s_args, *lut_ref):
+  if out is None:
+    deco = _operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
+  else:
+    deco = plgpu.inline_mgpu(arg_types=(code_type, _DQ.arg_types() if isinstance(s_smem, _DQ)
+                                        else plgpu.RefType(), plgpu.RefType(_Layouts(cols).bf16))
+                             + ((plgpu.RefType(),) if lut is not None else ()))
+
+  @deco
+  def body(ctx, c_ref, s_args, *refs):
     del ctx
+    o_ref, lut_ref = (None, refs) if out is None else (refs[0], refs[1:])
     i32 = ir.IntegerType.get_signless(32)
     bf16 = ir.BF16Type.get()
     index = ir.IndexType.get()
@@ -666,9 +682,12 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
           outs = [word] * 4 if skip else decode(word, sc)
         for e in range(4):
           regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
-    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+    w = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+    if o_ref is None:
+      return w
+    w.store_tiled(o_ref, swizzle=_Layouts(cols).bf16_swizzle)
 
-  return body(c_smem, s_args, *([] if lut is None else [lut]))
+  return body(c_smem, s_args, *([] if out is None else [out]), *([] if lut is None else [lut]))
 
 
 def _gather_code_transforms():
@@ -1385,6 +1404,129 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return f(x2, codes, pairs)[:m, :n_out]
 
 
+def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
+  """plan.decoder: per program a [tile_m, tile_n] tile of y from three warpgroups.
+  - wg 2 copies the code words and bf16 scales (2 x `stages` slots, each refilled as soon as it
+    has decoded it) and x's [tile_m, tile_k] tiles (`stages` slots, each refilled once both
+    compute warpgroups are done with the step that held it), and decodes step i's W tile
+    (`_decode_gather`, 64 rows at a time, stored to a swizzled bf16 tile) into shared buffer
+    i % 2 once step i - 2's wgmma is done;
+  - wg 0 and 1 each run wgmma on W rows [wg * tile_n / 2, ...) of the decoded tile against x's
+    tile (wgmma m64 n=tile_m k16: y.T's rows, x's rows as N), one wgmma in flight, and write
+    their [tile_m, tile_n / 2] of y through a transposed store.
+  Barriers: x_bar / c_bar (copies landed), full (tile decoded), done (both compute warpgroups
+  finished a step: its x slot and W buffer are free). No setmaxnreg: ptxas compiles every
+  warpgroup's code within the launch's 168 registers per thread (a fourth warpgroup for the x
+  copies leaves 128, too few for the m64n256 accumulator: ptxas asked for 154, run s14_r1)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  m, k = x2.shape
+  tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
+  hn = tn // 2
+  xs = plan.stages
+  cs = 2 * xs
+  nb = tk // blocksize
+  m_pad = -(-m // tm) * tm
+  n_pad = codes.shape[0]
+  x2 = _pad_rows(x2, m_pad)
+  steps = k // tk
+  lay = _Layouts(tk)
+  rem = lax.rem
+
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, x_smem, c_smem, s_smem, w_smem, o_smem,
+             x_bar, c_bar, full, done):
+    mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
+
+    def load_x(i):
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(i * tk, tk)],
+                              x_smem.at[rem(i, xs)], x_bar.at[rem(i, xs)])
+
+    def load_codes(i):
+      slot = rem(i, cs)
+      plgpu.copy_gmem_to_smem(c_gmem.at[pl.ds(ni * tn, tn), pl.ds(i * (tk // 8), tk // 8)],
+                              c_smem.at[slot], c_bar.at[slot])
+      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(i * nb, nb), pl.ds(ni * tn, tn)],
+                              s_smem.at[slot], c_bar.at[slot])
+
+    @pl.when(wg == 2)
+    def _decode():
+      for i in range(min(cs, steps)):
+        load_codes(i)
+      for i in range(min(xs, steps)):
+        load_x(i)
+
+      def body(i, carry):
+        slot, b = rem(i, cs), rem(i, 2)
+        plgpu.barrier_wait(c_bar.at[slot])
+
+        @pl.when(i >= 2)
+        def _():
+          plgpu.barrier_wait(done.at[rem(i - 2, xs)])   # W buffer b and x slot (i - 2) free
+
+          @pl.when(i - 2 + xs < steps)
+          def _():
+            load_x(i - 2 + xs)
+        if not plan.skip_decode:
+          _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=tk, col0=0,
+                         cols=tk, out=w_smem.at[b])
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(full.at[b])
+
+        @pl.when(i + cs < steps)
+        def _():
+          load_codes(i + cs)
+        return carry
+      lax.fori_loop(0, steps, body, 0)
+
+    @pl.when(wg < 2)
+    def _compute():
+      def acc_scope(acc_ref):
+        def body(i, carry):
+          slot, b = rem(i, xs), rem(i, 2)
+          plgpu.barrier_wait(x_bar.at[slot])
+          plgpu.barrier_wait(full.at[b])
+          if not plan.skip_mma:
+            plgpu.wgmma(acc_ref, w_smem.at[b, pl.ds(wg * hn, hn)], x_smem.at[slot].T)
+          plgpu.wgmma_wait(1)      # step i - 1's wgmma done: its x slot and W buffer are free
+
+          @pl.when(i >= 1)
+          def _():
+            plgpu.barrier_arrive(done.at[rem(i - 1, xs)])
+          return carry
+        lax.fori_loop(0, steps, body, 0)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((hn, tm), jnp.float32))
+      o = o_smem.at[wg]
+      plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
+          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn + wg * hn, hn)])
+      plgpu.wait_smem_to_gmem(0)
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
+      grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
+      num_threads=3, thread_name="wg",
+      scratch_types=[
+          plgpu.SMEM((xs, tm, tk), jnp.bfloat16, transforms=lay.bf16),
+          plgpu.SMEM((cs, tn, tk // 8), jnp.uint32),
+          plgpu.SMEM((cs, nb, tn), jnp.bfloat16),
+          plgpu.SMEM((2, tn, tk), jnp.bfloat16, transforms=lay.bf16),
+          plgpu.SMEM((2, tm, hn), x2.dtype, transforms=_transforms(_swizzle(hn * 2), 2)),
+          plgpu.Barrier(num_barriers=xs),
+          plgpu.Barrier(num_arrivals=2, num_barriers=cs),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_arrivals=2, num_barriers=xs)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  words = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
+  return f(x2, words, *scales)[:m, :n_out]
+
+
 def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | None:
   """None if the kernel runs x [M, K] @ W [N, K].T with this blocksize and plan, else why not."""
   if jnp.dtype(x_dtype) != jnp.bfloat16:
@@ -1403,8 +1545,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "dq takes swap"
   if plan.gather and (not plan.swap or plan.tile_m > 256):
     return "gather takes swap, and tile_m <= 256 (x's rows are wgmma's N)"
-  if plan.skip_mma and (plan.swap or not plan.ws):
-    return "skip_mma takes ws without swap (the large-M warp-specialized kernel)"
+  if plan.skip_mma and (plan.swap or not (plan.ws or plan.decoder)):
+    return "skip_mma takes ws or decoder without swap (the large-M warp-specialized kernels)"
   if plan.swap and (plan.overlap or (plan.ws and plan.tile_n % 128)):
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
@@ -1416,6 +1558,9 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "dequant takes swap and gather, tile_n 64 and split >= 1 (no ws, reduce or stream)"
   if plan.lut and plan.gather and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
+  if plan.decoder and (plan.swap or plan.ws or plan.split != 1 or plan.tile_n != 128
+                       or plan.tile_m > 256 or plan.stages < 3 or plan.dq or plan.lut):
+    return "decoder takes tile_n 128, tile_m <= 256, split 1 and stages >= 3 (no swap or ws)"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
@@ -1500,6 +1645,8 @@ def _kernel_modules(plan: MgpuPlan, m: int, n: int, k: int) -> list[str]:
 
 def _forward_of(plan: MgpuPlan):
   """The kernel function that runs `plan`."""
+  if plan.decoder:
+    return _forward_dec
   if plan.swap:
     if plan.stream:
       return _forward_swap_stream
@@ -1513,7 +1660,7 @@ def _operands(w: NF4, plan: MgpuPlan):
   rows = plan.tile_n * max(plan.stream, 1)     # W rows per program
   n_pad = -(-w.shape[0] // rows) * rows
   codes = _pad_rows(w.codes, n_pad)
-  if not plan.swap:
+  if not (plan.swap or plan.decoder):
     return codes, _scale_pairs(w, n_pad)
   scales = _dq_inputs(w, n_pad) if plan.dq else (_scales_bf16(w, n_pad),)
   return codes, scales + ((jnp.asarray(lut_table(plan.lut)),) if plan.lut else ())
