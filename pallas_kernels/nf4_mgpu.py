@@ -136,11 +136,11 @@ class MgpuPlan:
   reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
                            # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
                            # written as [split, N, M] partials for XLA to sum
-  decoder: bool = False    # large M, not swap: four warpgroups, one copying x's tiles, one
-                           # decoding W's [tile_n, tile_k] tile into shared memory (and copying
-                           # the codes), two running wgmma on it (y.T's tile_n / 2 rows each,
-                           # x's tile_m rows as wgmma's N): the decode off the wgmma warpgroups
-                           # (`_forward_dec`); tile_n 128, tile_m <= 256, split 1
+  decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
+                           # tile_k] tiles into shared memory, this many K steps per pass (and
+                           # issuing the copies), two running wgmma on them (y.T's tile_n / 2
+                           # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
+                           # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -1405,85 +1405,96 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
 
 
 def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
-  """plan.decoder: per program a [tile_m, tile_n] tile of y from three warpgroups.
-  - wg 2 copies the code words and bf16 scales (2 x `stages` slots, each refilled as soon as it
-    has decoded it) and x's [tile_m, tile_k] tiles (`stages` slots, each refilled once both
-    compute warpgroups are done with the step that held it), and decodes step i's W tile
-    (`_decode_gather`, 64 rows at a time, stored to a swizzled bf16 tile) into shared buffer
-    i % 2 once step i - 2's wgmma is done;
-  - wg 0 and 1 each run wgmma on W rows [wg * tile_n / 2, ...) of the decoded tile against x's
-    tile (wgmma m64 n=tile_m k16: y.T's rows, x's rows as N), one wgmma in flight, and write
-    their [tile_m, tile_n / 2] of y through a transposed store.
-  Barriers: x_bar / c_bar (copies landed), full (tile decoded), done (both compute warpgroups
-  finished a step: its x slot and W buffer are free). No setmaxnreg: ptxas compiles every
-  warpgroup's code within the launch's 168 registers per thread (a fourth warpgroup for the x
-  copies leaves 128, too few for the m64n256 accumulator: ptxas asked for 154, run s14_r1)."""
+  """plan.decoder = d: per program a [tile_m, tile_n] tile of y from three warpgroups, over K
+  steps of tile_k.
+  - wg 2 decodes d steps' W tiles per pass (`_decode_gather`, stored to swizzled bf16 tiles): pass
+    p into buffers (d p + s) % 2d once pass p - 2's steps are done. It also copies the code words
+    and bf16 scales of a pass (2 `stages` / d slots, each refilled as soon as it has decoded it)
+    and x's [tile_m, tile_k] tiles (`stages` slots, step j's copy issued once both compute
+    warpgroups are done with step j - stages, checked a pass behind).
+  - wg 0 and 1 each run wgmma on W rows [wg * tile_n / 2, ...) of step i's decoded tile against
+    x's tile (wgmma m64 n=tile_m k16: y.T's rows, x's rows as N), one wgmma in flight, and write
+    their [tile_m, tile_n / 2] of y through a transposed store via x's slot wg (after both are
+    done: the same shape and swizzle as the output tile).
+  Barriers: x_bar / c_bar (copies landed), full (a step's tile decoded), done (both compute
+  warpgroups finished a step: its x slot and W buffer are free), fin (both finished). No
+  setmaxnreg: ptxas compiles every warpgroup's code within the launch's 168 registers per thread
+  (a fourth warpgroup for the x copies leaves 128, too few for the m64n256 accumulator: ptxas
+  asked for 154, run s14_r1)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   m, k = x2.shape
+  d = int(plan.decoder)
   tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
   hn = tn // 2
   xs = plan.stages
-  cs = 2 * xs
+  cs = max(2, 2 * xs // d)
+  wb = 2 * d                       # W buffers, one step each
   nb = tk // blocksize
   m_pad = -(-m // tm) * tm
   n_pad = codes.shape[0]
   x2 = _pad_rows(x2, m_pad)
   steps = k // tk
+  passes = steps // d
   lay = _Layouts(tk)
   rem = lax.rem
 
-  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, x_smem, c_smem, s_smem, w_smem, o_smem,
-             x_bar, c_bar, full, done):
+  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, x_smem, c_smem, s_smem, w_smem,
+             x_bar, c_bar, full, done, fin):
     mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
 
     def load_x(i):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(i * tk, tk)],
                               x_smem.at[rem(i, xs)], x_bar.at[rem(i, xs)])
 
-    def load_codes(i):
-      slot = rem(i, cs)
-      plgpu.copy_gmem_to_smem(c_gmem.at[pl.ds(ni * tn, tn), pl.ds(i * (tk // 8), tk // 8)],
-                              c_smem.at[slot], c_bar.at[slot])
-      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(i * nb, nb), pl.ds(ni * tn, tn)],
+    def load_codes(p):
+      slot = rem(p, cs)
+      plgpu.copy_gmem_to_smem(
+          c_gmem.at[pl.ds(ni * tn, tn), pl.ds(p * (d * tk // 8), d * tk // 8)],
+          c_smem.at[slot], c_bar.at[slot])
+      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(p * d * nb, d * nb), pl.ds(ni * tn, tn)],
                               s_smem.at[slot], c_bar.at[slot])
 
     @pl.when(wg == 2)
     def _decode():
-      for i in range(min(cs, steps)):
-        load_codes(i)
+      for p in range(min(cs, passes)):
+        load_codes(p)
       for i in range(min(xs, steps)):
         load_x(i)
 
-      def body(i, carry):
-        slot, b = rem(i, cs), rem(i, 2)
+      def body(p, carry):
+        slot = rem(p, cs)
         plgpu.barrier_wait(c_bar.at[slot])
 
-        @pl.when(i >= 2)
+        @pl.when(p >= 2)
         def _():
-          plgpu.barrier_wait(done.at[rem(i - 2, xs)])   # W buffer b and x slot (i - 2) free
+          for s in range(d):       # pass p - 2's steps: their W buffers and x slots are free
+            j = (p - 2) * d + s
+            plgpu.barrier_wait(done.at[rem(j, xs)])
 
-          @pl.when(i - 2 + xs < steps)
-          def _():
-            load_x(i - 2 + xs)
-        if not plan.skip_decode:
-          _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=tk, col0=0,
-                         cols=tk, out=w_smem.at[b])
+            @pl.when(j + xs < steps)
+            def _():
+              load_x(j + xs)
+        for s in range(d):
+          if not plan.skip_decode:
+            _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=d * tk,
+                           col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)])
         plgpu.commit_smem()
-        plgpu.barrier_arrive(full.at[b])
+        for s in range(d):
+          plgpu.barrier_arrive(full.at[rem(p * d + s, wb)])
 
-        @pl.when(i + cs < steps)
+        @pl.when(p + cs < passes)
         def _():
-          load_codes(i + cs)
+          load_codes(p + cs)
         return carry
-      lax.fori_loop(0, steps, body, 0)
+      lax.fori_loop(0, passes, body, 0)
 
     @pl.when(wg < 2)
     def _compute():
       def acc_scope(acc_ref):
         def body(i, carry):
-          slot, b = rem(i, xs), rem(i, 2)
+          slot, b = rem(i, xs), rem(i, wb)
           plgpu.barrier_wait(x_bar.at[slot])
           plgpu.barrier_wait(full.at[b])
           if not plan.skip_mma:
@@ -1499,7 +1510,9 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((hn, tm), jnp.float32))
-      o = o_smem.at[wg]
+      plgpu.barrier_arrive(fin.at[0])   # both done with every x slot: slot wg takes the output
+      plgpu.barrier_wait(fin.at[0])
+      o = x_smem.at[wg]
       plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
           acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
@@ -1513,14 +1526,14 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
       num_threads=3, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((xs, tm, tk), jnp.bfloat16, transforms=lay.bf16),
-          plgpu.SMEM((cs, tn, tk // 8), jnp.uint32),
-          plgpu.SMEM((cs, nb, tn), jnp.bfloat16),
-          plgpu.SMEM((2, tn, tk), jnp.bfloat16, transforms=lay.bf16),
-          plgpu.SMEM((2, tm, hn), x2.dtype, transforms=_transforms(_swizzle(hn * 2), 2)),
+          plgpu.SMEM((cs, tn, d * tk // 8), jnp.uint32),
+          plgpu.SMEM((cs, d * nb, tn), jnp.bfloat16),
+          plgpu.SMEM((wb, tn, tk), jnp.bfloat16, transforms=lay.bf16),
           plgpu.Barrier(num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=cs),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_arrivals=2, num_barriers=xs)],
+          plgpu.Barrier(num_barriers=wb),
+          plgpu.Barrier(num_arrivals=2, num_barriers=xs),
+          plgpu.Barrier(num_arrivals=2, num_barriers=1)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
   words = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
@@ -1559,8 +1572,12 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
   if plan.lut and plan.gather and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.decoder and (plan.swap or plan.ws or plan.split != 1 or plan.tile_n != 128
-                       or plan.tile_m > 256 or plan.stages < 3 or plan.dq or plan.lut):
-    return "decoder takes tile_n 128, tile_m <= 256, split 1 and stages >= 3 (no swap or ws)"
+                       or plan.tile_m > 256 or plan.stages < 3 or plan.dq or plan.lut
+                       or plan.tile_k != 64 or plan.decoder not in (1, 2)):
+    return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
+            "and stages >= 3 (no swap, ws, dq or lut)")
+  if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
+    return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
