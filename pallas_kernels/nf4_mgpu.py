@@ -141,6 +141,9 @@ class MgpuPlan:
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
                            # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
                            # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
+  mma_decode: bool = False  # decoder 2: the compute warpgroups decode the odd step of each pass
+                            # (each its own W rows, while the pass before's wgmmas run), the
+                            # decoder warpgroup only the even one
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -1476,36 +1479,84 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
             @pl.when(j + xs < steps)
             def _():
               load_x(j + xs)
-        for s in range(d):
+        mine = range(1) if plan.mma_decode else range(d)     # the steps this warpgroup decodes
+        for s in mine:
           if not plan.skip_decode:
             _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=d * tk,
                            col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)])
         plgpu.commit_smem()
-        for s in range(d):
+        for s in mine:
           plgpu.barrier_arrive(full.at[rem(p * d + s, wb)])
 
-        @pl.when(p + cs < passes)
-        def _():
-          load_codes(p + cs)
+        if plan.mma_decode:
+          # a pass's codes are free once the compute warpgroups have decoded them too: they do
+          # so before arriving on done for the pass before, waited above
+          if cs < passes:
+            @pl.when(p == 2)
+            def _():
+              load_codes(cs)     # pass 0's slot
+
+          @pl.when(jnp.logical_and(p >= 2, p - 1 + cs < passes))
+          def _():
+            load_codes(p - 1 + cs)
+        else:
+          @pl.when(p + cs < passes)
+          def _():
+            load_codes(p + cs)
         return carry
       lax.fori_loop(0, passes, body, 0)
+
+    rows = pl.ds(wg * hn, hn)
+
+    def own_decode(p):
+      """plan.mma_decode: this warpgroup's W rows of pass p's odd step."""
+      slot = rem(p, cs)
+      plgpu.barrier_wait(c_bar.at[slot])
+      if not plan.skip_decode:
+        _decode_gather(c_smem.at[slot, rows], s_smem.at[slot, :, rows], tile_n=hn,
+                       tile_k=d * tk, col0=tk, cols=tk, out=w_smem.at[rem(p * d + 1, wb), rows])
+      plgpu.commit_smem()
 
     @pl.when(wg < 2)
     def _compute():
       def acc_scope(acc_ref):
+        def pass_body(p, carry):
+          for s in range(d):
+            i = p * d + s
+            plgpu.barrier_wait(x_bar.at[rem(i, xs)])
+            if s == 0:
+              plgpu.barrier_wait(full.at[rem(i, wb)])
+            if not plan.skip_mma:
+              plgpu.wgmma(acc_ref, w_smem.at[rem(i, wb), rows], x_smem.at[rem(i, xs)].T)
+          plgpu.wgmma_wait(d)      # pass p - 1's wgmmas done: their x slots and W buffers free
+
+          @pl.when(p >= 1)
+          def _():
+            for s in range(d):
+              plgpu.barrier_arrive(done.at[rem((p - 1) * d + s, xs)])
+
+          @pl.when(p + 1 < passes)
+          def _():
+            own_decode(p + 1)
+          return carry
+
         def body(i, carry):
           slot, b = rem(i, xs), rem(i, wb)
           plgpu.barrier_wait(x_bar.at[slot])
           plgpu.barrier_wait(full.at[b])
           if not plan.skip_mma:
-            plgpu.wgmma(acc_ref, w_smem.at[b, pl.ds(wg * hn, hn)], x_smem.at[slot].T)
+            plgpu.wgmma(acc_ref, w_smem.at[b, rows], x_smem.at[slot].T)
           plgpu.wgmma_wait(1)      # step i - 1's wgmma done: its x slot and W buffer are free
 
           @pl.when(i >= 1)
           def _():
             plgpu.barrier_arrive(done.at[rem(i - 1, xs)])
           return carry
-        lax.fori_loop(0, steps, body, 0)
+        if plan.mma_decode:
+          own_decode(0)
+          lax.fori_loop(0, passes, pass_body, 0)
+        else:
+          lax.fori_loop(0, steps, body, 0)
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
@@ -1576,6 +1627,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
                        or plan.tile_k != 64 or plan.decoder not in (1, 2)):
     return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
             "and stages >= 3 (no swap, ws, dq or lut)")
+  if plan.mma_decode and (plan.decoder != 2 or plan.stages < 3):
+    return "mma_decode takes decoder 2"
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
   if plan.overlap and plan.stages < 2:

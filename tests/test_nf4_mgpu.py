@@ -77,7 +77,9 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=True),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=64, stages=4, decoder=True),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2),
-         nf4_mgpu.MgpuPlan(tile_m=192, tile_n=128, tile_k=64, stages=3, decoder=2)]
+         nf4_mgpu.MgpuPlan(tile_m=192, tile_n=128, tile_k=64, stages=3, decoder=2),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2,
+                           mma_decode=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -95,7 +97,7 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'H' * p.mma_decode}")
 
 
 def test_pair_asm_text_decodes_and_scales():
