@@ -60,6 +60,12 @@ decoding its half of the W rows into shared memory against a 256-row x tile) 1.4
 and 4096 (session 11: 1.50-1.70x, its decode alone 0.90x), against 0.95-1.05x for the same kernel
 without its decode.
 
+Session 14, large M (`plan.decoder`, `_forward_dec`; not dispatched): a third warpgroup decodes W
+into shared memory (1 or 2 K steps per pass, optionally through the table) and issues the copies,
+and two warpgroups only run wgmma on the decoded tiles. Its skeleton is at the bf16 dot, but one
+decoding warpgroup per SM is the limit: 1.33-1.55x the bf16 dot at M=2048, against 1.17-1.27x for
+nf4_matmul's dispatch (Nsight Compute's stalls in bench/RESULTS.md, "Session 14 runs").
+
 GPU only (Hopper): on another GPU `nf4_matmul_mgpu` and `nf4_dequantize_mgpu` raise; on the CPU
 JAX refuses to run them (no interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and
 the layout mapping are tested on CPU (the PTX text through the tests' interpreter, the kernels
@@ -141,9 +147,6 @@ class MgpuPlan:
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
                            # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
                            # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
-  mma_decode: bool = False  # decoder 2: the compute warpgroups decode the odd step of each pass
-                            # (each its own W rows, while the pass before's wgmmas run), the
-                            # decoder warpgroup only the even one
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -603,7 +606,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=
 
 
 def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None,
-                   out=None):
+                   out=None, swizzled=True):
   """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
   of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
   scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
@@ -616,7 +619,9 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   (3 byte-permutes each) and decodes each, one PTX block per word, into registers e = 0-3 and
   4-7. skip (bench only): the gathered words themselves as the operand (wrong results).
   out: a bf16 [tile_n, cols] shared ref (tile_k's swizzle) the decoded tile is stored to, inside
-  the same body (not `out[...] = ` outside it, which also loads the old tile); returns None."""
+  the same body (not `out[...] = ` outside it, which also loads the old tile); returns None.
+  swizzled: with lut, the code words in `_gather_code_transforms`' layout (rows of >= 128 bytes);
+  not swizzled, row-major as without lut."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -624,7 +629,8 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   from jax._src.lib.mlir.dialects import arith, llvm, vector
 
   s_args, nblocks = _scale_args(s_smem)
-  code_type = plgpu.RefType(_gather_code_transforms() if lut is not None else ())
+  swizzled = swizzled and lut is not None
+  code_type = plgpu.RefType(_gather_code_transforms() if swizzled else ())
 
   if out is None:
     deco = _operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
@@ -667,7 +673,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
       sc = scale(row, blk)
       words = []
       for h in range(2):
-        if lut_ref:     # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
+        if swizzled:    # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
           w0 = 8 * blk + 4 * h
           r8 = arith.remui(row, idx_c(8))
           at = [arith.divui(row, idx_c(8)), idx_c(w0 // 32), r8,
@@ -1407,11 +1413,28 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return f(x2, codes, pairs)[:m, :n_out]
 
 
+def _dec_smem(plan: MgpuPlan, cs: int) -> int:
+  """plan.decoder's shared memory in bytes with cs code slots: x's stages, the code words and
+  bf16 scales of a pass per slot, 2 d W buffers, the table."""
+  d, tm, tn, tk = int(plan.decoder), plan.tile_m, plan.tile_n, plan.tile_k
+  return (plan.stages * tm * tk * 2 + cs * (tn * d * tk // 2 + d * tk // 64 * tn * 2)
+          + 2 * d * tn * tk * 2 + plan.lut * 256 * 4)
+
+
+def _dec_code_stages(plan: MgpuPlan) -> int:
+  """plan.decoder's code slots: 2 stages / d, fewer (down to 2) where shared memory runs out."""
+  cs = max(2, 2 * plan.stages // int(plan.decoder))
+  while cs > 2 and _dec_smem(plan, cs) > SMEM - 2048:
+    cs -= 1
+  return cs
+
+
 def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   """plan.decoder = d: per program a [tile_m, tile_n] tile of y from three warpgroups, over K
   steps of tile_k.
-  - wg 2 decodes d steps' W tiles per pass (`_decode_gather`, stored to swizzled bf16 tiles): pass
-    p into buffers (d p + s) % 2d once pass p - 2's steps are done. It also copies the code words
+  - wg 2 decodes d steps' W tiles per pass (`_decode_gather`, stored to swizzled bf16 tiles; with
+    plan.lut through the table, copied to shared memory first): pass p into buffers (d p + s) % 2d
+    once pass p - 2's steps are done. It also copies the code words
     and bf16 scales of a pass (2 `stages` / d slots, each refilled as soon as it has decoded it)
     and x's [tile_m, tile_k] tiles (`stages` slots, step j's copy issued once both compute
     warpgroups are done with step j - stages, checked a pass behind).
@@ -1432,7 +1455,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
   hn = tn // 2
   xs = plan.stages
-  cs = max(2, 2 * xs // d)
+  cs = _dec_code_stages(plan)
   wb = 2 * d                       # W buffers, one step each
   nb = tk // blocksize
   m_pad = -(-m // tm) * tm
@@ -1443,8 +1466,9 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   lay = _Layouts(tk)
   rem = lax.rem
 
-  def kernel(x_gmem, c_gmem, s_gmem, o_gmem, x_smem, c_smem, s_smem, w_smem,
-             x_bar, c_bar, full, done, fin):
+  def kernel(x_gmem, c_gmem, s_gmem, *refs):
+    lut_gmem, refs = (refs[0], refs[1:]) if plan.lut else (None, refs)
+    o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, full, done, fin, *lut_scratch = refs
     mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
 
     def load_x(i):
@@ -1461,10 +1485,16 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
 
     @pl.when(wg == 2)
     def _decode():
+      lut = None
+      if plan.lut:
+        lut, lut_bar = lut_scratch
+        plgpu.copy_gmem_to_smem(lut_gmem, lut, lut_bar.at[0])
       for p in range(min(cs, passes)):
         load_codes(p)
       for i in range(min(xs, steps)):
         load_x(i)
+      if plan.lut:
+        plgpu.barrier_wait(lut_bar.at[0])
 
       def body(p, carry):
         slot = rem(p, cs)
@@ -1479,67 +1509,26 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
             @pl.when(j + xs < steps)
             def _():
               load_x(j + xs)
-        mine = range(1) if plan.mma_decode else range(d)     # the steps this warpgroup decodes
-        for s in mine:
+        for s in range(d):
           if not plan.skip_decode:
             _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=d * tk,
-                           col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)])
+                           col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)], lut=lut,
+                           swizzled=False)
         plgpu.commit_smem()
-        for s in mine:
+        for s in range(d):
           plgpu.barrier_arrive(full.at[rem(p * d + s, wb)])
 
-        if plan.mma_decode:
-          # a pass's codes are free once the compute warpgroups have decoded them too: they do
-          # so before arriving on done for the pass before, waited above
-          if cs < passes:
-            @pl.when(p == 2)
-            def _():
-              load_codes(cs)     # pass 0's slot
-
-          @pl.when(jnp.logical_and(p >= 2, p - 1 + cs < passes))
-          def _():
-            load_codes(p - 1 + cs)
-        else:
-          @pl.when(p + cs < passes)
-          def _():
-            load_codes(p + cs)
+        @pl.when(p + cs < passes)
+        def _():
+          load_codes(p + cs)
         return carry
       lax.fori_loop(0, passes, body, 0)
 
     rows = pl.ds(wg * hn, hn)
 
-    def own_decode(p):
-      """plan.mma_decode: this warpgroup's W rows of pass p's odd step."""
-      slot = rem(p, cs)
-      plgpu.barrier_wait(c_bar.at[slot])
-      if not plan.skip_decode:
-        _decode_gather(c_smem.at[slot, rows], s_smem.at[slot, :, rows], tile_n=hn,
-                       tile_k=d * tk, col0=tk, cols=tk, out=w_smem.at[rem(p * d + 1, wb), rows])
-      plgpu.commit_smem()
-
     @pl.when(wg < 2)
     def _compute():
       def acc_scope(acc_ref):
-        def pass_body(p, carry):
-          for s in range(d):
-            i = p * d + s
-            plgpu.barrier_wait(x_bar.at[rem(i, xs)])
-            if s == 0:
-              plgpu.barrier_wait(full.at[rem(i, wb)])
-            if not plan.skip_mma:
-              plgpu.wgmma(acc_ref, w_smem.at[rem(i, wb), rows], x_smem.at[rem(i, xs)].T)
-          plgpu.wgmma_wait(d)      # pass p - 1's wgmmas done: their x slots and W buffers free
-
-          @pl.when(p >= 1)
-          def _():
-            for s in range(d):
-              plgpu.barrier_arrive(done.at[rem((p - 1) * d + s, xs)])
-
-          @pl.when(p + 1 < passes)
-          def _():
-            own_decode(p + 1)
-          return carry
-
         def body(i, carry):
           slot, b = rem(i, xs), rem(i, wb)
           plgpu.barrier_wait(x_bar.at[slot])
@@ -1552,11 +1541,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           def _():
             plgpu.barrier_arrive(done.at[rem(i - 1, xs)])
           return carry
-        if plan.mma_decode:
-          own_decode(0)
-          lax.fori_loop(0, passes, pass_body, 0)
-        else:
-          lax.fori_loop(0, steps, body, 0)
+        lax.fori_loop(0, steps, body, 0)
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
@@ -1584,7 +1569,9 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.Barrier(num_arrivals=2, num_barriers=cs),
           plgpu.Barrier(num_barriers=wb),
           plgpu.Barrier(num_arrivals=2, num_barriers=xs),
-          plgpu.Barrier(num_arrivals=2, num_barriers=1)],
+          plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+      + ([plgpu.SMEM((256, plan.lut), jnp.uint32), plgpu.Barrier(num_barriers=1)] if plan.lut
+         else []),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
   words = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
@@ -1615,20 +1602,22 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
     return "stream and reduce take swap without ws"
-  if plan.lut and (not plan.swap or plan.ws or plan.lut not in (8, 16, 32)):
-    return "lut takes swap without ws, and 8, 16 or 32 copies of the table"
+  if plan.lut and (not (plan.swap or plan.decoder) or plan.ws or plan.lut not in (8, 16, 32)):
+    return "lut takes swap without ws (or decoder), and 8, 16 or 32 copies of the table"
   if plan.dequant and (not plan.gather or plan.ws or plan.tile_n != 64 or plan.split < 1
                        or plan.reduce or plan.stream):
     return "dequant takes swap and gather, tile_n 64 and split >= 1 (no ws, reduce or stream)"
   if plan.lut and plan.gather and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.decoder and (plan.swap or plan.ws or plan.split != 1 or plan.tile_n != 128
-                       or plan.tile_m > 256 or plan.stages < 3 or plan.dq or plan.lut
-                       or plan.tile_k != 64 or plan.decoder not in (1, 2)):
+                       or plan.tile_m > 256 or plan.stages < max(3, 2 * int(plan.decoder))
+                       or plan.dq or plan.tile_k != 64 or plan.decoder not in (1, 2)):
+    # (stages >= 2 d: step j + stages' x copy is issued in pass j / d + 2, which must come)
     return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
-            "and stages >= 3 (no swap, ws, dq or lut)")
-  if plan.mma_decode and (plan.decoder != 2 or plan.stages < 3):
-    return "mma_decode takes decoder 2"
+            "and stages >= max(3, 2 x decoder) (no swap, ws or dq)")
+  if plan.decoder and _dec_smem(plan, 2) > SMEM - 2048:
+    return (f"this decoder plan needs {_dec_smem(plan, 2)} bytes of shared memory, over "
+            f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
   if plan.overlap and plan.stages < 2:
