@@ -1434,10 +1434,10 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   steps of tile_k.
   - wg 2 decodes d steps' W tiles per pass (`_decode_gather`, stored to swizzled bf16 tiles; with
     plan.lut through the table, copied to shared memory first): pass p into buffers (d p + s) % 2d
-    once pass p - 2's steps are done. It also copies the code words
-    and bf16 scales of a pass (2 `stages` / d slots, each refilled as soon as it has decoded it)
-    and x's [tile_m, tile_k] tiles (`stages` slots, step j's copy issued once both compute
-    warpgroups are done with step j - stages, checked a pass behind).
+    once pass p - 2's steps are done. It also copies the code words and bf16 scales of a pass
+    (`_dec_code_stages` slots, each refilled as soon as it has decoded it) and x's [tile_m,
+    tile_k] tiles (`stages` slots, step j's copy issued once both compute warpgroups are done
+    with step j - stages, checked a pass behind: hence stages >= 2 d).
   - wg 0 and 1 each run wgmma on W rows [wg * tile_n / 2, ...) of step i's decoded tile against
     x's tile (wgmma m64 n=tile_m k16: y.T's rows, x's rows as N), one wgmma in flight, and write
     their [tile_m, tile_n / 2] of y through a transposed store via x's slot wg (after both are
