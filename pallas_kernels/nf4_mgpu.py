@@ -532,13 +532,19 @@ def _scale_fn(s_args, nblocks):
   return scale
 
 
-def _operand_decode(code_type, s_smem, tile_n: int, cols: int, lut: bool = False):
-  """The `inline_mgpu` decorator of a swap decode: (code ref, scales[, table ref]) -> bf16
-  [tile_n, cols] in WGMMA_LAYOUT; the scales are a ref (bf16 tile) or, with plan.dq,
-  `_DQ.args()`; the table (plan.lut) a ref. Call the decorated body with `_scale_args(s_smem)`."""
+def _operand_decode(code_type, s_smem, tile_n: int, cols: int, lut: bool = False,
+                    out: bool = False):
+  """The `inline_mgpu` decorator of a swap decode: (code ref, scales[, out ref][, table ref]) ->
+  bf16 [tile_n, cols] in WGMMA_LAYOUT, or with `out` nothing (the body stores the tile to the
+  swizzled bf16 out ref); the scales are a ref (bf16 tile) or, with plan.dq, `_DQ.args()`; the
+  table (plan.lut) a ref. Call the decorated body with `_scale_args(s_smem)`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   scales = _DQ.arg_types() if isinstance(s_smem, _DQ) else plgpu.RefType()
-  return plgpu.inline_mgpu(arg_types=(code_type, scales) + ((plgpu.RefType(),) if lut else ()),
+  refs = ((plgpu.RefType(_Layouts(cols).bf16),) if out else ()) + (
+      (plgpu.RefType(),) if lut else ())
+  if out:
+    return plgpu.inline_mgpu(arg_types=(code_type, scales) + refs)
+  return plgpu.inline_mgpu(arg_types=(code_type, scales) + refs,
                            return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
                                                               layout=plgpu.Layout.WGMMA))
 
@@ -632,14 +638,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   swizzled = swizzled and lut is not None
   code_type = plgpu.RefType(_gather_code_transforms() if swizzled else ())
 
-  if out is None:
-    deco = _operand_decode(code_type, s_smem, tile_n, cols, lut is not None)
-  else:
-    deco = plgpu.inline_mgpu(arg_types=(code_type, _DQ.arg_types() if isinstance(s_smem, _DQ)
-                                        else plgpu.RefType(), plgpu.RefType(_Layouts(cols).bf16))
-                             + ((plgpu.RefType(),) if lut is not None else ()))
-
-  @deco
+  @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None, out is not None)
   def body(ctx, c_ref, s_args, *refs):
     del ctx
     o_ref, lut_ref = (None, refs) if out is None else (refs[0], refs[1:])
@@ -704,6 +703,11 @@ def _gather_code_transforms():
   and 128-byte swizzled, so the 8 rows a warp loads at once sit in different banks (untransformed,
   rows of tile_k / 2 >= 128 bytes all start in the same bank: 8-way conflicts)."""
   return _transforms(128, 4)
+
+
+def _code_words(codes):
+  """The packed codes u8 [n_pad, K / 2] as u32 words [n_pad, K / 8] (`_decode_gather`'s input)."""
+  return lax.bitcast_convert_type(codes.reshape(codes.shape[0], -1, 4), jnp.uint32)
 
 
 def _swap_x(x2, mp: int):
@@ -970,7 +974,7 @@ class _SwapGeom:
       f = plgpu.kernel(kernel, out_type=out, grid=grid, grid_names=("m", "n", "s"),
                        compiler_params=params, **kernel_kw)
     if self.plan.gather:
-      codes = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
+      codes = _code_words(codes)
     if raw:
       return f(x2, codes, *scales)
     y = f(_swap_x_in(x2, m_pad, self.plan), codes, *scales)
@@ -1187,7 +1191,7 @@ def _dequant(codes, scales, *, k: int, blocksize: int, plan: MgpuPlan):
       grid=(n_pad // tn, plan.split), grid_names=("n", "s"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       scratch_types=(g.dq_scratch(tn) if plan.dq else []) + (g.lut_scratch() if plan.lut else []))
-  return f(lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32), *scales)
+  return f(_code_words(codes), *scales)
 
 
 DEQUANT_PLAN = MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, gather=True, dq=True,
@@ -1465,10 +1469,14 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   passes = steps // d
   lay = _Layouts(tk)
   rem = lax.rem
+  # its table scratch and load, and the transposed store of y at split 1
+  g = _SwapGeom(m=m, k=k, mp=tm, m_tiles=m_pad // tm, steps=steps, plan=plan)
+  n_in = len(scales)
 
-  def kernel(x_gmem, c_gmem, s_gmem, *refs):
-    lut_gmem, refs = (refs[0], refs[1:]) if plan.lut else (None, refs)
-    o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, full, done, fin, *lut_scratch = refs
+  def kernel(x_gmem, c_gmem, *refs):
+    s_in, (o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, full, done, fin,
+           *lut_scratch) = refs[:n_in], refs[n_in:]
+    s_gmem = s_in[0]
     mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
 
     def load_x(i):
@@ -1485,10 +1493,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
 
     @pl.when(wg == 2)
     def _decode():
-      lut = None
-      if plan.lut:
-        lut, lut_bar = lut_scratch
-        plgpu.copy_gmem_to_smem(lut_gmem, lut, lut_bar.at[0])
+      _, _, lut, lut_bar = g.lut_load(s_in, lut_scratch)
       for p in range(min(cs, passes)):
         load_codes(p)
       for i in range(min(xs, steps)):
@@ -1548,12 +1553,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
       acc = pl.run_scoped(acc_scope, plgpu.ACC((hn, tm), jnp.float32))
       plgpu.barrier_arrive(fin.at[0])   # both done with every x slot: slot wg takes the output
       plgpu.barrier_wait(fin.at[0])
-      o = x_smem.at[wg]
-      plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
-          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o, o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * tn + wg * hn, hn)])
-      plgpu.wait_smem_to_gmem(0)
+      g.store(acc, x_smem.at[wg], o_gmem, mi, ni, 0, wg * hn, hn)
 
   f = plgpu.kernel(
       kernel,
@@ -1570,12 +1570,10 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.Barrier(num_barriers=wb),
           plgpu.Barrier(num_arrivals=2, num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=1)]
-      + ([plgpu.SMEM((256, plan.lut), jnp.uint32), plgpu.Barrier(num_barriers=1)] if plan.lut
-         else []),
+      + (g.lut_scratch() if plan.lut else []),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
-  words = lax.bitcast_convert_type(codes.reshape(n_pad, -1, 4), jnp.uint32)
-  return f(x2, words, *scales)[:m, :n_out]
+  return f(x2, _code_words(codes), *scales)[:m, :n_out]
 
 
 def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | None:
