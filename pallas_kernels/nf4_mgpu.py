@@ -147,10 +147,11 @@ class MgpuPlan:
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
                            # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
                            # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
-  pair: bool = False       # decoder: programs run in clusters of two (consecutive tiles of x's
-                           # rows, the same W tile); each decodes half of the W tile's rows and
-                           # stores it to its own shared memory and, by st.async, to its peer's:
-                           # half the decode per program
+  pair: int = 0            # decoder: programs run in clusters of two (consecutive tiles of x's
+                           # rows, the same W tile); each decodes half of the W tile's rows into
+                           # its shared memory, and 1: sends it to its peer's by st.async, or
+                           # 2: copies the peer's half from the peer's shared memory: half the
+                           # decode per program
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -1424,6 +1425,51 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return f(x2, codes, pairs)[:m, :n_out]
 
 
+def _cluster_fence():
+  """fence.acq_rel.cluster (each thread's shared-memory writes ordered for the peer program)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+
+  @plgpu.inline_mgpu()
+  def body(ctx):
+    del ctx
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "",
+                    has_side_effects=True)
+  body()
+
+
+def _copy_tile(src, dst, lay):
+  """The bf16 [rows, 64] swizzled tile src (the peer's, by `plgpu.cluster_ref`) -> dst (the
+  same layout here), 16 bytes per thread per load: the tiles' bytes copied as they lie."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, vector
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.bf16), plgpu.RefType(lay.bf16)))
+  def body(ctx, s_ref, d_ref):
+    del ctx
+    index = ir.IndexType.get()
+    shape = ir.MemRefType(d_ref.type).shape      # tiled: [rows / 8, 1, 8, 64]
+    if tuple(shape[1:]) != (1, 8, 64):
+      raise AssertionError(f"nf4_mgpu: unexpected tiled shape {shape}")
+    v8 = ir.VectorType.get((8,), ir.BF16Type.get())
+    t = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(),
+                                             arith.constant(ir.IntegerType.get_signless(32),
+                                                            128)))
+    c = lambda v: arith.constant(index, v)
+    ats = []
+    for i in range(shape[0] * 64 // 128):          # 16-byte chunks: 64 per 8-row tile
+      chunk = arith.addi(t, c(128 * i))
+      ats.append([arith.divui(chunk, c(64)), c(0), arith.remui(arith.divui(chunk, c(8)), c(8)),
+                  arith.muli(arith.remui(chunk, c(8)), c(8))])
+    vals = [vector.load(v8, s_ref, at) for at in ats]     # every load issued before a store
+    for v, at in zip(vals, ats):
+      vector.store(v, d_ref, at)
+  body(src, dst)
+
+
 def _dec_smem(plan: MgpuPlan, cs: int) -> int:
   """plan.decoder's shared memory in bytes with cs code slots: x's stages, the code words and
   bf16 scales of a pass per slot, 2 d W buffers, the table."""
@@ -1486,16 +1532,19 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   def kernel(x_gmem, c_gmem, *refs):
     s_in, (o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, *rest) = (refs[:n_in],
                                                                            refs[n_in:])
-    if plan.pair:
+    push, pull = plan.pair == 1, plan.pair == 2
+    if push:
       fulls, (done, fin, bye, *lut_scratch) = rest[:wb], rest[wb:]
+    elif pull:
+      full, done, fin, bye, ready, *lut_scratch = rest
     else:
       full, done, fin, *lut_scratch = rest
 
     def on_full(b, fn, cands=range(wb)):
-      """fn(W buffer b's full barrier). With pair each is its own allocation, picked by
+      """fn(W buffer b's full barrier). With pair 1 each is its own allocation, picked by
       branches: async_store_smem's expect_tx on the peer's barrier i of an array lands on
       barrier 2 i (jax 0.10-0.11 BarrierRef.remap_to_cluster adds the offset twice)."""
-      if not plan.pair:
+      if not push:
         return fn(full.at[b])
       for bb in cands:            # (the values b can take)
         pl.when(b == bb)(lambda bb=bb: fn(fulls[bb]))
@@ -1543,7 +1592,12 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
             def _():
               load_x(j + xs)
         for s in range(d):
-          if plan.pair:          # its half of the tile, stored here and sent to the peer
+          if pull:               # its half of the tile, then the peer's half copied over
+            _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=cn, tile_k=d * tk,
+                           col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb),
+                                                               pl.ds(r * cn, cn)],
+                           lut=lut, swizzled=False, skip=plan.skip_decode)
+          elif push:             # its half of the tile, stored here and sent to the peer
             half = w_smem.at[rem(p * d + s, wb), pl.ds(r * cn, cn)]
             w = _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=cn, tile_k=d * tk,
                                col0=s * tk, cols=tk, out=half, lut=lut, swizzled=False,
@@ -1555,6 +1609,17 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
                            col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)], lut=lut,
                            swizzled=False)
         plgpu.commit_smem()
+        if pull:
+          _cluster_fence()
+          for s in range(d):
+            plgpu.barrier_arrive(ready.at[rem(p * d + s, wb)])
+          for s in range(d):
+            plgpu.barrier_wait(ready.at[rem(p * d + s, wb)])
+          _cluster_fence()
+          for s in range(d):
+            other = w_smem.at[rem(p * d + s, wb), pl.ds((1 - r) * cn, cn)]
+            _copy_tile(plgpu.cluster_ref(other, {"c": 1 - r}), other, lay)
+          plgpu.commit_smem()
         for s in range(d):
           on_full(rem(p * d + s, wb), plgpu.barrier_arrive, range(s, wb, d))
 
@@ -1573,7 +1638,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           slot, b = rem(i, xs), rem(i, wb)
           plgpu.barrier_wait(x_bar.at[slot])
           on_full(b, plgpu.barrier_wait)
-          if plan.pair:          # the peer's half came by st.async (generic proxy): fence it
+          if push:               # the peer's half came by st.async (generic proxy): fence it
             plgpu.commit_smem()   # before wgmma reads it
           if not plan.skip_mma:
             plgpu.wgmma(acc_ref, w_smem.at[b, rows], x_smem.at[slot].T)
@@ -1597,12 +1662,16 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
       plgpu.barrier_wait(bye.at[0])
 
   if plan.pair:
-    # done: both programs' compute warpgroups (2 x 2 arrivals); full: this program's decode
-    # and the peer's st.async (its 128 threads' expect_tx); bye: all 3 x 2 warpgroups
+    # done: both programs' compute warpgroups (2 x 2 arrivals); full (push): this program's
+    # decode and the peer's st.async (its 128 threads' expect_tx); bye: all 3 x 2 warpgroups;
+    # ready (pull): both decoders have stored their half of a W buffer
     done_t = plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=2, num_barriers=xs)
     cluster = dict(grid=(n_pad // tn, m_pad // tm // 2), grid_names=("n", "m"), cluster=(2,),
                    cluster_names=("c",))
     extra = [plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=3, num_barriers=1)]
+    if plan.pair == 2:
+      extra.append(plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=1,
+                                        num_barriers=wb))
   else:
     done_t = plgpu.Barrier(num_arrivals=2, num_barriers=xs)
     cluster = dict(grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"))
@@ -1619,7 +1688,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.SMEM((wb, tn, tk), jnp.bfloat16, transforms=lay.bf16),
           plgpu.Barrier(num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=cs),
-          *([plgpu.Barrier(num_arrivals=2)] * wb if plan.pair
+          *([plgpu.Barrier(num_arrivals=2)] * wb if plan.pair == 1
             else [plgpu.Barrier(num_barriers=wb)]),
           done_t,
           plgpu.Barrier(num_arrivals=2, num_barriers=1)]
@@ -1666,8 +1735,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     # (stages >= 2 d: step j + stages' x copy is issued in pass j / d + 2, which must come)
     return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
             "and stages >= max(3, 2 x decoder) (no swap, ws or dq)")
-  if plan.pair and not plan.decoder:
-    return "pair takes decoder (two programs of a cluster share its decode)"
+  if plan.pair and (not plan.decoder or plan.pair not in (1, 2)):
+    return "pair (1 or 2) takes decoder (two programs of a cluster share its decode)"
   if plan.decoder and _dec_smem(plan, 2) > SMEM - 2048:
     return (f"this decoder plan needs {_dec_smem(plan, 2)} bytes of shared memory, over "
             f"{SMEM - 2048}: take fewer stages or copies of the table")
