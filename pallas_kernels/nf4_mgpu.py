@@ -1439,35 +1439,43 @@ def _cluster_fence():
   body()
 
 
-def _copy_tile(src, dst, lay):
-  """The bf16 [rows, 64] swizzled tile src (the peer's, by `plgpu.cluster_ref`) -> dst (the
-  same layout here), 16 bytes per thread per load: the tiles' bytes copied as they lie."""
+def _copy_tile(dst, lay):
+  """The bf16 [rows, 64] swizzled tile at dst's place in the peer program's shared memory (the
+  cluster's other program along x) -> dst, its bytes as they lie: per thread 16-byte chunks t,
+  t + 128, ..., each `ld.shared::cluster.v4` (mapa'd address), all loads before the stores. (A
+  `vector.load` of a `plgpu.cluster_ref` compiled to slower code: run s15_r5.)"""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, vector
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.bf16), plgpu.RefType(lay.bf16)))
-  def body(ctx, s_ref, d_ref):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.bf16),))
+  def body(ctx, d_ref):
     del ctx
-    index = ir.IndexType.get()
-    shape = ir.MemRefType(d_ref.type).shape      # tiled: [rows / 8, 1, 8, 64]
+    i32 = ir.IntegerType.get_signless(32)
+    i64 = ir.IntegerType.get_signless(64)
+    shape = ir.MemRefType(d_ref.type).shape      # tiled: [rows / 8, 1, 8, 64], contiguous
     if tuple(shape[1:]) != (1, 8, 64):
       raise AssertionError(f"nf4_mgpu: unexpected tiled shape {shape}")
-    v8 = ir.VectorType.get((8,), ir.BF16Type.get())
-    t = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(),
-                                             arith.constant(ir.IntegerType.get_signless(32),
-                                                            128)))
-    c = lambda v: arith.constant(index, v)
-    ats = []
-    for i in range(shape[0] * 64 // 128):          # 16-byte chunks: 64 per 8-row tile
-      chunk = arith.addi(t, c(128 * i))
-      ats.append([arith.divui(chunk, c(64)), c(0), arith.remui(arith.divui(chunk, c(8)), c(8)),
-                  arith.muli(arith.remui(chunk, c(8)), c(8))])
-    vals = [vector.load(v8, s_ref, at) for at in ats]     # every load issued before a store
-    for v, at in zip(vals, ats):
-      vector.store(v, d_ref, at)
-  body(src, dst)
+    c = lambda v: arith.constant(i32, v)
+    base = arith.trunci(i32, llvm.ptrtoint(i64, mgpu_utils.memref_ptr(d_ref)))
+    peer = arith.subi(c(1), arith.index_cast(i32, gpu.cluster_block_id(gpu.Dimension.x)))
+    t = arith.remui(mgpu_utils.thread_idx(), c(128))
+    quad = llvm.StructType.get_literal([i32] * 4)
+    addrs, vals = [], []
+    for n in range(shape[0] * 64 // 128):          # 16-byte chunks: 64 per 8-row tile
+      addrs.append(arith.addi(base, arith.muli(arith.addi(t, c(128 * n)), c(16))))
+      vals.append(llvm.inline_asm(
+          quad, [addrs[-1], peer],
+          "{ .reg .b32 ra; mapa.shared::cluster.u32 ra, $4, $5; "
+          "ld.shared::cluster.v4.b32 {$0, $1, $2, $3}, [ra]; }", "=r,=r,=r,=r,r,r",
+          has_side_effects=True))
+    for a, v in zip(addrs, vals):
+      llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                      [a] + [llvm.extractvalue(i32, v, [e]) for e in range(4)],
+                      "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r",
+                      has_side_effects=True)
+  body(dst)
 
 
 def _dec_smem(plan: MgpuPlan, cs: int) -> int:
@@ -1617,8 +1625,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
             plgpu.barrier_wait(ready.at[rem(p * d + s, wb)])
           _cluster_fence()
           for s in range(d):
-            other = w_smem.at[rem(p * d + s, wb), pl.ds((1 - r) * cn, cn)]
-            _copy_tile(plgpu.cluster_ref(other, {"c": 1 - r}), other, lay)
+            _copy_tile(w_smem.at[rem(p * d + s, wb), pl.ds((1 - r) * cn, cn)], lay)
           plgpu.commit_smem()
         for s in range(d):
           on_full(rem(p * d + s, wb), plgpu.barrier_arrive, range(s, wb, d))

@@ -2,7 +2,8 @@
 peer's decoded half of the W tile from the peer's shared memory). Times at M=2048 the plan as it
 is, without its two fence.acq_rel.cluster per pass, without the copy (wrong results: the peer's
 half never arrives), and without both, against the same plan unpaired and the bf16 dot, in
-interleaved rounds. The variants monkeypatch nf4_mgpu._cluster_fence / _copy_tile at trace time.
+interleaved rounds, and the plans that copy checked against the f32 product. The variants
+monkeypatch nf4_mgpu._cluster_fence / _copy_tile at trace time.
 
   python bench/diag/s15_pull_variants.py --out run.jsonl [--shapes 8b_gate_up] [--rounds 3]
 """
@@ -26,6 +27,7 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   a = ap.parse_args()
   bench = JaxBench()
+  jax, jnp = bench.jax, bench.jnp
   from pallas_kernels import nf4_mgpu as mod
   P = mod.MgpuPlan
   base = dict(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16)
@@ -50,6 +52,13 @@ def main():
                         op=lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))
         times[name] = [t()]          # compiled here, with the patch in place
         timers[name] = t
+        if "nocopy" not in name:     # its result against the f32 product, at this shape
+          x, w = ops[3][0], ops[1][0]
+          y = jax.jit(lambda x, w, plan=plan: mod.nf4_matmul_mgpu(x, w, plan))(x, w)
+          ref = jnp.dot(x.astype(jnp.float32), bench.dequantize(w).astype(jnp.float32).T)
+          err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+          print(f"{shape} {name}: max |y - ref| / max |ref| = {err:.2e}", flush=True)
+          fh.write(json.dumps(dict(kind="check", shape=shape, impl=name, err=err)) + "\n")
       except Exception as e:        # noqa: BLE001 - report and go on
         print(f"{shape} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
       finally:
