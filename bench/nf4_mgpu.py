@@ -7,14 +7,15 @@ Mosaic kernel), interleaved rounds, each op compiled once.
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
 its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +dequant, +overlap, +skip_decode,
-+skip_mma, +decoder, +pair) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed only up to max_m rows of x (swap plans
++skip_mma, +decoder) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed only up to max_m rows of x (swap plans
 without gather: 64).
 +skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
 not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
 (against the f32 product of x and the dequantized W). --kernel-only also times each swap plan's
 kernel without the XLA passes around it. Runs of session 9 wrote the flags positionally:
 "256,128,64,4,1,64,0,1" is now "256,128,64,4,1,64+ws"; session 11's runs r1 and r3 used flags since
-removed (+pingpong, +overlap on swap plans), session 14's r7 +mma_decode (removed).
+removed (+pingpong, +overlap on swap plans), session 14's r7 +mma_decode (removed), session 15's
+r1-r4 +pair / +pair=2 (removed; last in commit 750054b).
 """
 import argparse
 import dataclasses

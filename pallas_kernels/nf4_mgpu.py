@@ -65,6 +65,11 @@ into shared memory (1 or 2 K steps per pass, optionally through the table) and i
 and two warpgroups only run wgmma on the decoded tiles. Its skeleton is at the bf16 dot, but one
 decoding warpgroup per SM is the limit: 1.33-1.55x the bf16 dot at M=2048, against 1.17-1.27x for
 nf4_matmul's dispatch (Nsight Compute's stalls in bench/RESULTS.md, "Session 14 runs").
+Session 15 ran that kernel in clusters of two programs (consecutive x tiles, one W tile), each
+decoding half of the W tile and exchanging it with its peer, by st.async into the peer's shared
+memory or by loads from it: correct, but 1.5-2.6x the bf16 dot at M=2048; with the exchange and
+its cluster fences left out (wrong results) still 1.15-1.19, no better than the dispatch, so it
+was removed (bench/RESULTS.md, "Session 15 runs"; the code is in git, last in commit 750054b).
 
 GPU only (Hopper): on another GPU `nf4_matmul_mgpu` and `nf4_dequantize_mgpu` raise; on the CPU
 JAX refuses to run them (no interpret mode: `inline_mgpu` cannot be interpreted). The PTX block and
@@ -147,11 +152,6 @@ class MgpuPlan:
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
                            # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
                            # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
-  pair: int = 0            # decoder: programs run in clusters of two (consecutive tiles of x's
-                           # rows, the same W tile); each decodes half of the W tile's rows into
-                           # its shared memory, and 1: sends it to its peer's by st.async, or
-                           # 2: copies the peer's half from the peer's shared memory: half the
-                           # decode per program
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -538,17 +538,16 @@ def _scale_fn(s_args, nblocks):
 
 
 def _operand_decode(code_type, s_smem, tile_n: int, cols: int, lut: bool = False,
-                    out: bool = False, ret: bool = False):
+                    out: bool = False):
   """The `inline_mgpu` decorator of a swap decode: (code ref, scales[, out ref][, table ref]) ->
   bf16 [tile_n, cols] in WGMMA_LAYOUT, or with `out` nothing (the body stores the tile to the
-  swizzled bf16 out ref; with `ret` too, the tile as well); the scales are a ref (bf16 tile) or,
-  with plan.dq, `_DQ.args()`; the table (plan.lut) a ref. Call the decorated body with
-  `_scale_args(s_smem)`."""
+  swizzled bf16 out ref); the scales are a ref (bf16 tile) or, with plan.dq, `_DQ.args()`; the
+  table (plan.lut) a ref. Call the decorated body with `_scale_args(s_smem)`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   scales = _DQ.arg_types() if isinstance(s_smem, _DQ) else plgpu.RefType()
   refs = ((plgpu.RefType(_Layouts(cols).bf16),) if out else ()) + (
       (plgpu.RefType(),) if lut else ())
-  if out and not ret:
+  if out:
     return plgpu.inline_mgpu(arg_types=(code_type, scales) + refs)
   return plgpu.inline_mgpu(arg_types=(code_type, scales) + refs,
                            return_type=plgpu.ShapeDtypeStruct((tile_n, cols), jnp.bfloat16,
@@ -618,7 +617,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=
 
 
 def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None,
-                   out=None, swizzled=True, ret=False):
+                   out=None, swizzled=True):
   """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
   of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
   scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
@@ -631,8 +630,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   (3 byte-permutes each) and decodes each, one PTX block per word, into registers e = 0-3 and
   4-7. skip (bench only): the gathered words themselves as the operand (wrong results).
   out: a bf16 [tile_n, cols] shared ref (tile_k's swizzle) the decoded tile is stored to, inside
-  the same body (not `out[...] = ` outside it, which also loads the old tile); returns None, or
-  with `ret` the tile too.
+  the same body (not `out[...] = ` outside it, which also loads the old tile); returns None.
   swizzled: with lut, the code words in `_gather_code_transforms`' layout (rows of >= 128 bytes);
   not swizzled, row-major as without lut."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -645,7 +643,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   swizzled = swizzled and lut is not None
   code_type = plgpu.RefType(_gather_code_transforms() if swizzled else ())
 
-  @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None, out is not None, ret)
+  @_operand_decode(code_type, s_smem, tile_n, cols, lut is not None, out is not None)
   def body(ctx, c_ref, s_args, *refs):
     del ctx
     o_ref, lut_ref = (None, refs) if out is None else (refs[0], refs[1:])
@@ -701,7 +699,6 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
     if o_ref is None:
       return w
     w.store_tiled(o_ref, swizzle=_Layouts(cols).bf16_swizzle)
-    return w if ret else None
 
   return body(c_smem, s_args, *([] if out is None else [out]), *([] if lut is None else [lut]))
 
@@ -1425,65 +1422,11 @@ def _forward_ws(x2, codes, pairs, *, n_out, blocksize, plan: MgpuPlan):
   return f(x2, codes, pairs)[:m, :n_out]
 
 
-def _cluster_fence():
-  """fence.acq_rel.cluster (each thread's shared-memory writes ordered for the peer program)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
-
-  @plgpu.inline_mgpu()
-  def body(ctx):
-    del ctx
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "",
-                    has_side_effects=True)
-  body()
-
-
-def _copy_tile(dst, lay):
-  """The bf16 [rows, 64] swizzled tile at dst's place in the peer program's shared memory (the
-  cluster's other program along x) -> dst, its bytes as they lie: per thread 16-byte chunks t,
-  t + 128, ..., each `ld.shared::cluster.v4` (mapa'd address), all loads before the stores. (A
-  `vector.load` of a `plgpu.cluster_ref` compiled to slower code: run s15_r5.)"""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, gpu, llvm
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(lay.bf16),))
-  def body(ctx, d_ref):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    i64 = ir.IntegerType.get_signless(64)
-    shape = ir.MemRefType(d_ref.type).shape      # tiled: [rows / 8, 1, 8, 64], contiguous
-    if tuple(shape[1:]) != (1, 8, 64):
-      raise AssertionError(f"nf4_mgpu: unexpected tiled shape {shape}")
-    c = lambda v: arith.constant(i32, v)
-    base = arith.trunci(i32, llvm.ptrtoint(i64, mgpu_utils.memref_ptr(d_ref)))
-    peer = arith.subi(c(1), arith.index_cast(i32, gpu.cluster_block_id(gpu.Dimension.x)))
-    t = arith.remui(mgpu_utils.thread_idx(), c(128))
-    quad = llvm.StructType.get_literal([i32] * 4)
-    addrs, vals = [], []
-    for n in range(shape[0] * 64 // 128):          # 16-byte chunks: 64 per 8-row tile
-      addrs.append(arith.addi(base, arith.muli(arith.addi(t, c(128 * n)), c(16))))
-      vals.append(llvm.inline_asm(
-          quad, [addrs[-1], peer],
-          "{ .reg .b32 ra; mapa.shared::cluster.u32 ra, $4, $5; "
-          "ld.shared::cluster.v4.b32 {$0, $1, $2, $3}, [ra]; }", "=r,=r,=r,=r,r,r",
-          has_side_effects=True))
-    for a, v in zip(addrs, vals):
-      llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                      [a] + [llvm.extractvalue(i32, v, [e]) for e in range(4)],
-                      "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r",
-                      has_side_effects=True)
-  body(dst)
-
-
 def _dec_smem(plan: MgpuPlan, cs: int) -> int:
   """plan.decoder's shared memory in bytes with cs code slots: x's stages, the code words and
   bf16 scales of a pass per slot, 2 d W buffers, the table."""
   d, tm, tn, tk = int(plan.decoder), plan.tile_m, plan.tile_n, plan.tile_k
-  cn = tn // 2 if plan.pair else tn     # the W rows a program decodes
-  return (plan.stages * tm * tk * 2 + cs * (cn * d * tk // 2 + d * tk // 64 * cn * 2)
+  return (plan.stages * tm * tk * 2 + cs * (tn * d * tk // 2 + d * tk // 64 * tn * 2)
           + 2 * d * tn * tk * 2 + plan.lut * 256 * 4)
 
 
@@ -1520,13 +1463,11 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   d = int(plan.decoder)
   tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
   hn = tn // 2
-  cl = 2 if plan.pair else 1       # programs per cluster
-  cn = tn // cl                    # the W rows a program decodes
   xs = plan.stages
   cs = _dec_code_stages(plan)
   wb = 2 * d                       # W buffers, one step each
   nb = tk // blocksize
-  m_pad = -(-m // (tm * cl)) * tm * cl
+  m_pad = -(-m // tm) * tm
   n_pad = codes.shape[0]
   x2 = _pad_rows(x2, m_pad)
   steps = k // tk
@@ -1538,30 +1479,10 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   n_in = len(scales)
 
   def kernel(x_gmem, c_gmem, *refs):
-    s_in, (o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, *rest) = (refs[:n_in],
-                                                                           refs[n_in:])
-    push, pull = plan.pair == 1, plan.pair == 2
-    if push:
-      fulls, (done, fin, bye, *lut_scratch) = rest[:wb], rest[wb:]
-    elif pull:
-      full, done, fin, bye, ready, *lut_scratch = rest
-    else:
-      full, done, fin, *lut_scratch = rest
-
-    def on_full(b, fn, cands=range(wb)):
-      """fn(W buffer b's full barrier). With pair 1 each is its own allocation, picked by
-      branches: async_store_smem's expect_tx on the peer's barrier i of an array lands on
-      barrier 2 i (jax 0.10-0.11 BarrierRef.remap_to_cluster adds the offset twice)."""
-      if not push:
-        return fn(full.at[b])
-      for bb in cands:            # (the values b can take)
-        pl.when(b == bb)(lambda bb=bb: fn(fulls[bb]))
+    s_in, (o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, full, done, fin,
+           *lut_scratch) = refs[:n_in], refs[n_in:]
     s_gmem = s_in[0]
     mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
-    r = None
-    if plan.pair:                  # program r of the cluster: x's tile 2 mi + r, W rows r cn..
-      r = lax.axis_index("c")
-      mi = mi * 2 + r
 
     def load_x(i):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(mi * tm, tm), pl.ds(i * tk, tk)],
@@ -1569,11 +1490,10 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
 
     def load_codes(p):
       slot = rem(p, cs)
-      w0 = lambda: ni * tn if r is None else ni * tn + r * cn    # the first W row it decodes
       plgpu.copy_gmem_to_smem(
-          c_gmem.at[pl.ds(w0(), cn), pl.ds(p * (d * tk // 8), d * tk // 8)],
+          c_gmem.at[pl.ds(ni * tn, tn), pl.ds(p * (d * tk // 8), d * tk // 8)],
           c_smem.at[slot], c_bar.at[slot])
-      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(p * d * nb, d * nb), pl.ds(w0(), cn)],
+      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(p * d * nb, d * nb), pl.ds(ni * tn, tn)],
                               s_smem.at[slot], c_bar.at[slot])
 
     @pl.when(wg == 2)
@@ -1600,35 +1520,13 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
             def _():
               load_x(j + xs)
         for s in range(d):
-          if pull:               # its half of the tile, then the peer's half copied over
-            _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=cn, tile_k=d * tk,
-                           col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb),
-                                                               pl.ds(r * cn, cn)],
-                           lut=lut, swizzled=False, skip=plan.skip_decode)
-          elif push:             # its half of the tile, stored here and sent to the peer
-            half = w_smem.at[rem(p * d + s, wb), pl.ds(r * cn, cn)]
-            w = _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=cn, tile_k=d * tk,
-                               col0=s * tk, cols=tk, out=half, lut=lut, swizzled=False,
-                               ret=True, skip=plan.skip_decode)
-            on_full(rem(p * d + s, wb), lambda bar: plgpu.async_store_smem(
-                w, half, bar, cluster_idx=1 - r, cluster_dim="c"), range(s, wb, d))
-          elif not plan.skip_decode:
+          if not plan.skip_decode:
             _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=d * tk,
                            col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)], lut=lut,
                            swizzled=False)
         plgpu.commit_smem()
-        if pull:
-          _cluster_fence()
-          for s in range(d):
-            plgpu.barrier_arrive(ready.at[rem(p * d + s, wb)])
-          for s in range(d):
-            plgpu.barrier_wait(ready.at[rem(p * d + s, wb)])
-          _cluster_fence()
-          for s in range(d):
-            _copy_tile(w_smem.at[rem(p * d + s, wb), pl.ds((1 - r) * cn, cn)], lay)
-          plgpu.commit_smem()
         for s in range(d):
-          on_full(rem(p * d + s, wb), plgpu.barrier_arrive, range(s, wb, d))
+          plgpu.barrier_arrive(full.at[rem(p * d + s, wb)])
 
         @pl.when(p + cs < passes)
         def _():
@@ -1644,9 +1542,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
         def body(i, carry):
           slot, b = rem(i, xs), rem(i, wb)
           plgpu.barrier_wait(x_bar.at[slot])
-          on_full(b, plgpu.barrier_wait)
-          if push:               # the peer's half came by st.async (generic proxy): fence it
-            plgpu.commit_smem()   # before wgmma reads it
+          plgpu.barrier_wait(full.at[b])
           if not plan.skip_mma:
             plgpu.wgmma(acc_ref, w_smem.at[b, rows], x_smem.at[slot].T)
           plgpu.wgmma_wait(1)      # step i - 1's wgmma done: its x slot and W buffer are free
@@ -1664,42 +1560,22 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
       plgpu.barrier_wait(fin.at[0])
       g.store(acc, x_smem.at[wg], o_gmem, mi, ni, 0, wg * hn, hn)
 
-    if plan.pair:     # no program leaves while its peer may still arrive on its barriers
-      plgpu.barrier_arrive(bye.at[0])
-      plgpu.barrier_wait(bye.at[0])
-
-  if plan.pair:
-    # done: both programs' compute warpgroups (2 x 2 arrivals); full (push): this program's
-    # decode and the peer's st.async (its 128 threads' expect_tx); bye: all 3 x 2 warpgroups;
-    # ready (pull): both decoders have stored their half of a W buffer
-    done_t = plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=2, num_barriers=xs)
-    cluster = dict(grid=(n_pad // tn, m_pad // tm // 2), grid_names=("n", "m"), cluster=(2,),
-                   cluster_names=("c",))
-    extra = [plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=3, num_barriers=1)]
-    if plan.pair == 2:
-      extra.append(plgpu.ClusterBarrier(collective_axes=("c",), num_arrivals=1,
-                                        num_barriers=wb))
-  else:
-    done_t = plgpu.Barrier(num_arrivals=2, num_barriers=xs)
-    cluster = dict(grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"))
-    extra = []
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
-      **cluster,
+      grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
       num_threads=3, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((xs, tm, tk), jnp.bfloat16, transforms=lay.bf16),
-          plgpu.SMEM((cs, cn, d * tk // 8), jnp.uint32),
-          plgpu.SMEM((cs, d * nb, cn), jnp.bfloat16),
+          plgpu.SMEM((cs, tn, d * tk // 8), jnp.uint32),
+          plgpu.SMEM((cs, d * nb, tn), jnp.bfloat16),
           plgpu.SMEM((wb, tn, tk), jnp.bfloat16, transforms=lay.bf16),
           plgpu.Barrier(num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=cs),
-          *([plgpu.Barrier(num_arrivals=2)] * wb if plan.pair == 1
-            else [plgpu.Barrier(num_barriers=wb)]),
-          done_t,
+          plgpu.Barrier(num_barriers=wb),
+          plgpu.Barrier(num_arrivals=2, num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=1)]
-      + extra + (g.lut_scratch() if plan.lut else []),
+      + (g.lut_scratch() if plan.lut else []),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
   return f(x2, _code_words(codes), *scales)[:m, :n_out]
@@ -1742,8 +1618,6 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     # (stages >= 2 d: step j + stages' x copy is issued in pass j / d + 2, which must come)
     return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
             "and stages >= max(3, 2 x decoder) (no swap, ws or dq)")
-  if plan.pair and (not plan.decoder or plan.pair not in (1, 2)):
-    return "pair (1 or 2) takes decoder (two programs of a cluster share its decode)"
   if plan.decoder and _dec_smem(plan, 2) > SMEM - 2048:
     return (f"this decoder plan needs {_dec_smem(plan, 2)} bytes of shared memory, over "
             f"{SMEM - 2048}: take fewer stages or copies of the table")

@@ -79,17 +79,7 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2),
          nf4_mgpu.MgpuPlan(tile_m=192, tile_n=128, tile_k=64, stages=4, decoder=2),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=1, lut=32),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16),
-         # session 15: clusters of two programs, each decoding half of the W tile for both
-         # (1: sent to the peer by st.async; 2: copied from the peer's shared memory)
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=1, pair=1),
-         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=64, stages=4, decoder=2, pair=1),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16,
-                           pair=1),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=1, pair=2),
-         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=64, stages=4, decoder=2, pair=2),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16,
-                           pair=2)]
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16)]
 
 
 def _shape_of_nf4(n, k):
@@ -107,7 +97,7 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{f'C{p.pair}' if p.pair else ''}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -419,13 +409,6 @@ def test_unsupported_calls_say_why():
   assert "decoder" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(stages=4, tile_m=256, tile_n=128, tile_k=128,
                                                 decoder=1))
-  assert "pair (1 or 2) takes decoder" in nf4_mgpu.check_supported(
-      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(256, 128, 64, 4, ws=True, pair=1))
-  assert "pair (1 or 2)" in nf4_mgpu.check_supported(
-      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(stages=4, pair=3, **dec))
-  for pair in (1, 2):
-    assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16,
-                                    nf4_mgpu.MgpuPlan(stages=4, pair=pair, **dec)) is None
 
 
 @hopper

@@ -5,6 +5,8 @@ y per quadrant: x's tile parity (the program's rank in the cluster) x the half o
 (the peer's half then holds stale data: a check of the rest of the protocol). --pair 2: the
 cases with pair=2 (the peer's half copied from its shared memory) instead of 1.
 
+MgpuPlan.pair was removed after these runs: run this at commit 750054b.
+
   python bench/diag/s15_pair_probe.py            # all cases, one subprocess each
   python bench/diag/s15_pair_probe.py --case 0 [--no-remote] [--pair 2]
 """

@@ -5,6 +5,8 @@ half never arrives), and without both, against the same plan unpaired and the bf
 interleaved rounds, and the plans that copy checked against the f32 product. The variants
 monkeypatch nf4_mgpu._cluster_fence / _copy_tile at trace time.
 
+MgpuPlan.pair was removed after these runs: run this at commit 750054b.
+
   python bench/diag/s15_pull_variants.py --out run.jsonl [--shapes 8b_gate_up] [--rounds 3]
 """
 import argparse

@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 1: the GPU tests of the pair plans (two programs of a cluster share the decode)
 # and of session 14's table decoder plans (4 workers), then M = 2048 against decoder 2 + lut 16
 export PYTHONPATH=$PWD:$PWD/.whl/site XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 2: r1's pair plans hung in the bench (M=1) and failed in pytest: per-quadrant
 # errors and hangs, one process per case (bench/diag/s15_pair_probe.py); then the GPU tests of
 # session 14's table decoder plans alone, failures listed

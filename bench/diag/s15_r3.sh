@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 3: the pair plans with one allocation per full barrier (r2: async_store_smem's
 # expect_tx on barrier i of an array lands on barrier 2 i); the probe, then, if nothing hung or
 # failed, the pair plans' GPU tests and M = 2048 against decoder 2 + lut 16 and the dispatch

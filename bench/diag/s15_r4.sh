@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 4: pair 2 (each program decodes its half of the W tile and copies the peer's
 # half from the peer's shared memory; r3's pair 1, st.async to the peer, was 2.1-2.3x the bf16
 # dot): the probe, then, if nothing hung or failed, the GPU tests and M = 2048

@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 5: the whole GPU test suite (-m gpu, 4 pytest workers; with the pair plans and
 # session 14's decoder plans), then where pair 2's time goes (bench/diag/s15_pull_variants.py:
 # without its cluster fences, without its copy) against the same plan unpaired, M = 2048

@@ -1,3 +1,4 @@
+# (MgpuPlan.pair was removed after session 15: run at commit 750054b)
 # session 15 run 6: pair 2's copy as ld.shared::cluster.v4 from a mapa'd address (r5: the
 # vector.load of a cluster_ref made it 6.1x the bf16 dot, 1.20 without its copy and fences):
 # the pair 2 GPU tests, then the variants (fences, copy) at M = 2048, results checked
