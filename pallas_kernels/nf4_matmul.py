@@ -981,9 +981,19 @@ def _forward(x2, w: NF4, plan: Plan):
   return _dot(x2, wd.T)
 
 
+# Session 15: where the forward decodes W to HBM by nf4_mgpu (plan.mgpu.dequant), the backward's
+# dx = dy @ W takes the same decode instead of the Pallas dequant kernel (session 13 timed that
+# decode alone: 7-18% less time on the weights of >= 2^25 elements, run s13_r5). False: the bucket's
+# backward (bench/diag/s15_bwd_dequant.py A/Bs the two).
+MGPU_DEQUANT_BWD = True
+
+
 def _backward(dy2, w: NF4, plan: Plan):
   if plan.bwd == "fused":
     return _fused_bwd(dy2, w, plan)
+  if MGPU_DEQUANT_BWD and plan.fwd == "mgpu" and plan.mgpu.dequant:
+    from pallas_kernels import nf4_mgpu
+    return _dot(dy2, nf4_mgpu.nf4_dequantize_mgpu(w, plan.mgpu))
   wd = _dense(w, dy2.dtype, plan.bwd, dataclasses.replace(plan, decode=plan.bwd_decode or
                                                             plan.decode))
   return _dot(dy2, wd)

@@ -599,8 +599,9 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
 def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
   """Above FUSED_MAX_M where no fused Mosaic plan runs, bf16 x, Hopper: the forward decodes W by
   nf4_dequantize_mgpu (DEQUANT_PLAN) on double-quant weights of >= MGPU_DEQUANT_MIN_WEIGHT
-  elements, the backward stays the bucket's; the Pallas dequant kernel on smaller weights, without
-  double quant, for f32 x or off Hopper."""
+  elements, and so does the backward (its plan.bwd, the bucket's, is what runs without
+  MGPU_DEQUANT_BWD); the Pallas dequant kernel on smaller weights, without double quant, for f32 x
+  or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -616,6 +617,21 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
     assert mod._dispatch_plan(m, w, None, dt).fwd == "dequant", (m, w.shape, dt)
   monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
   assert mod._dispatch_plan(2048, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).fwd == "dequant"
+  # the backward of the mgpu dequant plan: W through nf4_dequantize_mgpu (the Pallas dequant
+  # kernel without MGPU_DEQUANT_BWD), traced for the GPU on any host
+  monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
+  w = _shape_of_nf4(14336, 4096)
+  plan = mod._dispatch_plan(2048, w, None, jnp.bfloat16)
+  dy = jax.ShapeDtypeStruct((2048, 14336), jnp.bfloat16)
+  calls = []
+  real = nf4_mgpu.nf4_dequantize_mgpu
+  monkeypatch.setattr(nf4_mgpu, "nf4_dequantize_mgpu", lambda *a: calls.append(a) or real(*a))
+  for on, want in ((True, 1), (False, 0)):
+    monkeypatch.setattr(mod, "MGPU_DEQUANT_BWD", on)
+    calls.clear()
+    jax.jit(lambda dy, w: mod._backward(dy, w, plan)).trace(dy, w).lower(
+        lowering_platforms=("cuda",))
+    assert len(calls) == want, (on, len(calls))
 
 
 @hopper
