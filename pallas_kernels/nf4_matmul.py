@@ -48,8 +48,10 @@ dot's time on the q/o (70B), gate/up and down weights. M=256: W interleaved into
 1.3-1.8x the bf16 dot. Large M: a dequant pass + cuBLAS (session 7, the Pallas dequant kernel:
 1.17-1.26x at M=2048, 1.09-1.12x at 4096, 0.79-1.03x at 16384; session 13, on Hopper the Mosaic
 decode to HBM, `nf4_mgpu.nf4_dequantize_mgpu`, on the weights of >= 2^25 elements: 1.19-1.24x at
-2048, 1.05-1.14x at 4096): the pass is a fixed cost per call that only a fused kernel removes
-(nf4_mgpu's gather kernel is level at 2048 and behind at 4096; a Triton-lowered one measured 2.3x).
+2048, 1.05-1.14x at 4096; session 15, the backward's W through the same decode: fwd+bwd at
+M=2048 1.20-1.23x against 1.24-1.30x with the Pallas dequant kernel): the pass is a fixed cost per
+call that only a fused kernel removes (nf4_mgpu's gather kernel is level at 2048 and behind at
+4096; a Triton-lowered one measured 2.3x).
 """
 
 from __future__ import annotations
@@ -983,8 +985,11 @@ def _forward(x2, w: NF4, plan: Plan):
 
 # Session 15: where the forward decodes W to HBM by nf4_mgpu (plan.mgpu.dequant), the backward's
 # dx = dy @ W takes the same decode instead of the Pallas dequant kernel (session 13 timed that
-# decode alone: 7-18% less time on the weights of >= 2^25 elements, run s13_r5). False: the bucket's
-# backward (bench/diag/s15_bwd_dequant.py A/Bs the two).
+# decode alone: 7-18% less time on the weights of >= 2^25 elements, run s13_r5). Run s15_r7 (H100,
+# bench/diag/s15_bwd_dequant.py, 3 interleaved rounds), fwd+bwd at M=2048 against the bf16 dot's:
+# 8B gate/up 1.234 vs 1.240, 70B gate/up 1.227 vs 1.300, 8B down 1.200 vs 1.284; dx within
+# 3.4e-3-4.7e-3 of max |dx| (2.2e-3-3.4e-3 with the Pallas kernel: one more bf16 rounding, as in
+# the forward). False: the bucket's backward.
 MGPU_DEQUANT_BWD = True
 
 
