@@ -27,7 +27,9 @@ Implementations (`implementation=`):
             the plans keep the exact f32 codebook (the measured ones round it to bf16). On Hopper
             with bf16 x the forward goes to `pallas_kernels.nf4_mgpu` (Mosaic GPU, W decoded into
             wgmma's register operand) where it was measured faster (`_mgpu_plan`): M <= 16 on
-            the larger weights, M = 256-1024; the backward stays here.
+            the larger weights, M = 256-1024; above that, on double-quant weights of >= 2^25
+            elements, W decoded to HBM by `nf4_dequantize_mgpu` for cuBLAS, in the forward and
+            (`MGPU_DEQUANT_BWD`) the backward; other backwards stay here.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
