@@ -7,7 +7,7 @@ Mosaic kernel), interleaved rounds, each op compiled once.
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
 its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +dequant, +overlap, +skip_decode,
-+skip_mma, +decoder) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed only up to
++skip_mma, +decoder, +finish) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed only up to
 max_m rows of x (swap plans without gather: 64).
 +skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
 not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
@@ -69,7 +69,8 @@ def kernel_only_timer(bench, mod, plan, n, k, m, ops):
   fwd = mod._forward_of(plan)
   prep = jax.jit(lambda x, w: (mod._swap_x_in(x, m_pad, plan), mod._operands(w, plan)))
   parts = [prep(x, w) for x, w in zip(xs, qs)]
-  first = lambda y: y if plan.split == 1 else y[0].T     # y, or partial 0 of y.T
+  # y (split 1, or plan.finish: the kernel's y), or partial 0 of y.T
+  first = lambda y: y if plan.split == 1 or plan.finish else y[0].T
   op = lambda xp, cs: first(fwd(xp, cs[0], cs[1], n_out=n, blocksize=64, plan=plan, raw=True))
   return bench.timer("mgpu", n, k, m, "fwd", op=op,
                      ops=(r, [p[1] for p in parts], wds, [p[0] for p in parts], dys))

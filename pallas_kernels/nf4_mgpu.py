@@ -147,6 +147,11 @@ class MgpuPlan:
   reduce: bool = False     # swap without ws, split > 1: the programs' f32 tiles of y.T added
                            # into one zeroed buffer by TMA (cp.reduce.async.bulk .add), not
                            # written as [split, N, M] partials for XLA to sum
+  finish: bool = False     # swap without ws or stream, split > 1: the programs of K ranges 0 to
+                           # split - 2 write their f32 tiles of y.T to global memory and signal
+                           # the tile's semaphore; the program of the last K range waits for
+                           # them, adds them to its accumulator and writes y in bf16 (no zeroed
+                           # buffer, no XLA pass after the kernel)
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -763,6 +768,11 @@ class _SwapGeom:
     return self.plan.split == 1
 
   @property
+  def finish(self) -> bool:
+    """plan.finish at split > 1: the last K range's program writes y (bf16) itself."""
+    return self.plan.finish and not self.direct
+
+  @property
   def nblocks(self) -> int:
     return self.k // 64
 
@@ -863,7 +873,7 @@ class _SwapGeom:
   def out_scratch(self, rows: int, lead=()):
     """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    if self.direct:
+    if self.direct or self.finish:
       return plgpu.SMEM(lead + (self.mp, rows), jnp.bfloat16,
                         transforms=_transforms(_swizzle(rows * 2), 2))
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
@@ -875,6 +885,8 @@ class _SwapGeom:
     o_smem is rewritten once the previous store has read it, and this one is not waited for."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    if self.finish:
+      return self._store_finish(acc, o_smem, o_gmem, mi, ni, si, row0, rows)
     if not wait:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     if self.direct:
@@ -889,6 +901,40 @@ class _SwapGeom:
     add = self.plan.reduce and not self.direct     # (split 1 writes y itself, bf16)
     plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
     if wait:
+      plgpu.wait_smem_to_gmem(0)
+
+  def _store_finish(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int):
+    """plan.finish: o_gmem is (y [m_pad, n_pad] bf16, partials y.T [split - 1, n_pad, m_pad]
+    f32). A program of K range si < split - 1 stores its tile of y.T to partials[si] (plain
+    stores, not TMA: the semaphore's release then orders them) and signals the tile's semaphore;
+    the last K range's program waits until split - 1 have signalled (acquire; the semaphore goes
+    back to 0), adds their tiles to its accumulator and writes the bf16 tile of y. The waiting
+    program has the highest linear index of its tile's programs, so the ones it waits for were
+    launched before it (the assumption of serial split-K reductions, as in CUTLASS)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    y_gmem, part_gmem = o_gmem
+    split, tn, mp = self.plan.split, self.plan.tile_n, self.mp
+    n_rows, m_cols = pl.ds(ni * tn + row0, rows), pl.ds(mi * mp, mp)
+    sems = pl.get_global(plgpu.SemaphoreType.REGULAR((self.m_tiles, y_gmem.shape[1] // tn)))
+    sem = sems.at[mi, ni]
+
+    @pl.when(si < split - 1)
+    def _():
+      part_gmem.at[si, n_rows, m_cols][...] = acc
+      plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+    @pl.when(si == split - 1)
+    def _():
+      plgpu.semaphore_wait(sem, split - 1, memory_scope="gpu")
+      total = acc
+      for i in range(split - 1):
+        total = total + plgpu.load(part_gmem.at[i, n_rows, m_cols], (),
+                                   layout=plgpu.Layout.WGMMA, optimized=False)
+      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+          total.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, y_gmem.at[m_cols, n_rows])
       plgpu.wait_smem_to_gmem(0)
 
   @property
@@ -956,6 +1002,9 @@ class _SwapGeom:
     m_pad = self.m_tiles * self.mp
     out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16) if self.direct else
            jax.ShapeDtypeStruct((self.plan.split, n_pad, m_pad), jnp.float32))
+    if self.finish:    # y, and the partials of all K ranges but the last
+      out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16),
+             jax.ShapeDtypeStruct((self.plan.split - 1, n_pad, m_pad), jnp.float32))
     reduce = self.plan.reduce and not self.direct
     grid = (self.m_tiles, n_pad // self.plan.tile_n // max(self.plan.stream, 1), self.plan.split)
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
@@ -981,9 +1030,12 @@ class _SwapGeom:
     if self.plan.gather:
       codes = _code_words(codes)
     if raw:
-      return f(x2, codes, *scales)
+      y = f(x2, codes, *scales)
+      return y[0] if self.finish else y
     y = f(_swap_x_in(x2, m_pad, self.plan), codes, *scales)
-    if not self.direct:
+    if self.finish:
+      y = y[0]
+    elif not self.direct:
       y = y.sum(0).T
     return y[:self.m, :n_out].astype(x2.dtype)
 
@@ -1000,8 +1052,12 @@ def _forward_swap(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw=Fa
   tn = plan.tile_n
   n_in = len(scales)
 
+  n_out_refs = 2 if g.finish else 1
+
   def kernel(x_gmem, c_gmem, *refs):
-    s_in, (o_gmem, o_smem, *scratch) = refs[:n_in], refs[n_in:]
+    s_in, o_gmem, (o_smem, *scratch) = (refs[:n_in], refs[n_in:n_in + n_out_refs],
+                                        refs[n_in + n_out_refs:])
+    o_gmem = o_gmem if g.finish else o_gmem[0]
     mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
     s_in, scratch, lut, lut_bar = g.lut_load(s_in, scratch)
     bufs = g.dq_load(s_in, scratch, ni * tn, si, tn) if plan.dq else None
@@ -1605,6 +1661,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "swap takes no overlap, and with ws tile_n a multiple of 128"
   if (plan.stream or plan.reduce) and (not plan.swap or plan.ws or plan.stream < 0):
     return "stream and reduce take swap without ws"
+  if plan.finish and (not plan.swap or plan.ws or plan.stream or plan.reduce or plan.dequant):
+    return "finish takes swap without ws, stream, reduce or dequant"
   if plan.lut and (not (plan.swap or plan.decoder) or plan.ws or plan.lut not in (8, 16, 32)):
     return "lut takes swap without ws (or decoder), and 8, 16 or 32 copies of the table"
   if plan.dequant and (not plan.gather or plan.ws or plan.tile_n != 64 or plan.split < 1

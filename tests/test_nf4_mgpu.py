@@ -67,6 +67,13 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
                            dq=True, lut=32, reduce=True),
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=2, split=0, swap=True, dq=True, lut=32),
+         # session 16: the last K range's program adds the others' partials and writes y (bf16)
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=4, swap=True, gather=True,
+                           dq=True, lut=32, finish=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True, lut=32,
+                           finish=True),
+         nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=3, split=2, swap=True, gather=True,
+                           finish=True),
          # session 13: W decoded to HBM in bf16 by the same decode, then cuBLAS (large M)
          nf4_mgpu.DEQUANT_PLAN,
          nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, stages=4, split=1, swap=True, gather=True,
@@ -97,7 +104,7 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -241,6 +248,32 @@ def test_reduce_at_split_1_is_the_direct_kernel():
   assert modules(with_reduce) and modules(with_reduce) == modules(plan)
   two = lambda p: dataclasses.replace(p, split=2, dq=False)
   assert modules(two(with_reduce)) != modules(two(plan))
+
+
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_finish_waits_on_a_semaphore_only_when_split():
+  """plan.finish where the split resolves to 1 lowers to exactly the kernel without it; at split
+  2 the K range 0 program's release of its partial and the other's acquiring wait on the tile's
+  semaphore are in the module, and y comes out of the kernel in bf16 with no XLA pass after it
+  (the reduce plan's zeroed buffer and transpose are gone)."""
+  plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=0, swap=True, dq=True, lut=32,
+                           gather=True)
+  assert nf4_mgpu._swap_split(40, 576, 1024, plan) == 1
+  fin = dataclasses.replace(plan, finish=True)
+  modules = lambda p: nf4_mgpu._kernel_modules(p, 40, 576, 1024)
+  assert modules(fin) and modules(fin) == modules(plan)
+  two = lambda p: dataclasses.replace(p, split=2, dq=False)
+  text = "".join(modules(two(fin)))
+  assert "red.release.gpu.global.add" in text and "fence.acquire.gpu" in text
+  assert "red.release" not in "".join(modules(two(plan)))
+  w, x = _shape_of_nf4(576, 1024), jax.ShapeDtypeStruct((40, 1024), jnp.bfloat16)
+  hlo = lambda p: jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p)).trace(x, w).lower(
+      lowering_platforms=("cuda",)).as_text()
+  after = lambda text: text[text.rindex("mosaic_gpu"):]     # what follows the kernel's call
+  assert "transpose" not in after(hlo(two(fin)))
+  assert "transpose" in after(hlo(two(dataclasses.replace(plan, reduce=True))))
+  assert "finish" in nf4_mgpu.check_supported(1024, 64, jnp.bfloat16,
+                                              dataclasses.replace(fin, reduce=True))
 
 
 def _operand_codes(n, k, pair):
