@@ -103,6 +103,8 @@ def main():
   ap.add_argument("--dequant-only", action="store_true",
                   help="also time each dequant plan's decode to HBM alone, and the Pallas dequant "
                        "kernel of the large-M dispatch")
+  ap.add_argument("--no-triton", action="store_true",
+                  help="leave out the Triton/XLA plan's times where the dispatch runs a Mosaic one")
   args = ap.parse_args()
   bench = JaxBench()
   jax, jnp = bench.jax, bench.jnp
@@ -148,7 +150,7 @@ def main():
             "mgpu", n, k, m, "fwd", ops=ops,
             op=lambda x, w: bench.mod.nf4_dequantize_pallas(w, jnp.bfloat16, large))
       triton = bench.mod._auto_plan(m, None, jnp.bfloat16)   # the Triton/XLA plan of this M
-      if bench.mod._dispatch_plan(m, qs[0], None, jnp.bfloat16) != triton:
+      if not args.no_triton and bench.mod._dispatch_plan(m, qs[0], None, jnp.bfloat16) != triton:
         timers["triton"] = bench.timer("triton", n, k, m, "fwd", plan=triton, ops=ops)
       ref = None
       for plan in ok:

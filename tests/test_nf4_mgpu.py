@@ -342,23 +342,30 @@ def test_gather_layout_pairs_codes_with_x_in_order():
   assert not np.allclose(operand(lambda q: 3 - q) @ x.T, want)
 
 
-def _dq_scales(w, n_pad, tn, tile_k, split, shift_base=0):
+def _dq_scales(w, n_pad, tn, tile_k, split, shift_base=0, programs=None, use_shift=True):
   """plan.dq's scales as the kernel computes them (`_DQ`, `_scale_fn`, `_SwapGeom.dq_load` and
   `dq_step`), emulated with numpy f32 on `_dq_inputs`: program (ni, si), step idx, row r, block j:
-  map[code] * ne_window[(r * B + base + j) >> 8] + offset, each rounded to f32, then bf16."""
-  am, ne, qm, off = (np.asarray(a) for a in nf4_mgpu._dq_inputs(w, n_pad))
+  map[code] * ne_window[(r * B + base + j) >> 8] + offset, each rounded to f32, then bf16.
+  programs: the ni emulated (default all; the others' columns stay 0); not use_shift: the copy
+  windows of `_ne_window` without its shift of the base (a wrong kernel)."""
+  am, ne, qm, off = (np.asarray(a) for a in nf4_mgpu._dq_inputs(w, n_pad, tn))
   nb_all = w.shape[1] // 64
   kr, nb = nb_all // split, tile_k // 64
   out = np.zeros((nb_all, n_pad), np.float32)
-  for ni in range(n_pad // tn):
-    win = ne[ni * tn * nb_all // 256:][:nf4_mgpu._ne_len(tn, nb_all)]
+  ne_len = nf4_mgpu._ne_len(tn, nb_all)
+  for ni in (range(n_pad // tn) if programs is None else programs):
+    start, shift = nf4_mgpu._ne_window(ni * tn * nb_all // 256, ne_len, n_pad - tn, nb_all,
+                                       ne.shape[0], minimum=min)
+    win = ne[start:][:ne_len]
+    assert win.shape == (ne_len,)     # the copy stays inside the array
     for si in range(split):
       for idx in range(kr // nb):
-        base = si * kr + idx * nb + shift_base
+        base = si * kr + idx * nb + shift_base + shift * use_shift
         for r in range(tn):
           for j in range(nb):
             code = am[ni * tn + r, si * kr + idx * nb + j]
-            prod = np.float32(qm[code]) * win[(r * nb_all + base + j) >> 8]
+            at = (r * nb_all + base + j) >> 8
+            prod = np.float32(qm[code]) * win[at if use_shift else min(at, ne_len - 1)]
             out[si * kr + idx * nb + j, ni * tn + r] = np.float32(prod) + off[0]
   return np.asarray(jnp.asarray(out).astype(jnp.bfloat16).astype(jnp.float32))
 
@@ -374,6 +381,26 @@ def test_dq_scales_match_the_prepass():
   got = _dq_scales(w, 256, 64, 512, 2)[:, :n]
   np.testing.assert_array_equal(got, want)
   bad = _dq_scales(w, 256, 64, 512, 2, shift_base=-32)[:, :n]
+  assert not np.array_equal(bad, want)
+
+
+@pytest.mark.parametrize("n,k,tn", [(256, 7168, 64), (4160, 2048, 64), (4160, 14336, 64),
+                                    (8192, 28672, 64), (512, 7168, 128)])
+def test_dq_scales_without_a_padded_nested_absmax(n, k, tn):
+  """Where W's rows need no padding, `_dq_inputs` passes the nested absmax as it is (no XLA pass)
+  and the last programs' copies start early (`_ne_window`, a shifted base): the emulated scales of
+  the last two programs still equal the pre-pass's bit for bit; the same copies without the shift
+  do not. The shapes are ones whose last copy would run past the end (70B down among them)."""
+  w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32)
+                   * jnp.exp(jax.random.normal(jax.random.key(k), (n, 1))))
+  assert nf4_mgpu._dq_inputs(w, n, tn)[1] is w.nested_absmax     # not padded: no XLA op on it
+  nb = k // 64
+  assert (n - tn) * nb // 256 + nf4_mgpu._ne_len(tn, nb) > w.nested_absmax.shape[0]
+  last = range(n // tn - 2, n // tn)
+  cols = slice(n - 2 * tn, n)
+  want = np.asarray(nf4_mgpu._scales_bf16(w, n).astype(jnp.float32))[:, cols]
+  np.testing.assert_array_equal(_dq_scales(w, n, tn, 512, 1, programs=last)[:, cols], want)
+  bad = _dq_scales(w, n, tn, 512, 1, programs=last, use_shift=False)[:, cols]
   assert not np.array_equal(bad, want)
 
 
