@@ -6,9 +6,9 @@ Mosaic kernel), interleaved rounds, each op compiled once.
   python bench/nf4_mgpu.py --out bench/runs/<name>.jsonl [--plans 128,128,128,4 ...]
 
 A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first six fields, then
-its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +dequant, +overlap, +skip_decode,
-+skip_mma, +decoder, +finish) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed only up to
-max_m rows of x (swap plans without gather: 64).
+its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +finish, +dequant, +overlap,
++skip_decode, +skip_mma, +decoder) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed
+only up to max_m rows of x (swap plans without gather: 64).
 +skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
 not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
 (against the f32 product of x and the dequantized W). --kernel-only also times each swap plan's

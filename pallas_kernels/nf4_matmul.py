@@ -238,6 +238,13 @@ MGPU_LUT_MIN_WEIGHT = 1 << 24  # 4096 x 4096 (8B q/o) and up: 2 <= M <= 16 with 
 # vs 0.679, q/o 0.756 vs 0.764. At M=4 they were mixed (70B down 0.381 vs 0.401, 8B down 0.678 vs
 # 0.665), at M=1 level or slower, so M <= 8 keeps the plan without them.
 MGPU_GATHER_MIN_M = 9
+# Session 16 (runs s16_r2 and s16_r3, H100, M=16, medians of 3 and 5 interleaved rounds): where the
+# wave model splits K in 2, the last K range's program adding the other's partial and writing y in
+# bf16 (plan.finish: no zeroed buffer, no XLA transpose) beat plan.reduce: 70B q/o 25.0 / 24.6 us
+# vs 26.6 / 26.6 (0.450 vs 0.485 of the bf16 dot in r3), 8B down 28.8 / 28.7 vs 29.6 / 29.6; at
+# split 4 it lost on 70B gate/up (71.2 / 71.4 vs 68.7 / 69.6) and was level on 70B down and 8B q/o.
+# So from MGPU_GATHER_MIN_M the plan takes finish at split 2 and reduce above.
+MGPU_FINISH_MAX_SPLIT = 2
 
 
 def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
@@ -304,7 +311,8 @@ MGPU_DEQUANT_MIN_WEIGHT = 1 << 25
 
 def _mgpu_plan(m: int, w, dtype):
   """The nf4_mgpu plan of the default dispatch's forward for this call, or None: the swap kernel
-  (plan.dq and plan.lut; from MGPU_GATHER_MIN_M rows also plan.gather and plan.reduce) at
+  (plan.dq and plan.lut; from MGPU_GATHER_MIN_M rows also plan.gather, and plan.reduce, or
+  plan.finish where K is split in at most MGPU_FINISH_MAX_SPLIT) at
   2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
@@ -323,6 +331,8 @@ def _mgpu_plan(m: int, w, dtype):
     # split resolved here: whether dq can load its absmax depends on it
     plan = _mgpu_small_plan(n=n, k=k, m=m)
     plan = dataclasses.replace(plan, split=nf4_mgpu._swap_split(m, n, k, plan))
+    if plan.reduce and 1 < plan.split <= MGPU_FINISH_MAX_SPLIT:   # (split 1: y written directly)
+      plan = dataclasses.replace(plan, reduce=False, finish=True)
     if not w.double_quant or nf4_mgpu._dq_problem(k, plan):
       if n * k < MGPU_MIN_WEIGHT:
         return None

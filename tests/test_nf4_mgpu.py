@@ -589,7 +589,8 @@ def test_refuses_a_stacked_weight():
 def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch):
   """nf4_matmul's default forward for 1 <= M <= 16, bf16 x, on Hopper: the swap kernel with the
   double quant undone in-kernel (dq) and the table decode (lut), tile_k 512 where K > N, from M=9
-  with x unpermuted (gather) and the split-K partials added in the kernel (reduce), for
+  with x unpermuted (gather) and the split-K partials added in the kernel (reduce; finish at
+  split 2), for
   weights of >= MGPU_LUT_MIN_WEIGHT elements at 2 <= M <= 16, and at M = 1 on >= MGPU_MIN_WEIGHT
   or >= MGPU_DQ_MIN_WEIGHT with K > N; the bf16-scale one for weights without double quant of >=
   MGPU_MIN_WEIGHT; the Triton plans otherwise (measured faster there)."""
@@ -600,17 +601,22 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
   plan = mod._dispatch_plan(16, big, None, jnp.bfloat16)
   assert plan.fwd == "mgpu" and plan.mgpu.swap and plan.mgpu.dq and plan.bwd == "fused"
   assert plan.mgpu.lut == 32 and plan.mgpu.tile_k == 256
-  assert plan.mgpu.gather and plan.mgpu.reduce                     # M >= MGPU_GATHER_MIN_M
+  assert plan.mgpu.gather and plan.mgpu.finish     # M >= MGPU_GATHER_MIN_M, split 2 (70B q/o)
   assert mod._dispatch_plan(2, big, "pallas", jnp.bfloat16).fwd == "mgpu"
   for n, k in ((14336, 4096), (4096, 14336), (4096, 4096)):        # 8B gate/up, down, q/o: dq
     p8 = mod._dispatch_plan(8, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
     assert p8.dq and p8.lut and p8.tile_k == (512 if k > n else 256)
     assert not (p8.gather or p8.reduce)
     p9 = mod._dispatch_plan(9, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
-    assert p9 == dataclasses.replace(p8, gather=True, reduce=True, split=p9.split)
+    fin = 1 < p9.split <= mod.MGPU_FINISH_MAX_SPLIT     # (split 1 writes y itself either way)
+    assert p9 == dataclasses.replace(p8, gather=True, reduce=not fin, finish=fin, split=p9.split)
     single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((n, k), jnp.float32),
                                                  double_quant=False))
     assert mod._dispatch_plan(8, single, None, jnp.bfloat16).fwd != "mgpu"
+  # at M=16: finish on 70B q/o and 8B down (split 2), reduce on 70B gate/up (split 4)
+  for (n, k), fin in (((8192, 8192), True), ((4096, 14336), True), ((28672, 8192), False)):
+    p16 = mod._dispatch_plan(16, _shape_of_nf4(n, k), None, jnp.bfloat16).mgpu
+    assert (p16.finish, p16.reduce, p16.split == 2) == (fin, not fin, fin), (n, k, p16)
   single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((8192, 8192), jnp.float32),
                                                double_quant=False))
   plan = mod._dispatch_plan(8, single, None, jnp.bfloat16)
