@@ -53,6 +53,13 @@ Session 13: from M=9 to 16 the dispatched small-M kernel takes gather (no x pass
 `_decode_gather` for the cuBLAS dot (plan.dequant): 7-18% less time than the Pallas dequant kernel
 on the larger weights (bench/RESULTS.md, "Session 13 runs").
 
+Session 16, the XLA passes around the small-M kernel: the nested absmax is no longer padded per
+call (`_ne_window`: the last programs' copies start early and shift their block base), ~1.6 us;
+and where K is split in 2, plan.finish: the other K range's program stores its f32 partial and
+signals a per-tile semaphore, and the last K range's program adds it and writes y in bf16, so no
+zeroed buffer and no transpose (at split 4 reduce stays faster). M=16: 70B gate/up 0.400-0.419 of
+the bf16 dot over four runs, down 0.387, q/o 0.453 (bench/RESULTS.md, "Session 16 runs").
+
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
 bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
