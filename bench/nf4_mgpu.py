@@ -90,6 +90,21 @@ def parse_plan(mod, text):
   return plan, int(mm) if mm else 1 << 30
 
 
+def jsonl_log(path, jax):
+  """A function printing a record and appending it to the JSON lines file `path`; the first record
+  (written now) names the device, the jax version and the date."""
+  fh = open(path, "a")
+
+  def log(rec):
+    print(json.dumps(rec), flush=True)
+    fh.write(json.dumps(rec) + "\n")
+    fh.flush()
+
+  log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
+  return log
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
@@ -110,15 +125,7 @@ def main():
   jax, jnp = bench.jax, bench.jnp
   from jaxsloth import quant
   from pallas_kernels import nf4_mgpu as mod
-  fh = open(args.out, "a")
-
-  def log(rec):
-    print(json.dumps(rec), flush=True)
-    fh.write(json.dumps(rec) + "\n")
-    fh.flush()
-
-  log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
+  log = jsonl_log(args.out, jax)
   plans, max_ms = [], {}
   for p in args.plans:
     plan, max_ms_p = parse_plan(mod, p)

@@ -11,16 +11,14 @@ shape in this measure (it reads at least the codes, and the absmax besides).
   python bench/diag/s16_floor.py --out bench/runs/<name>.jsonl [--shapes ...] [--ms 16,1]
 """
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.nf4_matmul import JaxBench  # noqa: E402
-from bench.nf4_mgpu import SHAPES  # noqa: E402
+from bench.nf4_mgpu import SHAPES, jsonl_log  # noqa: E402
 
 
 def main():
@@ -32,15 +30,7 @@ def main():
   args = ap.parse_args()
   bench = JaxBench()
   jax, jnp = bench.jax, bench.jnp
-  fh = open(args.out, "a")
-
-  def log(rec):
-    print(json.dumps(rec), flush=True)
-    fh.write(json.dumps(rec) + "\n")
-    fh.flush()
-
-  log(dict(kind="info", device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-           date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
+  log = jsonl_log(args.out, jax)
   for name in args.shapes.split(","):
     n, k = SHAPES[name]
     for m in [int(v) for v in args.ms.split(",")]:
