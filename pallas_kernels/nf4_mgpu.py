@@ -1050,7 +1050,8 @@ class _SwapGeom:
     elif self.finish:
       # the grid's last axis varies fastest in launch order (blockIdx.x): with "s" first, a
       # tile's other K ranges are launched a whole grid slice before the program that waits for
-      # them (run s16_r2, "s" last: split 4 lost 2.5 us to split 2's gain)
+      # them, not beside it (run s16_r3: no change in time against s16_r2's "s" last; kept as a
+      # wider margin for the launch-order assumption of `_store_finish`)
       f = plgpu.kernel(kernel, out_type=out, grid=(grid[2], grid[0], grid[1]),
                        grid_names=("s", "m", "n"), compiler_params=params, **kernel_kw)
     else:
