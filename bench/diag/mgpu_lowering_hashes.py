@@ -39,7 +39,12 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          P(tile_n=64, tile_k=256, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
            lut=32, reduce=True),
          P(tile_n=64, tile_k=512, stages=2, split=0, chunk=64, swap=True, dq=True, gather=True,
-           lut=32, reduce=True)]
+           lut=32, reduce=True),
+         # session 16: the dispatch from M=9 where K is split in 2 (the last K range writes y)
+         P(tile_n=64, tile_k=256, stages=2, split=2, chunk=64, swap=True, dq=True, gather=True,
+           lut=32, finish=True),
+         P(tile_n=64, tile_k=512, stages=2, split=2, chunk=64, swap=True, dq=True, gather=True,
+           lut=32, finish=True)]
 SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
