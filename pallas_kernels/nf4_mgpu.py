@@ -901,17 +901,20 @@ class _SwapGeom:
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
                       transforms=_transforms(_swizzle(self.mp * 4), 4))
 
-  def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int, wait: bool = True):
+  def store(self, acc, o_smem, o_gmem, mi, ni, si, row0, rows: int, wait: bool = True,
+            direct: bool | None = None):
     """The accumulator y.T [rows, mp] of W rows from tile ni's row0 -> shared memory -> y, the
     partials or (plan.reduce) added into y.T by TMA. Not `wait` (plan.stream, a store per tile):
-    o_smem is rewritten once the previous store has read it, and this one is not waited for."""
+    o_smem is rewritten once the previous store has read it, and this one is not waited for.
+    direct: y written in bf16 (default: at split 1; plan.finish's last K range passes True)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    if self.finish:
+    direct = self.direct if direct is None else direct
+    if self.finish and not direct:
       return self._store_finish(acc, o_smem, o_gmem, mi, ni, si, row0, rows)
     if not wait:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    if self.direct:
+    if direct:
       plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
           acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
       dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(ni * self.plan.tile_n + row0, rows)]
@@ -920,7 +923,7 @@ class _SwapGeom:
       n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
       dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
     plgpu.commit_smem()
-    add = self.plan.reduce and not self.direct     # (split 1 writes y itself, bf16)
+    add = self.plan.reduce and not direct     # (split 1 writes y itself, bf16)
     plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
     if wait:
       plgpu.wait_smem_to_gmem(0)
@@ -954,11 +957,7 @@ class _SwapGeom:
       for i in range(split - 1):
         total = total + plgpu.load(part_gmem.at[i, n_rows, m_cols], (),
                                    layout=plgpu.Layout.WGMMA, optimized=False)
-      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-          total.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, y_gmem.at[m_cols, n_rows])
-      plgpu.wait_smem_to_gmem(0)
+      self.store(total, o_smem, y_gmem, mi, ni, si, row0, rows, direct=True)
 
   @property
   def x_piped(self) -> bool:
@@ -1023,11 +1022,12 @@ class _SwapGeom:
     from jax.experimental.pallas import mosaic_gpu as plgpu
     n_pad = codes.shape[0]
     m_pad = self.m_tiles * self.mp
-    out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16) if self.direct else
-           jax.ShapeDtypeStruct((self.plan.split, n_pad, m_pad), jnp.float32))
+    y_out = jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16)
     if self.finish:    # y, and the partials of all K ranges but the last
-      out = (jax.ShapeDtypeStruct((m_pad, n_pad), jnp.bfloat16),
-             jax.ShapeDtypeStruct((self.plan.split - 1, n_pad, m_pad), jnp.float32))
+      out = (y_out, jax.ShapeDtypeStruct((self.plan.split - 1, n_pad, m_pad), jnp.float32))
+    else:
+      out = y_out if self.direct else jax.ShapeDtypeStruct((self.plan.split, n_pad, m_pad),
+                                                           jnp.float32)
     reduce = self.plan.reduce and not self.direct
     grid = (self.m_tiles, n_pad // self.plan.tile_n // max(self.plan.stream, 1), self.plan.split)
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
