@@ -86,7 +86,13 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2),
          nf4_mgpu.MgpuPlan(tile_m=192, tile_n=128, tile_k=64, stages=4, decoder=2),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=1, lut=32),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16)]
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16),
+         # session 17: two decoding warpgroups, the wgmma warpgroups splitting x's rows
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
+                           lut=32),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
+                           lut=16)]
 
 
 def _shape_of_nf4(n, k):
@@ -104,7 +110,8 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
+          f"{f'W{p.decoders}' if p.decoders > 1 else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -469,6 +476,12 @@ def test_unsupported_calls_say_why():
   assert "decoder" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(stages=4, tile_m=256, tile_n=128, tile_k=128,
                                                 decoder=1))
+  # two decoding warpgroups: one step of each pass each, 64 W rows (the wgmma warpgroups split x)
+  two = dict(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2)
+  assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**two)) is None
+  for bad in (dict(tile_n=128), dict(decoder=1, stages=3), dict(tile_m=192), dict(decoders=3)):
+    assert "decoders" in nf4_mgpu.check_supported(
+        4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**{**two, **bad})), bad
 
 
 @hopper
