@@ -978,7 +978,7 @@ class _SwapGeom:
       c_map, s_map = (lambda t, s: (t, s)), (lambda t, s: (s, t))
     else:
       c_map, s_map = (lambda s: (0, s)), (lambda s: (s, 0))
-    gather_t = _gather_code_transforms() if self.plan.lut else ()
+    gather_t = _gather_code_transforms() if self.plan.lut and not self.plan.ws else ()
     codes = (plgpu.BlockSpec((tn, tk // 8), c_map, transforms=gather_t) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
@@ -1013,6 +1013,8 @@ class _SwapGeom:
     tk, ch = self.plan.tile_k, self.plan.chunk
     decode = _decode_gather if self.plan.gather else _decode_regs
     kw = {} if lut is None else dict(lut=lut)
+    if lut is not None and self.plan.gather and self.plan.ws:
+      kw["swizzled"] = False          # ws: the code words row-major (`in_specs`)
     for j in range(tk // ch):
       a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
                  skip=self.plan.skip_decode, **kw)
@@ -1187,7 +1189,8 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
   """plan.swap and plan.ws: the swap kernel warp-specialized, a TMA warpgroup feeding two compute
   warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
   the shared x tile (with plan.dq, each loads its half's absmax); split-K over programs as in
-  `_forward_swap`."""
+  `_forward_swap`. plan.lut (session 17, with gather): the table in shared memory, copied by
+  compute warpgroup 0 before the pipeline and read by both; the code words row-major."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1206,15 +1209,23 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(plan.stages, g.steps),
           compute_context=compute_context)
 
-    def scope(allocs, o_smem, *dq_scratch):
+    def scope(allocs, o_smem, *scratch):
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * hn, hn)
       bufs = []
+      dq_scratch, (lut, lut_bar) = (scratch[:-2], scratch[-2:]) if plan.lut else (scratch,
+                                                                                (None, None))
 
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
+          if plan.lut:
+            @pl.when(wg == 0)
+            def _():
+              plgpu.copy_gmem_to_smem(s_in[-1], lut, lut_bar.at[0])
+            plgpu.barrier_wait(lut_bar.at[0])
           if plan.dq:
-            bufs[:] = g.dq_load(s_in, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
+            bufs[:] = g.dq_load(s_in[:-1] if plan.lut else s_in, dq_scratch,
+                                plan.tile_n * ni + wg * hn, si, hn, slot=wg)
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
           g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
@@ -1223,7 +1234,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
         *s_smem, acc_ref = rest
         sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
-        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn)
+        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut)
         return acc_ref
 
       get_pipeline(body, compute_context)(*parts, allocations=allocs)
@@ -1234,6 +1245,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
         get_pipeline(ignore, ignore).get_allocations(*parts),
         g.out_scratch(hn, (2,)),
         *(g.dq_scratch(hn, (2,)) if plan.dq else []),
+        *(g.lut_scratch() if plan.lut else []),
         collective_axes="wg")
 
   return g.call(kernel, x2, codes, scales, n_out, raw, num_threads=3, thread_name="wg")
@@ -1730,12 +1742,14 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "stream and reduce take swap without ws"
   if plan.finish and (not plan.swap or plan.ws or plan.stream or plan.reduce or plan.dequant):
     return "finish takes swap without ws, stream, reduce or dequant"
-  if plan.lut and (not (plan.swap or plan.decoder) or plan.ws or plan.lut not in (8, 16, 32)):
-    return "lut takes swap without ws (or decoder), and 8, 16 or 32 copies of the table"
+  if plan.lut and (not (plan.swap or plan.decoder) or (plan.ws and not plan.gather)
+                   or plan.lut not in (8, 16, 32)):
+    return ("lut takes swap (with ws: and gather) or decoder, and 8, 16 or 32 copies of the "
+            "table")
   if plan.dequant and (not plan.gather or plan.ws or plan.tile_n != 64 or plan.split < 1
                        or plan.reduce or plan.stream):
     return "dequant takes swap and gather, tile_n 64 and split >= 1 (no ws, reduce or stream)"
-  if plan.lut and plan.gather and plan.tile_k < 256:
+  if plan.lut and plan.gather and not plan.ws and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
   if plan.decoders not in (1, 2) or (plan.decoders == 2 and (
       plan.decoder != 2 or plan.tile_n != 64 or plan.tile_m not in (128, 256))):

@@ -87,6 +87,11 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=192, tile_n=128, tile_k=64, stages=4, decoder=2),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, decoder=1, lut=32),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, decoder=2, lut=16),
+         # session 17: the table decode in the warp-specialized gather kernel (any M)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=3, split=1, swap=True,
+                           ws=True, gather=True, lut=32),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
+                           ws=True, gather=True, dq=True, lut=32),
          # session 17: two decoding warpgroups, the wgmma warpgroups splitting x's rows
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
