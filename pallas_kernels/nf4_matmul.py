@@ -274,7 +274,21 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # 8B gate/up at M=1024 (1.514 vs 1.453): there 448 programs fill 3.39 waves of the 132 SMs, the
 # last 39% full, where dequant + cuBLAS has caught up; above M=512 the kernel is taken only if its
 # waves are >= 90% full (the other M=1024 weights: 0.97).
+#
+# Session 17 (runs s17_r2 and s17_r3, H100, medians of 3 interleaved rounds, ratio to the bf16
+# dot): the same kernel with the table decode (plan.lut, as at small M: 16 copies with 256-row x
+# tiles, tile_k 64 and 4 stages, so that the 16 KB table fits beside them; 32 copies with the
+# 128-row tiles) beat it on every weight x M measured: M=512 8B gate/up 1.207 vs 1.301, 70B
+# gate/up 1.302 vs 1.372, 70B q/o 1.118 vs 1.214; M=1024 8B down 1.156 vs 1.266, 70B gate/up
+# 1.210 vs 1.325, 70B q/o 1.219 vs 1.346, 8B q/o 1.198 vs 1.265; the 128-row plan at M=256 8B
+# down 1.122 vs 1.272, q/o 1.066 vs 1.178, at M=512 1.303 vs 1.625 and 1.313 vs 1.516. At M=2048
+# it also beat W decoded to HBM + cuBLAS on the weights with N <= K (8B down 1.156 vs 1.219 and
+# 1.175 vs 1.221 in r2, 70B q/o 1.205 vs 1.239, 8B q/o 1.114 vs 1.196) but not on the gate/up
+# weights (8B 1.248 vs 1.188, 70B 1.251 vs 1.207; r2 1.220 vs 1.182 and 1.165 vs 1.327), nor at
+# M=4096 on most (8B gate/up 1.359 vs 1.202, 8B down 1.174 vs 1.116, 70B q/o 1.196 vs 1.141). So
+# the mid range reaches M=2048 on weights with N <= K (MGPU_MID_MAX_M_K_GE_N).
 MGPU_MID_M = (256, 1024)
+MGPU_MID_MAX_M_K_GE_N = 2048
 MGPU_MID_MIN_N = 4096
 MGPU_MID_WAVES = 0.9
 
@@ -282,11 +296,11 @@ MGPU_MID_WAVES = 0.9
 def _mgpu_mid_plan(m: int, n: int):
   """The gather kernel's plan at mid M, or None where it is expected to lose (see above)."""
   from pallas_kernels import nf4_mgpu
-  wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=128, stages=2, split=1, swap=True,
-                           ws=True, gather=True)
+  wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16)
   programs = -(-m // 256) * -(-n // 128)
   if programs < 100:
-    return dataclasses.replace(wide, tile_m=128, stages=3, split=0)
+    return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32)
   waves = programs / nf4_mgpu.SMS
   if m > 512 and waves / math.ceil(waves) < MGPU_MID_WAVES:
     return None
@@ -316,8 +330,9 @@ def _mgpu_plan(m: int, w, dtype):
   2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
-  MGPU_MIN_WEIGHT; the gather kernel at MGPU_MID_M on weights of at least MGPU_MID_MIN_N rows and
-  columns; elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
+  MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M, and up to
+  MGPU_MID_MAX_M_K_GE_N where N <= K, on weights of at least MGPU_MID_MIN_N rows and columns;
+  elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
   double-quant weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
@@ -337,7 +352,8 @@ def _mgpu_plan(m: int, w, dtype):
       if n * k < MGPU_MIN_WEIGHT:
         return None
       plan = _mgpu_small_plan(dq=False, n=n, k=k)
-  elif MGPU_MID_M[0] <= m <= MGPU_MID_M[1] and min(n, k) >= MGPU_MID_MIN_N:
+  elif (min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m
+        and (m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_K_GE_N and n <= k))):
     plan = _mgpu_mid_plan(m, n)
   else:
     plan = None

@@ -92,6 +92,11 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            ws=True, gather=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
                            ws=True, gather=True, dq=True, lut=32),
+         # ... and as dispatched at mid M (nf4_matmul._mgpu_mid_plan)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
+                           ws=True, gather=True, lut=32),
          # session 17: two decoding warpgroups, the wgmma warpgroups splitting x's rows
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
@@ -653,26 +658,33 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
 
 
 def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
-  """256 <= M <= 1024, bf16 x, Hopper, weights of >= 4096 rows and columns: the gather kernel's
-  forward (256-row x tiles unsplit where they make >= 100 programs, else 128-row tiles split by
-  the wave model), the backward of the M bucket; not at M = 255 or 1025, on k/v-sized weights, for
-  f32 x, with implementation="xla" or off Hopper."""
+  """256 <= M <= 1024, and up to 2048 where N <= K, bf16 x, Hopper, weights of >= 4096 rows and
+  columns: the gather kernel's forward with the table (256-row x tiles unsplit, tile_k 64, 16
+  copies, where they make >= 100 programs, else 128-row tiles split by the wave model, 32
+  copies), the backward of the M bucket; not at M = 255, at 1025 where N > K, at 2049, on
+  k/v-sized weights, for f32 x, with implementation="xla" or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   gate_up, q_o = _shape_of_nf4(28672, 8192), _shape_of_nf4(4096, 4096)
+  down = _shape_of_nf4(8192, 28672)
   for m, w, tile_m, split in ((256, gate_up, 256, 1), (1024, gate_up, 256, 1),
-                              (256, q_o, 128, 0), (512, q_o, 128, 0), (1024, q_o, 256, 1)):
+                              (256, q_o, 128, 0), (512, q_o, 128, 0), (1024, q_o, 256, 1),
+                              (1536, _shape_of_nf4(8192, 8192), 256, 1), (2048, q_o, 256, 1),
+                              (2048, down, 256, 1)):
     plan = mod._dispatch_plan(m, w, None, jnp.bfloat16)
     assert plan.fwd == "mgpu" and plan.mgpu.gather and plan.mgpu.ws, (m, w.shape)
     assert (plan.mgpu.tile_m, plan.mgpu.split) == (tile_m, split), (m, w.shape, plan.mgpu)
+    assert (plan.mgpu.lut, plan.mgpu.tile_k) == ((16, 64) if tile_m == 256 else (32, 128))
     assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
   # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (measured slower, s11_r4 and r5):
   # the large-M route instead, W decoded to HBM by the Mosaic dequant kernel
   wide = mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16)
   assert wide.fwd == "mgpu" and wide.mgpu == nf4_mgpu.DEQUANT_PLAN
   assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.gather
-  for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (1025, q_o, None, jnp.bfloat16),
+  for m, w in ((1025, gate_up), (2048, gate_up), (2049, down)):    # N > K, or past 2048: W to HBM
+    assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu == nf4_mgpu.DEQUANT_PLAN, (m, w.shape)
+  for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (2049, q_o, None, jnp.bfloat16),
                          (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
                          (512, q_o, None, jnp.float32), (512, q_o, "xla", jnp.bfloat16)):
     assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
@@ -690,13 +702,13 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   for m, (n, k) in ((2048, (14336, 4096)), (4096, (4096, 14336)), (16384, (28672, 8192)),
-                    (2048, (8192, 28672)), (1025, (8192, 8192))):
+                    (4096, (8192, 28672)), (2049, (8192, 8192)), (1025, (28672, 8192))):
     plan = mod._dispatch_plan(m, _shape_of_nf4(n, k), None, jnp.bfloat16)
     assert plan.fwd == "mgpu" and plan.mgpu == nf4_mgpu.DEQUANT_PLAN, (m, n, k)
     assert plan.bwd == mod.TUNED["large"].bwd
   single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((14336, 4096), jnp.float32),
                                                double_quant=False))
-  for m, w, dt in ((2048, _shape_of_nf4(4096, 4096), jnp.bfloat16),      # 8B q/o: 2^24
+  for m, w, dt in ((4096, _shape_of_nf4(4096, 4096), jnp.bfloat16),      # 8B q/o: 2^24
                    (2048, single, jnp.bfloat16), (2048, _shape_of_nf4(14336, 4096), jnp.float32)):
     assert mod._dispatch_plan(m, w, None, dt).fwd == "dequant", (m, w.shape, dt)
   monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
