@@ -27,7 +27,8 @@ Implementations (`implementation=`):
             the plans keep the exact f32 codebook (the measured ones round it to bf16). On Hopper
             with bf16 x the forward goes to `pallas_kernels.nf4_mgpu` (Mosaic GPU, W decoded into
             wgmma's register operand) where it was measured faster (`_mgpu_plan`): M <= 16 on
-            the larger weights, M = 256-1024; above that, on double-quant weights of >= 2^25
+            the larger weights, M = 256-1024 (to 2048 where N <= K; the gather kernel with the
+            table decode since session 17); above that, on double-quant weights of >= 2^25
             elements, W decoded to HBM by `nf4_dequantize_mgpu` for cuBLAS, in the forward and
             (`MGPU_DEQUANT_BWD`) the backward; other backwards stay here.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
@@ -52,8 +53,10 @@ dot's time on the q/o (70B), gate/up and down weights. M=256: W interleaved into
 decode to HBM, `nf4_mgpu.nf4_dequantize_mgpu`, on the weights of >= 2^25 elements: 1.19-1.24x at
 2048, 1.05-1.14x at 4096; session 15, the backward's W through the same decode: fwd+bwd at
 M=2048 1.20-1.23x against 1.24-1.30x with the Pallas dequant kernel): the pass is a fixed cost per
-call that only a fused kernel removes (nf4_mgpu's gather kernel is level at 2048 and behind at
-4096; a Triton-lowered one measured 2.3x).
+call that only a fused kernel removes (a Triton-lowered one measured 2.3x). Session 17, nf4_mgpu's
+gather kernel with the table decode: M=2048 on the N <= K weights 1.11-1.21x against 1.20-1.29x
+for the decode to HBM (runs s17_r3/r4; dispatched there); on the gate/up weights level (1.17-1.25x
+against 1.18-1.33x over three runs), at 4096 mostly behind (1.11-1.36x against 1.10-1.20x).
 """
 
 from __future__ import annotations

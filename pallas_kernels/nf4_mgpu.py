@@ -60,6 +60,17 @@ signals a per-tile semaphore, and the last K range's program adds it and writes 
 zeroed buffer and no transpose (at split 4 reduce stays faster). M=16: 70B gate/up 0.400-0.419 of
 the bf16 dot over four runs, down 0.387, q/o 0.453 (bench/RESULTS.md, "Session 16 runs").
 
+Session 17, the table decode in the warp-specialized gather kernel (plan.ws + plan.gather +
+plan.lut: the table copied by compute warpgroup 0, the code words row-major so that tile_k 64 and 4
+stages fit beside a 16-copy table): 0.04-0.13 of the bf16 dot faster than without it at M =
+256-2048, now nf4_matmul's dispatch at M = 256-1024 and up to 2048 where N <= K (M=2048: 8B down
+1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM + cuBLAS in the same
+run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
+warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without
+their decode already 1.15-1.20: each x tile is read from L2 for half as many W rows, twice the
+traffic) and were removed (bench/RESULTS.md, "Session 17 runs"; the code is in git, commit
+db29f5b).
+
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
 bf16 dot at M=2048); warp-specialized (`ws`: a TMA warpgroup and two compute warpgroups, each
@@ -164,10 +175,6 @@ class MgpuPlan:
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
                            # rows each, x's tile_m rows as wgmma's N): the decode off the wgmma
                            # warpgroups (`_forward_dec`); tile_n 128, tile_k 64, split 1
-  decoders: int = 1        # decoder: decoding warpgroups. 2 (session 17): warpgroup 2 + t decodes
-                           # step t of each pass (decoder 2), and the two wgmma warpgroups split
-                           # x's tile_m rows instead of W's (tile_n 64, an m64 n=tile_m/2
-                           # accumulator each): four warpgroups within 128 registers per thread
 
 
 PROGRAMS = 264   # split=0 splits K until about this many programs (2 per SM of an H100)
@@ -1545,36 +1552,30 @@ def _dec_code_stages(plan: MgpuPlan) -> int:
 
 
 def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
-  """plan.decoder = d: per program a [tile_m, tile_n] tile of y from three warpgroups (four with
-  plan.decoders 2), over K steps of tile_k.
+  """plan.decoder = d: per program a [tile_m, tile_n] tile of y from three warpgroups, over K
+  steps of tile_k.
   - wg 2 decodes d steps' W tiles per pass (`_decode_gather`, stored to swizzled bf16 tiles; with
     plan.lut through the table, copied to shared memory first): pass p into buffers (d p + s) % 2d
     once pass p - 2's steps are done. It also copies the code words and bf16 scales of a pass
     (`_dec_code_stages` slots, each refilled as soon as it has decoded it) and x's [tile_m,
     tile_k] tiles (`stages` slots, step j's copy issued once both compute warpgroups are done
     with step j - stages, checked a pass behind: hence stages >= 2 d).
-  - plan.decoders 2 (d = 2): wg 2 + t decodes step t of each pass; wg 2 still issues every copy,
-    and refills a code slot once wg 3 has decoded it too (barrier `cfree`).
   - wg 0 and 1 each run wgmma on W rows [wg * tile_n / 2, ...) of step i's decoded tile against
     x's tile (wgmma m64 n=tile_m k16: y.T's rows, x's rows as N), one wgmma in flight, and write
     their [tile_m, tile_n / 2] of y through a transposed store via x's slot wg (after both are
-    done: the same shape and swizzle as the output tile). With plan.decoders 2 each takes all
-    tile_n (64) W rows against its half of x's rows (n=tile_m/2) and writes that [tile_m / 2,
-    tile_n] of y.
+    done: the same shape and swizzle as the output tile).
   Barriers: x_bar / c_bar (copies landed), full (a step's tile decoded), done (both compute
   warpgroups finished a step: its x slot and W buffer are free), fin (both finished). No
   setmaxnreg: ptxas compiles every warpgroup's code within the launch's 168 registers per thread
   (a fourth warpgroup for the x copies leaves 128, too few for the m64n256 accumulator: ptxas
-  asked for 154, run s14_r1; plan.decoders 2's m64n128 accumulators take 64)."""
+  asked for 154, run s14_r1)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   m, k = x2.shape
-  d, nd = int(plan.decoder), int(plan.decoders)
+  d = int(plan.decoder)
   tm, tn, tk = plan.tile_m, plan.tile_n, plan.tile_k
-  xsplit = nd > 1                  # the compute warpgroups split x's rows, not W's
-  hn = tn if xsplit else tn // 2   # W rows per compute warpgroup
-  hm = tm // 2 if xsplit else tm   # x rows per compute warpgroup
+  hn = tn // 2
   xs = plan.stages
   cs = _dec_code_stages(plan)
   wb = 2 * d                       # W buffers, one step each
@@ -1588,14 +1589,11 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
   rem = lax.rem
   # its table scratch and load, and the transposed store of y at split 1
   g = _SwapGeom(m=m, k=k, mp=tm, m_tiles=m_pad // tm, steps=steps, plan=plan)
-  # the store of a compute warpgroup's tile of y: x's rows tile (2 mi + wg) of hm with xsplit
-  g_out = _SwapGeom(m=m, k=k, mp=hm, m_tiles=m_pad // hm, steps=steps, plan=plan)
   n_in = len(scales)
 
   def kernel(x_gmem, c_gmem, *refs):
     s_in, (o_gmem, x_smem, c_smem, s_smem, w_smem, x_bar, c_bar, full, done, fin,
-           *rest) = refs[:n_in], refs[n_in:]
-    cfree, lut_scratch = (rest[0], rest[1:]) if xsplit else (None, rest)
+           *lut_scratch) = refs[:n_in], refs[n_in:]
     s_gmem = s_in[0]
     mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
 
@@ -1611,19 +1609,13 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
       plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(p * d * nb, d * nb), pl.ds(ni * tn, tn)],
                               s_smem.at[slot], c_bar.at[slot])
 
-    def decoder(t):
-      """Decoder warpgroup 2 + t: steps s of each pass with s % nd == t; t 0 issues the copies."""
-      lead = t == 0
-      if lead:
-        _, _, lut, lut_bar = g.lut_load(s_in, lut_scratch)
-        for p in range(min(cs, passes)):
-          load_codes(p)
-        for i in range(min(xs, steps)):
-          load_x(i)
-      elif plan.lut:
-        lut, lut_bar = lut_scratch
-      else:
-        lut = None
+    @pl.when(wg == 2)
+    def _decode():
+      _, _, lut, lut_bar = g.lut_load(s_in, lut_scratch)
+      for p in range(min(cs, passes)):
+        load_codes(p)
+      for i in range(min(xs, steps)):
+        load_x(i)
       if plan.lut:
         plgpu.barrier_wait(lut_bar.at[0])
 
@@ -1636,35 +1628,26 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           for s in range(d):       # pass p - 2's steps: their W buffers and x slots are free
             j = (p - 2) * d + s
             plgpu.barrier_wait(done.at[rem(j, xs)])
-            if lead:
-              @pl.when(j + xs < steps)
-              def _():
-                load_x(j + xs)
-        own = [s for s in range(d) if s % nd == t]
-        for s in own:
+
+            @pl.when(j + xs < steps)
+            def _():
+              load_x(j + xs)
+        for s in range(d):
           if not plan.skip_decode:
             _decode_gather(c_smem.at[slot], s_smem.at[slot], tile_n=tn, tile_k=d * tk,
                            col0=s * tk, cols=tk, out=w_smem.at[rem(p * d + s, wb)], lut=lut,
                            swizzled=False)
         plgpu.commit_smem()
-        for s in own:
+        for s in range(d):
           plgpu.barrier_arrive(full.at[rem(p * d + s, wb)])
-        if not lead:
-          plgpu.barrier_arrive(cfree.at[slot])     # this slot's codes are read
 
-        if lead:
-          @pl.when(p + cs < passes)
-          def _():
-            if xsplit:
-              plgpu.barrier_wait(cfree.at[slot])
-            load_codes(p + cs)
+        @pl.when(p + cs < passes)
+        def _():
+          load_codes(p + cs)
         return carry
       lax.fori_loop(0, passes, body, 0)
 
-    for t in range(nd):
-      pl.when(wg == 2 + t)(functools.partial(decoder, t))
-
-    rows = pl.ds(0, hn) if xsplit else pl.ds(wg * hn, hn)
+    rows = pl.ds(wg * hn, hn)
 
     @pl.when(wg < 2)
     def _compute():
@@ -1674,8 +1657,7 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.barrier_wait(x_bar.at[slot])
           plgpu.barrier_wait(full.at[b])
           if not plan.skip_mma:
-            xt = x_smem.at[slot, pl.ds(wg * hm, hm)] if xsplit else x_smem.at[slot]
-            plgpu.wgmma(acc_ref, w_smem.at[b, rows], xt.T)
+            plgpu.wgmma(acc_ref, w_smem.at[b, rows], x_smem.at[slot].T)
           plgpu.wgmma_wait(1)      # step i - 1's wgmma done: its x slot and W buffer are free
 
           @pl.when(i >= 1)
@@ -1686,19 +1668,16 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
-      acc = pl.run_scoped(acc_scope, plgpu.ACC((hn, hm), jnp.float32))
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((hn, tm), jnp.float32))
       plgpu.barrier_arrive(fin.at[0])   # both done with every x slot: slot wg takes the output
       plgpu.barrier_wait(fin.at[0])
-      if xsplit:
-        g_out.store(acc, x_smem.at[wg, pl.ds(0, hm)], o_gmem, 2 * mi + wg, ni, 0, 0, hn)
-      else:
-        g.store(acc, x_smem.at[wg], o_gmem, mi, ni, 0, wg * hn, hn)
+      g.store(acc, x_smem.at[wg], o_gmem, mi, ni, 0, wg * hn, hn)
 
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, n_pad), x2.dtype),
       grid=(m_pad // tm, n_pad // tn), grid_names=("m", "n"),
-      num_threads=2 + nd, thread_name="wg",
+      num_threads=3, thread_name="wg",
       scratch_types=[
           plgpu.SMEM((xs, tm, tk), jnp.bfloat16, transforms=lay.bf16),
           plgpu.SMEM((cs, tn, d * tk // 8), jnp.uint32),
@@ -1709,7 +1688,6 @@ def _forward_dec(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan):
           plgpu.Barrier(num_barriers=wb),
           plgpu.Barrier(num_arrivals=2, num_barriers=xs),
           plgpu.Barrier(num_arrivals=2, num_barriers=1)]
-      + ([plgpu.Barrier(num_barriers=cs)] if xsplit else [])
       + (g.lut_scratch() if plan.lut else []),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
@@ -1751,17 +1729,12 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return "dequant takes swap and gather, tile_n 64 and split >= 1 (no ws, reduce or stream)"
   if plan.lut and plan.gather and not plan.ws and plan.tile_k < 256:
     return "lut with gather takes tile_k >= 256 (code rows of >= 128 bytes, swizzled)"
-  if plan.decoders not in (1, 2) or (plan.decoders == 2 and (
-      plan.decoder != 2 or plan.tile_n != 64 or plan.tile_m not in (128, 256))):
-    return ("decoders (decoding warpgroups) is 1, or 2 with decoder 2, tile_n 64 and tile_m 128 "
-            "or 256 (the wgmma warpgroups split x's rows)")
-  if plan.decoder and (plan.swap or plan.ws or plan.split != 1
-                       or plan.tile_n != (128 if plan.decoders == 1 else 64)
+  if plan.decoder and (plan.swap or plan.ws or plan.split != 1 or plan.tile_n != 128
                        or plan.tile_m > 256 or plan.stages < max(3, 2 * int(plan.decoder))
                        or plan.dq or plan.tile_k != 64 or plan.decoder not in (1, 2)):
     # (stages >= 2 d: step j + stages' x copy is issued in pass j / d + 2, which must come)
-    return ("decoder (1 or 2 steps per pass) takes tile_n 128 (64 with decoders 2), tile_m <= "
-            "256, tile_k 64, split 1 and stages >= max(3, 2 x decoder) (no swap, ws or dq)")
+    return ("decoder (1 or 2 steps per pass) takes tile_n 128, tile_m <= 256, tile_k 64, split 1 "
+            "and stages >= max(3, 2 x decoder) (no swap, ws or dq)")
   if plan.decoder and _dec_smem(plan, 2) > SMEM - 2048:
     return (f"this decoder plan needs {_dec_smem(plan, 2)} bytes of shared memory, over "
             f"{SMEM - 2048}: take fewer stages or copies of the table")

@@ -96,13 +96,7 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
-                           ws=True, gather=True, lut=32),
-         # session 17: two decoding warpgroups, the wgmma warpgroups splitting x's rows
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
-                           lut=32),
-         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2,
-                           lut=16)]
+                           ws=True, gather=True, lut=32)]
 
 
 def _shape_of_nf4(n, k):
@@ -120,8 +114,7 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
-          f"{f'W{p.decoders}' if p.decoders > 1 else ''}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -486,12 +479,29 @@ def test_unsupported_calls_say_why():
   assert "decoder" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(stages=4, tile_m=256, tile_n=128, tile_k=128,
                                                 decoder=1))
-  # two decoding warpgroups: one step of each pass each, 64 W rows (the wgmma warpgroups split x)
-  two = dict(tile_m=256, tile_n=64, tile_k=64, stages=4, decoder=2, decoders=2)
-  assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**two)) is None
-  for bad in (dict(tile_n=128), dict(decoder=1, stages=3), dict(tile_m=192), dict(decoders=3)):
-    assert "decoders" in nf4_mgpu.check_supported(
-        4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**{**two, **bad})), bad
+  # the table in the warp-specialized kernel takes gather (its code words row-major, so any
+  # tile_k); without ws, gather with the table takes swizzled rows of >= 128 bytes
+  ws = dict(tile_m=256, tile_n=128, tile_k=64, stages=4, swap=True, ws=True, lut=16)
+  assert "lut takes" in nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**ws))
+  assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16,
+                                  nf4_mgpu.MgpuPlan(gather=True, **ws)) is None
+  assert "tile_k >= 256" in nf4_mgpu.check_supported(
+      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True, gather=True,
+                                                lut=32))
+
+
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_ws_gather_kernel_decodes_through_the_table():
+  """plan.lut in the warp-specialized gather kernel (the mid-M dispatch): its module carries the
+  table's loads (`lut_gather_asm`) and no byte-permute decode, and differs from the plan without
+  the table only there; the same plan without lut keeps `pair_asm`."""
+  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16)
+  (with_lut,) = nf4_mgpu._kernel_modules(plan, 300, 1024, 1024)
+  (without,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lut=0), 300, 1024, 1024)
+  table_load = "ld.shared.b32 v0"
+  assert table_load in with_lut and table_load not in without
+  assert "fma.rn.bf16x2 o0" in without and "fma.rn.bf16x2 o0" not in with_lut
 
 
 @hopper

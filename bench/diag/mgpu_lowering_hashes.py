@@ -44,7 +44,12 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          P(tile_n=64, tile_k=256, stages=2, split=2, chunk=64, swap=True, dq=True, gather=True,
            lut=32, finish=True),
          P(tile_n=64, tile_k=512, stages=2, split=2, chunk=64, swap=True, dq=True, gather=True,
-           lut=32, finish=True)]
+           lut=32, finish=True),
+         # session 17: the mid-M dispatch, the warp-specialized gather kernel with the table
+         P(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True, ws=True, gather=True,
+           lut=16),
+         P(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True, ws=True, gather=True,
+           lut=32)]
 SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 

@@ -5,8 +5,7 @@ import json
 import re
 import sys
 
-DEFAULTS = dict(tile_m="128", tile_n="128", tile_k="128", stages="4", split="1", chunk="64",
-                decoders="1")
+DEFAULTS = dict(tile_m="128", tile_n="128", tile_k="128", stages="4", split="1", chunk="64")
 
 
 def short(impl: str) -> str:
