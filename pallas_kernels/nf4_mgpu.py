@@ -170,9 +170,6 @@ class MgpuPlan:
                            # the tile's semaphore; the program of the last K range waits for
                            # them, adds them to its accumulator and writes y in bf16 (no zeroed
                            # buffer, no XLA pass after the kernel)
-  lag: bool = False        # swap + ws (session 17): each step's last wgmma left in flight
-                           # (wgmma_wait(1)) and its buffers released a step late (the
-                           # pipeline's delay_release), so the next step's decode overlaps it
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -996,8 +993,6 @@ class _SwapGeom:
       specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16))
     if not self.plan.dq:
       specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
-    if self.plan.lag:       # a step's buffers go back a step late: its wgmma may still run
-      specs = [dataclasses.replace(sp, delay_release=1) for sp in specs]
     return specs
 
   def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
@@ -1031,7 +1026,7 @@ class _SwapGeom:
       a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
                  skip=self.plan.skip_decode, **kw)
       plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
-    plgpu.wgmma_wait(1 if self.plan.lag else 0)   # lag: this step's last wgmma still runs
+    plgpu.wgmma_wait(0)
 
   def call(self, kernel, x2, codes, scales, n_out: int, raw: bool = False, **kernel_kw):
     """Runs the kernel -> y [M, n_out] in x's dtype. x is padded to m_tiles * mp rows (and
@@ -1745,8 +1740,6 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
             f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
-  if plan.lag and (not (plan.swap and plan.ws) or plan.stages < 2):
-    return "lag takes swap and ws, and stages >= 2 (a step's buffers are released a step late)"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if plan.chunk % 64 or plan.tile_k % plan.chunk:
