@@ -69,7 +69,8 @@ run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per progra
 warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without
 their decode already 1.15-1.20: each x tile is read from L2 for half as many W rows, twice the
 traffic) and were removed (bench/RESULTS.md, "Session 17 runs"; the code is in git, commit
-db29f5b).
+db29f5b). Leaving each step's last wgmma in flight while the next step decodes (the pipeline's
+delay_release) gave NaN on the GPU at M >= 100 and was removed too (commit dfc9e8e).
 
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
