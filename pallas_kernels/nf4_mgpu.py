@@ -62,8 +62,8 @@ the bf16 dot over four runs, down 0.387, q/o 0.453 (bench/RESULTS.md, "Session 1
 
 Session 17, the table decode in the warp-specialized gather kernel (plan.ws + plan.gather +
 plan.lut: the table copied by compute warpgroup 0, the code words row-major so that tile_k 64 and 4
-stages fit beside a 16-copy table): 0.04-0.13 of the bf16 dot faster than without it at M =
-256-2048, now nf4_matmul's dispatch at M = 256-1024 and up to 2048 where N <= K (M=2048: 8B down
+stages fit beside a 16-copy table): 0.03-0.3 of the bf16 dot faster than without it at M =
+256-2048 (run s17_r2 and r3), now nf4_matmul's dispatch at M = 256-1024 and up to 2048 where N <= K (M=2048: 8B down
 1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM + cuBLAS in the same
 run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
 warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without
