@@ -892,16 +892,23 @@ class _SwapGeom:
     from jax.experimental.pallas import mosaic_gpu as plgpu
     return [plgpu.SMEM((256, self.plan.lut), jnp.uint32), plgpu.Barrier(num_barriers=1)]
 
-  def lut_load(self, s_in, scratch):
-    """plan.lut: starts the table's copy (the last input) into its shared memory (the last two
-    scratch refs) -> (the other inputs, the other scratch, table, its barrier); without the
-    table, (s_in, scratch, None, None)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
+  def lut_refs(self, s_in, scratch):
+    """plan.lut: (the other inputs, the other scratch, the table's input (the last input), its
+    shared memory and barrier (the last two scratch refs)); without the table, (s_in, scratch,
+    None, None, None)."""
     if not self.plan.lut:
-      return s_in, scratch, None, None
+      return s_in, scratch, None, None, None
     *s_in, lut_g = s_in
     *scratch, lut, bar = scratch
-    plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
+    return s_in, scratch, lut_g, lut, bar
+
+  def lut_load(self, s_in, scratch):
+    """plan.lut: `lut_refs`, the table's copy started -> (the other inputs, the other scratch,
+    table, its barrier); without the table, (s_in, scratch, None, None)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    s_in, scratch, lut_g, lut, bar = self.lut_refs(s_in, scratch)
+    if lut is not None:
+      plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
     return s_in, scratch, lut, bar
 
   def out_scratch(self, rows: int, lead=()):
@@ -1073,13 +1080,12 @@ class _SwapGeom:
                        compiler_params=params, **kernel_kw)
     if self.plan.gather:
       codes = _code_words(codes)
-    if raw:
-      y = f(x2, codes, *scales)
-      return y[0] if self.finish else y
-    y = f(_swap_x_in(x2, m_pad, self.plan), codes, *scales)
+    y = f(x2 if raw else _swap_x_in(x2, m_pad, self.plan), codes, *scales)
     if self.finish:
       y = y[0]
-    elif not self.direct:
+    if raw:
+      return y
+    if not (self.direct or self.finish):
       y = y.sum(0).T
     return y[:self.m, :n_out].astype(x2.dtype)
 
@@ -1221,19 +1227,17 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       wg = lax.axis_index("wg")
       rows = pl.ds(wg * hn, hn)
       bufs = []
-      dq_scratch, (lut, lut_bar) = (scratch[:-2], scratch[-2:]) if plan.lut else (scratch,
-                                                                                (None, None))
+      s_dq, dq_scratch, lut_g, lut, lut_bar = g.lut_refs(s_in, scratch)
 
       def compute_context(eval_pipeline):
         def acc_scope(acc_ref):
           if plan.lut:
             @pl.when(wg == 0)
             def _():
-              plgpu.copy_gmem_to_smem(s_in[-1], lut, lut_bar.at[0])
+              plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
             plgpu.barrier_wait(lut_bar.at[0])
           if plan.dq:
-            bufs[:] = g.dq_load(s_in[:-1] if plan.lut else s_in, dq_scratch,
-                                plan.tile_n * ni + wg * hn, si, hn, slot=wg)
+            bufs[:] = g.dq_load(s_dq, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
           eval_pipeline(acc_ref)
           plgpu.wgmma_wait(0)
           g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
