@@ -705,14 +705,16 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
     decode, lut_gather = _lut_ops(lut_ref[0]) if lut_ref else (_pair_asm_op(), None)
     pair_ty = ir.VectorType.get((2,), bf16)
     regs = np.empty(a_shape, dtype=object)
+    # halves of a 64-column block per visit: both, or (cols 32: plan.chunk 32) the one at col0
+    nh, h0 = (1, col0 % 64 // 32) if cols == 32 else (2, 0)
     for idx, (row, _) in zip(np.ndindex(a_shape), layout.thread_idxs((tile_n, cols))):
-      if idx[1] % 8:
+      if idx[1] % (4 * nh):
         continue            # one visit per row and 64-column block: registers e = 0..7
-      j = idx[1] // 8
+      j = idx[1] // (4 * nh)
       blk = col0 // 64 + j
       sc = scale(row, blk)
-      words = []
-      for h in range(2):
+      words = [None] * (4 * h0)
+      for h in range(h0, h0 + nh):
         if swizzled:    # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
           w0 = 8 * blk + 4 * h
           r8 = arith.remui(row, idx_c(8))
@@ -722,7 +724,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
           at = [row, idx_c(8 * blk + 4 * h)]
         vec = vector.load(v4, c_ref, at)
         words += [mgpu_utils.bitcast(vector.extract(vec, [], [e]), i32) for e in range(4)]
-      for half in range(2):
+      for half in range(h0, h0 + nh):
         w = words[4 * half:4 * half + 4]
         if lut_ref and not skip:
           outs = lut_gather(w, sc)
@@ -730,7 +732,8 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
           word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
           outs = [word] * 4 if skip else decode(word, sc)
         for e in range(4):
-          regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
+          regs[(idx[0], 4 * nh * j + 4 * (half - h0) + e) + idx[2:]] = mgpu_utils.bitcast(
+              outs[e], pair_ty)
     w = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
     if o_ref is None:
       return w
@@ -887,6 +890,12 @@ class _SwapGeom:
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
+  @property
+  def x_tr(self):
+    """x's tile's transforms: swizzled by its rows, or (plan.chunk 32) by 64 bytes, so that a
+    chunk's 32 columns are whole tiles of it."""
+    return _transforms(64, 2) if self.plan.chunk == 32 else self.layouts.bf16
+
   def lut_scratch(self):
     """plan.lut: shared memory for the table and the barrier of its copy."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -998,7 +1007,7 @@ class _SwapGeom:
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
     if self.x_piped:
-      specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16))
+      specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=self.x_tr))
     if not self.plan.dq:
       specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
     return specs
@@ -1192,7 +1201,7 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
     pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.layouts.bf16),
+  scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.x_tr),
              plgpu.Barrier(num_barriers=g.steps), g.out_scratch(tn)]
   return g.call(kernel, x2, codes, scales, n_out, raw,
                 scratch_types=scratch + (g.dq_scratch(st * tn) if plan.dq else [])
@@ -1747,8 +1756,10 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
-  if plan.chunk % 64 or plan.tile_k % plan.chunk:
-    return f"chunk must be a multiple of 64 dividing tile_k (got {plan.chunk})"
+  if (plan.chunk % 64 and not (plan.chunk == 32 and plan.swap and plan.gather)
+      or plan.tile_k % plan.chunk):
+    return (f"chunk must be a multiple of 64 dividing tile_k, or 32 with swap and gather (got "
+            f"{plan.chunk})")
   if plan.tile_m % 64 or plan.tile_n % 64:
     return f"tile_m and tile_n must be multiples of 64 (got {plan.tile_m}, {plan.tile_n})"
   return None

@@ -96,7 +96,14 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
-                           ws=True, gather=True, lut=32)]
+                           ws=True, gather=True, lut=32),
+         # session 18: 32-column chunks (half a code block per wgmma; x swizzled by 64 bytes)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, chunk=32,
+                           swap=True, ws=True, gather=True, lut=16),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, chunk=32,
+                           swap=True, ws=True, gather=True, lut=32),
+         nf4_mgpu.MgpuPlan(tile_m=64, tile_n=128, tile_k=256, stages=2, split=0, chunk=32,
+                           swap=True, gather=True, dq=True, lut=32)]
 
 
 def _shape_of_nf4(n, k):
