@@ -171,6 +171,13 @@ class MgpuPlan:
                            # the tile's semaphore; the program of the last K range waits for
                            # them, adds them to its accumulator and writes y in bf16 (no zeroed
                            # buffer, no XLA pass after the kernel)
+  lag: int = 0             # swap + ws + gather (session 18): each step's last wgmma left in flight
+                           # into the next step (wgmma_wait(1)), the step's buffers released a
+                           # step late (the pipeline's delay_release). 2: even and odd steps
+                           # decode in two branches, so consecutive steps' register operands
+                           # are distinct registers; 1 (bench only, wrong results at M >= 100):
+                           # one body, the next step's decode rewriting the operand registers
+                           # the previous wgmma may still read
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -653,7 +660,7 @@ def _decode_regs(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=
 
 
 def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lut=None,
-                   out=None, swizzled=True):
+                   out=None, swizzled=True, tag=None):
   """The swap kernels' decode with x in its own order (plan.gather): columns [col0, col0 + cols)
   of the code tile, 32-bit words [tile_n, tile_k / 8] row-major in shared memory, with their bf16
   scales [tile_k / 64, tile_n] -> bf16 [tile_n, cols] in WGMMA_LAYOUT; Mosaic GPU code under
@@ -668,7 +675,8 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   out: a bf16 [tile_n, cols] shared ref (tile_k's swizzle) the decoded tile is stored to, inside
   the same body (not `out[...] = ` outside it, which also loads the old tile); returns None.
   swizzled: with lut, the code words in `_gather_code_transforms`' layout (rows of >= 128 bytes);
-  not swizzled, row-major as without lut."""
+  not swizzled, row-major as without lut. tag (plan.lag 2): each scale pair passed through a move
+  whose PTX text carries the tag, so that two decodes of the same tile differ to LLVM."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -713,6 +721,9 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
       j = idx[1] // (4 * nh)
       blk = col0 // 64 + j
       sc = scale(row, blk)
+      if tag is not None:
+        sc = llvm.inline_asm(i32, [sc], f"mov.b32 $0, $1; // lag {tag}", "=r,r",
+                             has_side_effects=False)
       words = [None] * (4 * h0)
       for h in range(h0, h0 + nh):
         if swizzled:    # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
@@ -1010,6 +1021,8 @@ class _SwapGeom:
       specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=self.x_tr))
     if not self.plan.dq:
       specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
+    if self.plan.lag:       # a step's buffers go back a step late: its last wgmma may still run
+      specs = [dataclasses.replace(sp, delay_release=1) for sp in specs]
     return specs
 
   def parts(self, x_gmem, c_gmem, s_gmem, mi, ni, si, blocksize: int):
@@ -1028,10 +1041,11 @@ class _SwapGeom:
     return parts + (s_gmem.at[pl.ds(si * steps * tk // blocksize, steps * tk // blocksize),
                               pl.ds(ni * tn, tn)],)
 
-  def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int, lut=None):
+  def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int, lut=None, idx=None):
     """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
-    wgmma issued before the next chunk's decode; all done before the step's buffers go back.
-    lut: plan.lut's table in shared memory."""
+    wgmma issued before the next chunk's decode; all done before the step's buffers go back
+    (plan.lag: all but the last, and idx is the step's index). lut: plan.lut's table in shared
+    memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tk, ch = self.plan.tile_k, self.plan.chunk
@@ -1039,11 +1053,21 @@ class _SwapGeom:
     kw = {} if lut is None else dict(lut=lut)
     if lut is not None and self.plan.gather and self.plan.ws:
       kw["swizzled"] = False          # ws: the code words row-major (`in_specs`)
-    for j in range(tk // ch):
-      a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
-                 skip=self.plan.skip_decode, **kw)
-      plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
-    plgpu.wgmma_wait(0)
+
+    def chunks(tag=None):
+      for j in range(tk // ch):
+        a = decode(c_smem, s_smem, tile_n=tile_n, tile_k=tk, col0=j * ch, cols=ch,
+                   skip=self.plan.skip_decode, **kw, **({} if tag is None else dict(tag=tag)))
+        plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
+
+    if self.plan.lag == 2:
+      # The wgmma of step i reads its operand's registers until the wait of step i + 1; step
+      # i + 1 decodes in the other branch, into other registers (the tag keeps LLVM from
+      # merging the branches' identical code)
+      lax.cond(idx % 2 == 0, lambda: chunks(0), lambda: chunks(1))
+    else:
+      chunks()
+    plgpu.wgmma_wait(1 if self.plan.lag else 0)
 
   def call(self, kernel, x2, codes, scales, n_out: int, raw: bool = False, **kernel_kw):
     """Runs the kernel -> y [M, n_out] in x's dtype. x is padded to m_tiles * mp rows (and
@@ -1218,6 +1242,9 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   g = _SwapGeom.of(x2, plan)
+  if plan.lag and g.steps < 2:        # one step: nothing to overlap (nor a step to release late)
+    plan = dataclasses.replace(plan, lag=0)
+    g = _SwapGeom.of(x2, plan)
   hn = plan.tile_n // 2
   n_in = len(scales)
 
@@ -1255,7 +1282,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
         *s_smem, acc_ref = rest
         sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
-        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut)
+        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut, idx=idx[0])
         return acc_ref
 
       get_pipeline(body, compute_context)(*parts, allocations=allocs)
@@ -1754,6 +1781,10 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
             f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
+  if plan.lag and (not (plan.swap and plan.ws and plan.gather) or plan.stages < 2
+                   or plan.lag not in (1, 2)):
+    return ("lag (1 or 2) takes swap, ws and gather, and stages >= 2 (a step's buffers are "
+            "released a step late)")
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
   if (plan.chunk % 64 and not (plan.chunk == 32 and plan.swap and plan.gather)

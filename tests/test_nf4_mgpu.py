@@ -103,7 +103,13 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, chunk=32,
                            swap=True, ws=True, gather=True, lut=32),
          nf4_mgpu.MgpuPlan(tile_m=64, tile_n=128, tile_k=256, stages=2, split=0, chunk=32,
-                           swap=True, gather=True, dq=True, lut=32)]
+                           swap=True, gather=True, dq=True, lut=32),
+         # ... and each step's wgmma left in flight into the next, even and odd steps decoding in
+         # two branches (plan.lag 2)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=2),
+         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
+                           ws=True, gather=True, lut=32, lag=2)]
 
 
 def _shape_of_nf4(n, k):
@@ -121,7 +127,8 @@ def _plan_id(p):
   return (f"{p.tile_m}x{p.tile_n}x{p.tile_k}s{p.split}c{p.chunk}{'o' * p.overlap}{'w' * p.ws}"
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
-          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}")
+          f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
+          f"{f'A{p.lag}' if p.lag else ''}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -492,6 +499,11 @@ def test_unsupported_calls_say_why():
   assert "lut takes" in nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**ws))
   assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16,
                                   nf4_mgpu.MgpuPlan(gather=True, **ws)) is None
+  assert "lag (1 or 2) takes" in nf4_mgpu.check_supported(
+      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, swap=True, lag=2))
+  assert "lag (1 or 2) takes" in nf4_mgpu.check_supported(
+      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=128, tile_k=64, swap=True, ws=True,
+                                                gather=True, stages=1, lag=2))
   assert "tile_k >= 256" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True, gather=True,
                                                 lut=32))
