@@ -290,8 +290,7 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # weights (8B 1.248 vs 1.188, 70B 1.251 vs 1.207; r2 1.220 vs 1.182 and 1.165 vs 1.327), nor at
 # M=4096 on most (8B gate/up 1.359 vs 1.202, 8B down 1.174 vs 1.116, 70B q/o 1.196 vs 1.141). So
 # the mid range reaches M=2048 on weights with N <= K (MGPU_MID_MAX_M_K_GE_N).
-MGPU_MID_M = (256, 1024)
-MGPU_MID_MAX_M_K_GE_N = 2048
+MGPU_MID_M = (256, 2048)
 MGPU_MID_MIN_N = 4096
 MGPU_MID_WAVES = 0.9
 
@@ -300,10 +299,10 @@ def _mgpu_mid_plan(m: int, n: int):
   """The gather kernel's plan at mid M, or None where it is expected to lose (see above)."""
   from pallas_kernels import nf4_mgpu
   wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16)
+                           ws=True, gather=True, lut=16, lag=2)
   programs = -(-m // 256) * -(-n // 128)
   if programs < 100:
-    return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32)
+    return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32, lag=0)
   waves = programs / nf4_mgpu.SMS
   if m > 512 and waves / math.ceil(waves) < MGPU_MID_WAVES:
     return None
@@ -333,8 +332,8 @@ def _mgpu_plan(m: int, w, dtype):
   2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
-  MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M, and up to
-  MGPU_MID_MAX_M_K_GE_N where N <= K, on weights of at least MGPU_MID_MIN_N rows and columns;
+  MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
+  MGPU_MID_MIN_N rows and columns;
   elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
   double-quant weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
@@ -355,8 +354,7 @@ def _mgpu_plan(m: int, w, dtype):
       if n * k < MGPU_MIN_WEIGHT:
         return None
       plan = _mgpu_small_plan(dq=False, n=n, k=k)
-  elif (min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m
-        and (m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_K_GE_N and n <= k))):
+  elif min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m <= MGPU_MID_M[1]:
     plan = _mgpu_mid_plan(m, n)
   else:
     plan = None

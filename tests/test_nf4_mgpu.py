@@ -687,11 +687,12 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
 
 
 def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
-  """256 <= M <= 1024, and up to 2048 where N <= K, bf16 x, Hopper, weights of >= 4096 rows and
-  columns: the gather kernel's forward with the table (256-row x tiles unsplit, tile_k 64, 16
-  copies, where they make >= 100 programs, else 128-row tiles split by the wave model, 32
-  copies), the backward of the M bucket; not at M = 255, at 1025 where N > K, at 2049, on
-  k/v-sized weights, for f32 x, with implementation="xla" or off Hopper."""
+  """256 <= M <= 2048, bf16 x, Hopper, weights of >= 4096 rows and columns: the gather kernel's
+  forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
+  in flight into the next (lag 2), where they make >= 100 programs, else 128-row tiles split by
+  the wave model, 32 copies, no lag), the backward of the M bucket; not where the waves of
+  256-row tiles above M=512 are < 90% full, at M = 255 or 2049, on k/v-sized weights, for f32 x,
+  with implementation="xla" or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -704,14 +705,16 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
     plan = mod._dispatch_plan(m, w, None, jnp.bfloat16)
     assert plan.fwd == "mgpu" and plan.mgpu.gather and plan.mgpu.ws, (m, w.shape)
     assert (plan.mgpu.tile_m, plan.mgpu.split) == (tile_m, split), (m, w.shape, plan.mgpu)
-    assert (plan.mgpu.lut, plan.mgpu.tile_k) == ((16, 64) if tile_m == 256 else (32, 128))
+    assert (plan.mgpu.lut, plan.mgpu.tile_k, plan.mgpu.lag) == (
+        (16, 64, 2) if tile_m == 256 else (32, 128, 0))
     assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
   # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (measured slower, s11_r4 and r5):
   # the large-M route instead, W decoded to HBM by the Mosaic dequant kernel
   wide = mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16)
   assert wide.fwd == "mgpu" and wide.mgpu == nf4_mgpu.DEQUANT_PLAN
   assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.gather
-  for m, w in ((1025, gate_up), (2048, gate_up), (2049, down)):    # N > K, or past 2048: W to HBM
+  assert mod._dispatch_plan(2048, gate_up, None, jnp.bfloat16).mgpu.lag == 2
+  for m, w in ((2049, gate_up), (2049, down)):    # past 2048: W to HBM
     assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu == nf4_mgpu.DEQUANT_PLAN, (m, w.shape)
   for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (2049, q_o, None, jnp.bfloat16),
                          (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
@@ -730,15 +733,15 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
-  for m, (n, k) in ((2048, (14336, 4096)), (4096, (4096, 14336)), (16384, (28672, 8192)),
-                    (4096, (8192, 28672)), (2049, (8192, 8192)), (1025, (28672, 8192))):
+  for m, (n, k) in ((4096, (14336, 4096)), (4096, (4096, 14336)), (16384, (28672, 8192)),
+                    (4096, (8192, 28672)), (2049, (8192, 8192)), (2049, (28672, 8192))):
     plan = mod._dispatch_plan(m, _shape_of_nf4(n, k), None, jnp.bfloat16)
     assert plan.fwd == "mgpu" and plan.mgpu == nf4_mgpu.DEQUANT_PLAN, (m, n, k)
     assert plan.bwd == mod.TUNED["large"].bwd
   single = jax.eval_shape(lambda: quantize_nf4(jnp.zeros((14336, 4096), jnp.float32),
                                                double_quant=False))
   for m, w, dt in ((4096, _shape_of_nf4(4096, 4096), jnp.bfloat16),      # 8B q/o: 2^24
-                   (2048, single, jnp.bfloat16), (2048, _shape_of_nf4(14336, 4096), jnp.float32)):
+                   (4096, single, jnp.bfloat16), (2048, _shape_of_nf4(14336, 4096), jnp.float32)):
     assert mod._dispatch_plan(m, w, None, dt).fwd == "dequant", (m, w.shape, dt)
   monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
   assert mod._dispatch_plan(2048, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).fwd == "dequant"
@@ -746,8 +749,8 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
   # kernel without MGPU_DEQUANT_BWD), traced for the GPU on any host
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   w = _shape_of_nf4(14336, 4096)
-  plan = mod._dispatch_plan(2048, w, None, jnp.bfloat16)
-  dy = jax.ShapeDtypeStruct((2048, 14336), jnp.bfloat16)
+  plan = mod._dispatch_plan(4096, w, None, jnp.bfloat16)
+  dy = jax.ShapeDtypeStruct((4096, 14336), jnp.bfloat16)
   calls = []
   real = nf4_mgpu.nf4_dequantize_mgpu
   monkeypatch.setattr(nf4_mgpu, "nf4_dequantize_mgpu", lambda *a: calls.append(a) or real(*a))
