@@ -291,6 +291,8 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # M=4096 on most (8B gate/up 1.359 vs 1.202, 8B down 1.174 vs 1.116, 70B q/o 1.196 vs 1.141). So
 # the mid range reaches M=2048 on weights with N <= K (MGPU_MID_MAX_M_K_GE_N).
 MGPU_MID_M = (256, 2048)
+MGPU_MID_MAX_M_LARGE = 4096         # ... and to this M on weights of >= MGPU_MID_LARGE_WEIGHT
+MGPU_MID_LARGE_WEIGHT = 1 << 27     # elements (the 70B MLP weights)
 MGPU_MID_MIN_N = 4096
 MGPU_MID_WAVES = 0.9
 
@@ -333,7 +335,8 @@ def _mgpu_plan(m: int, w, dtype):
   M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
-  MGPU_MID_MIN_N rows and columns;
+  MGPU_MID_MIN_N rows and columns, and up to MGPU_MID_MAX_M_LARGE on those of at least
+  MGPU_MID_LARGE_WEIGHT elements;
   elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
   double-quant weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
@@ -354,7 +357,8 @@ def _mgpu_plan(m: int, w, dtype):
       if n * k < MGPU_MIN_WEIGHT:
         return None
       plan = _mgpu_small_plan(dq=False, n=n, k=k)
-  elif min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m <= MGPU_MID_M[1]:
+  elif min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m and (
+      m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_LARGE and n * k >= MGPU_MID_LARGE_WEIGHT)):
     plan = _mgpu_mid_plan(m, n)
   else:
     plan = None

@@ -690,9 +690,10 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   """256 <= M <= 2048, bf16 x, Hopper, weights of >= 4096 rows and columns: the gather kernel's
   forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
   in flight into the next (lag 2), where they make >= 100 programs, else 128-row tiles split by
-  the wave model, 32 copies, no lag), the backward of the M bucket; not where the waves of
-  256-row tiles above M=512 are < 90% full, at M = 255 or 2049, on k/v-sized weights, for f32 x,
-  with implementation="xla" or off Hopper."""
+  the wave model, 32 copies, no lag), and to M=4096 on weights of >= 2^27 elements; the
+  backward of the M bucket; not where the waves of 256-row tiles above M=512 are < 90% full, at
+  M = 255, at 2049 on smaller weights, at 4097, on k/v-sized weights, for f32 x, with
+  implementation="xla" or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -713,8 +714,10 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   wide = mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16)
   assert wide.fwd == "mgpu" and wide.mgpu == nf4_mgpu.DEQUANT_PLAN
   assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.gather
-  assert mod._dispatch_plan(2048, gate_up, None, jnp.bfloat16).mgpu.lag == 2
-  for m, w in ((2049, gate_up), (2049, down)):    # past 2048: W to HBM
+  for m, w in ((2048, gate_up), (4096, gate_up), (4096, down)):  # to 4096 on >= 2^27 elements
+    assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu.lag == 2, (m, w.shape)
+  for m, w in ((2049, _shape_of_nf4(8192, 8192)), (2049, _shape_of_nf4(14336, 4096)),
+               (4097, gate_up)):      # past 2048 on smaller weights, past 4096: W to HBM
     assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu == nf4_mgpu.DEQUANT_PLAN, (m, w.shape)
   for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (2049, q_o, None, jnp.bfloat16),
                          (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
@@ -734,7 +737,7 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
   for m, (n, k) in ((4096, (14336, 4096)), (4096, (4096, 14336)), (16384, (28672, 8192)),
-                    (4096, (8192, 28672)), (2049, (8192, 8192)), (2049, (28672, 8192))):
+                    (4097, (8192, 28672)), (2049, (8192, 8192)), (4097, (28672, 8192))):
     plan = mod._dispatch_plan(m, _shape_of_nf4(n, k), None, jnp.bfloat16)
     assert plan.fwd == "mgpu" and plan.mgpu == nf4_mgpu.DEQUANT_PLAN, (m, n, k)
     assert plan.bwd == mod.TUNED["large"].bwd
