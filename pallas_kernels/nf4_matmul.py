@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -294,20 +293,16 @@ MGPU_MID_M = (256, 2048)
 MGPU_MID_MAX_M_LARGE = 4096         # ... and to this M on weights of >= MGPU_MID_LARGE_WEIGHT
 MGPU_MID_LARGE_WEIGHT = 1 << 27     # elements (the 70B MLP weights)
 MGPU_MID_MIN_N = 4096
-MGPU_MID_WAVES = 0.9
 
 
 def _mgpu_mid_plan(m: int, n: int):
-  """The gather kernel's plan at mid M, or None where it is expected to lose (see above)."""
+  """The gather kernel's plan at mid M (see above)."""
   from pallas_kernels import nf4_mgpu
   wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16, lag=2)
   programs = -(-m // 256) * -(-n // 128)
   if programs < 100:
     return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32, lag=0)
-  waves = programs / nf4_mgpu.SMS
-  if m > 512 and waves / math.ceil(waves) < MGPU_MID_WAVES:
-    return None
   return wide
 
 

@@ -691,9 +691,8 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
   in flight into the next (lag 2), where they make >= 100 programs, else 128-row tiles split by
   the wave model, 32 copies, no lag), and to M=4096 on weights of >= 2^27 elements; the
-  backward of the M bucket; not where the waves of 256-row tiles above M=512 are < 90% full, at
-  M = 255, at 2049 on smaller weights, at 4097, on k/v-sized weights, for f32 x, with
-  implementation="xla" or off Hopper."""
+  backward of the M bucket; not at M = 255, at 2049 on smaller weights, at 4097, on k/v-sized
+  weights, for f32 x, with implementation="xla" or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -709,11 +708,9 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
     assert (plan.mgpu.lut, plan.mgpu.tile_k, plan.mgpu.lag) == (
         (16, 64, 2) if tile_m == 256 else (32, 128, 0))
     assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
-  # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (measured slower, s11_r4 and r5):
-  # the large-M route instead, W decoded to HBM by the Mosaic dequant kernel
-  wide = mod._dispatch_plan(1024, _shape_of_nf4(14336, 4096), None, jnp.bfloat16)
-  assert wide.fwd == "mgpu" and wide.mgpu == nf4_mgpu.DEQUANT_PLAN
-  assert mod._dispatch_plan(512, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.gather
+  # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (W decoded to HBM until session 18)
+  for m in (512, 1024, 1536):
+    assert mod._dispatch_plan(m, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.lag == 2
   for m, w in ((2048, gate_up), (4096, gate_up), (4096, down)):  # to 4096 on >= 2^27 elements
     assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu.lag == 2, (m, w.shape)
   for m, w in ((2049, _shape_of_nf4(8192, 8192)), (2049, _shape_of_nf4(14336, 4096)),
