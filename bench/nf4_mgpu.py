@@ -9,7 +9,7 @@ A plan is "tm,tn,tk,stages[,split[,chunk]][+flag...][@max_m]": MgpuPlan's first 
 its boolean fields by name (+ws, +swap, +gather, +dq, +reduce, +finish, +dequant, +overlap,
 +skip_decode, +skip_mma, +decoder) or +epi_rows=N, +stream=N, +lut=N, +decoder=N; a plan is timed
 only up to max_m rows of x (swap plans without gather: 64).
-+skip_decode times a kernel without its decode, +skip_mma one without its wgmma, +lag=1 one whose wgmma may read overwritten operands (results wrong,
++skip_decode times a kernel without its decode, +skip_mma one without its wgmma (results wrong,
 not checked); a plan whose check fails is not timed, at the small shapes or at the timed shape
 (against the f32 product of x and the dequantized W). --kernel-only also times each swap plan's
 kernel without the XLA passes around it. Runs of session 9 wrote the flags positionally:
@@ -133,7 +133,7 @@ def main():
     max_ms[plan] = max_ms_p
   ok = []
   for plan in plans:
-    if plan.skip_decode or plan.skip_mma or plan.lag == 1:
+    if plan.skip_decode or plan.skip_mma:
       ok.append(plan)
       continue
     try:
@@ -163,7 +163,7 @@ def main():
       for plan in ok:
         if m > max_ms[plan] or mod.check_supported(k, qs[0].blocksize, jnp.bfloat16, plan):
           continue
-        if not (plan.skip_decode or plan.skip_mma or plan.lag == 1):   # checked at the timed shape too
+        if not (plan.skip_decode or plan.skip_mma):   # checked at the timed shape too
           if ref is None:
             ref = xs[0].astype(jnp.float32) @ wds[0].astype(jnp.float32).T
           try:

@@ -299,10 +299,10 @@ def _mgpu_mid_plan(m: int, n: int):
   """The gather kernel's plan at mid M (see above)."""
   from pallas_kernels import nf4_mgpu
   wide = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=2)
+                           ws=True, gather=True, lut=16, lag=True)
   programs = -(-m // 256) * -(-n // 128)
   if programs < 100:
-    return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32, lag=0)
+    return dataclasses.replace(wide, tile_m=128, tile_k=128, stages=3, split=0, lut=32, lag=False)
   return wide
 
 

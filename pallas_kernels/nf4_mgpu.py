@@ -171,13 +171,11 @@ class MgpuPlan:
                            # the tile's semaphore; the program of the last K range waits for
                            # them, adds them to its accumulator and writes y in bf16 (no zeroed
                            # buffer, no XLA pass after the kernel)
-  lag: int = 0             # swap + ws + gather (session 18): each step's last wgmma left in flight
-                           # into the next step (wgmma_wait(1)), the step's buffers released a
-                           # step late (the pipeline's delay_release). 2: even and odd steps
-                           # decode in two branches, so consecutive steps' register operands
-                           # are distinct registers; 1 (bench only, wrong results at M >= 100):
-                           # one body, the next step's decode rewriting the operand registers
-                           # the previous wgmma may still read
+  lag: bool = False        # swap + ws + gather (session 18): each step's last wgmma left in
+                           # flight into the next step (wgmma_wait(1)), the step's buffers
+                           # released a step late (the pipeline's delay_release); even and odd
+                           # steps decode in two branches, so that consecutive steps' register
+                           # operands are distinct registers (one body: NaN, session 17)
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -675,7 +673,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
   out: a bf16 [tile_n, cols] shared ref (tile_k's swizzle) the decoded tile is stored to, inside
   the same body (not `out[...] = ` outside it, which also loads the old tile); returns None.
   swizzled: with lut, the code words in `_gather_code_transforms`' layout (rows of >= 128 bytes);
-  not swizzled, row-major as without lut. tag (plan.lag 2): each scale pair passed through a move
+  not swizzled, row-major as without lut. tag (plan.lag): each scale pair passed through a move
   whose PTX text carries the tag, so that two decodes of the same tile differ to LLVM."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
@@ -713,19 +711,17 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
     decode, lut_gather = _lut_ops(lut_ref[0]) if lut_ref else (_pair_asm_op(), None)
     pair_ty = ir.VectorType.get((2,), bf16)
     regs = np.empty(a_shape, dtype=object)
-    # halves of a 64-column block per visit: both, or (cols 32: plan.chunk 32) the one at col0
-    nh, h0 = (1, col0 % 64 // 32) if cols == 32 else (2, 0)
     for idx, (row, _) in zip(np.ndindex(a_shape), layout.thread_idxs((tile_n, cols))):
-      if idx[1] % (4 * nh):
+      if idx[1] % 8:
         continue            # one visit per row and 64-column block: registers e = 0..7
-      j = idx[1] // (4 * nh)
+      j = idx[1] // 8
       blk = col0 // 64 + j
       sc = scale(row, blk)
       if tag is not None:
         sc = llvm.inline_asm(i32, [sc], f"mov.b32 $0, $1; // lag {tag}", "=r,r",
                              has_side_effects=False)
-      words = [None] * (4 * h0)
-      for h in range(h0, h0 + nh):
+      words = []
+      for h in range(2):
         if swizzled:    # tiled [rows / 8, words / 32, 8, 32], 16-byte chunk c of row r at c ^ r % 8
           w0 = 8 * blk + 4 * h
           r8 = arith.remui(row, idx_c(8))
@@ -735,7 +731,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
           at = [row, idx_c(8 * blk + 4 * h)]
         vec = vector.load(v4, c_ref, at)
         words += [mgpu_utils.bitcast(vector.extract(vec, [], [e]), i32) for e in range(4)]
-      for half in range(h0, h0 + nh):
+      for half in range(2):
         w = words[4 * half:4 * half + 4]
         if lut_ref and not skip:
           outs = lut_gather(w, sc)
@@ -743,8 +739,7 @@ def _decode_gather(c_smem, s_smem, *, tile_n, tile_k, col0, cols, skip=False, lu
           word = prmt(prmt(w[0], w[1], pick), prmt(w[2], w[3], pick), const(0x5410))
           outs = [word] * 4 if skip else decode(word, sc)
         for e in range(4):
-          regs[(idx[0], 4 * nh * j + 4 * (half - h0) + e) + idx[2:]] = mgpu_utils.bitcast(
-              outs[e], pair_ty)
+          regs[(idx[0], 8 * j + 4 * half + e) + idx[2:]] = mgpu_utils.bitcast(outs[e], pair_ty)
     w = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
     if o_ref is None:
       return w
@@ -901,12 +896,6 @@ class _SwapGeom:
   def layouts(self):
     return _Layouts(self.plan.tile_k)
 
-  @property
-  def x_tr(self):
-    """x's tile's transforms: swizzled by its rows, or (plan.chunk 32) by 64 bytes, so that a
-    chunk's 32 columns are whole tiles of it."""
-    return _transforms(64, 2) if self.plan.chunk == 32 else self.layouts.bf16
-
   def lut_scratch(self):
     """plan.lut: shared memory for the table and the barrier of its copy."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -1018,7 +1007,7 @@ class _SwapGeom:
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
     if self.x_piped:
-      specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=self.x_tr))
+      specs.insert(0, plgpu.BlockSpec((self.mp, tk), lambda s: (0, s), transforms=lay.bf16))
     if not self.plan.dq:
       specs.append(plgpu.BlockSpec((tk // blocksize, tn), s_map))
     if self.plan.lag:       # a step's buffers go back a step late: its last wgmma may still run
@@ -1060,7 +1049,7 @@ class _SwapGeom:
                    skip=self.plan.skip_decode, **kw, **({} if tag is None else dict(tag=tag)))
         plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(j * ch, ch)].T)
 
-    if self.plan.lag == 2:
+    if self.plan.lag:
       # The wgmma of step i reads its operand's registers until the wait of step i + 1; step
       # i + 1 decodes in the other branch, into other registers (the tag keeps LLVM from
       # merging the branches' identical code)
@@ -1225,7 +1214,7 @@ def _forward_swap_stream(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan,
     pl.run_scoped(compute, plgpu.ACC((tn, g.mp), jnp.float32))
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.x_tr),
+  scratch = [plgpu.SMEM((g.steps, g.mp, tk), jnp.bfloat16, transforms=g.layouts.bf16),
              plgpu.Barrier(num_barriers=g.steps), g.out_scratch(tn)]
   return g.call(kernel, x2, codes, scales, n_out, raw,
                 scratch_types=scratch + (g.dq_scratch(st * tn) if plan.dq else [])
@@ -1243,7 +1232,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
 
   g = _SwapGeom.of(x2, plan)
   if plan.lag and g.steps < 2:        # one step: nothing to overlap (nor a step to release late)
-    plan = dataclasses.replace(plan, lag=0)
+    plan = dataclasses.replace(plan, lag=False)
     g = _SwapGeom.of(x2, plan)
   hn = plan.tile_n // 2
   n_in = len(scales)
@@ -1781,16 +1770,13 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
             f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
-  if plan.lag and (not (plan.swap and plan.ws and plan.gather) or plan.stages < 2
-                   or plan.lag not in (1, 2)):
-    return ("lag (1 or 2) takes swap, ws and gather, and stages >= 2 (a step's buffers are "
-            "released a step late)")
+  if plan.lag and (not (plan.swap and plan.ws and plan.gather) or plan.stages < 2):
+    return ("lag takes swap, ws and gather, and stages >= 2 (a step's buffers are released a "
+            "step late)")
   if plan.overlap and plan.stages < 2:
     return "overlap needs stages >= 2 (x's tile is released a step late)"
-  if (plan.chunk % 64 and not (plan.chunk == 32 and plan.swap and plan.gather)
-      or plan.tile_k % plan.chunk):
-    return (f"chunk must be a multiple of 64 dividing tile_k, or 32 with swap and gather (got "
-            f"{plan.chunk})")
+  if plan.chunk % 64 or plan.tile_k % plan.chunk:
+    return f"chunk must be a multiple of 64 dividing tile_k (got {plan.chunk})"
   if plan.tile_m % 64 or plan.tile_n % 64:
     return f"tile_m and tile_n must be multiples of 64 (got {plan.tile_m}, {plan.tile_n})"
   return None

@@ -97,19 +97,12 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
                            ws=True, gather=True, lut=16),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
                            ws=True, gather=True, lut=32),
-         # session 18: 32-column chunks (half a code block per wgmma; x swizzled by 64 bytes)
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, chunk=32,
-                           swap=True, ws=True, gather=True, lut=16),
-         nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, chunk=32,
-                           swap=True, ws=True, gather=True, lut=32),
-         nf4_mgpu.MgpuPlan(tile_m=64, tile_n=128, tile_k=256, stages=2, split=0, chunk=32,
-                           swap=True, gather=True, dq=True, lut=32),
-         # ... and each step's wgmma left in flight into the next, even and odd steps decoding in
-         # two branches (plan.lag 2)
+         # session 18: each step's wgmma left in flight into the next, even and odd steps
+         # decoding in two branches (plan.lag; the first as dispatched at M = 256-4096)
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=2),
+                           ws=True, gather=True, lut=16, lag=True),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
-                           ws=True, gather=True, lut=32, lag=2)]
+                           ws=True, gather=True, lut=32, lag=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -128,7 +121,7 @@ def _plan_id(p):
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
           f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
-          f"{f'A{p.lag}' if p.lag else ''}")
+          f"{'A' * p.lag}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -499,11 +492,11 @@ def test_unsupported_calls_say_why():
   assert "lut takes" in nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**ws))
   assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16,
                                   nf4_mgpu.MgpuPlan(gather=True, **ws)) is None
-  assert "lag (1 or 2) takes" in nf4_mgpu.check_supported(
-      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, swap=True, lag=2))
-  assert "lag (1 or 2) takes" in nf4_mgpu.check_supported(
+  assert "lag takes" in nf4_mgpu.check_supported(
+      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, swap=True, lag=True))
+  assert "lag takes" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=128, tile_k=64, swap=True, ws=True,
-                                                gather=True, stages=1, lag=2))
+                                                gather=True, stages=1, lag=True))
   assert "tile_k >= 256" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=128, swap=True, gather=True,
                                                 lut=32))
@@ -521,6 +514,23 @@ def test_ws_gather_kernel_decodes_through_the_table():
   table_load = "ld.shared.b32 v0"
   assert table_load in with_lut and table_load not in without
   assert "fma.rn.bf16x2 o0" in without and "fma.rn.bf16x2 o0" not in with_lut
+
+
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_lag_decodes_even_and_odd_steps_in_two_branches():
+  """plan.lag (the 256-row mid-M dispatch): the step's decode and wgmma twice, once per branch,
+  their scales tagged apart, the step ending in wait_group 1 (its wgmma still in flight); without
+  lag one copy, wait_group 0, no tags; one K step (nothing to overlap) lowers as without lag."""
+  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=True)
+  (lag,) = nf4_mgpu._kernel_modules(plan, 300, 1024, 1024)
+  (plain,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lag=False), 300, 1024, 1024)
+  mma, wait1 = "wgmma.mma_async", "nvvm.wgmma.wait.group.sync.aligned 1"
+  assert lag.count(mma) == 2 * plain.count(mma) > 0
+  assert "// lag 0" in lag and "// lag 1" in lag and "// lag" not in plain
+  assert wait1 in lag and wait1 not in plain
+  one_step = lambda p: nf4_mgpu._kernel_modules(p, 300, 1024, 64)
+  assert one_step(plan) == one_step(dataclasses.replace(plan, lag=False))
 
 
 @hopper
@@ -689,7 +699,7 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
 def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   """256 <= M <= 2048, bf16 x, Hopper, weights of >= 4096 rows and columns: the gather kernel's
   forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
-  in flight into the next (lag 2), where they make >= 100 programs, else 128-row tiles split by
+  in flight into the next (plan.lag), where they make >= 100 programs, else 128-row tiles split by
   the wave model, 32 copies, no lag), and to M=4096 on weights of >= 2^27 elements; the
   backward of the M bucket; not at M = 255, at 2049 on smaller weights, at 4097, on k/v-sized
   weights, for f32 x, with implementation="xla" or off Hopper."""
@@ -706,13 +716,13 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
     assert plan.fwd == "mgpu" and plan.mgpu.gather and plan.mgpu.ws, (m, w.shape)
     assert (plan.mgpu.tile_m, plan.mgpu.split) == (tile_m, split), (m, w.shape, plan.mgpu)
     assert (plan.mgpu.lut, plan.mgpu.tile_k, plan.mgpu.lag) == (
-        (16, 64, 2) if tile_m == 256 else (32, 128, 0))
+        (16, 64, True) if tile_m == 256 else (32, 128, False))
     assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
   # 8B gate/up at M=1024: 448 programs, 3.39 waves of 132 SMs (W decoded to HBM until session 18)
   for m in (512, 1024, 1536):
-    assert mod._dispatch_plan(m, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.lag == 2
+    assert mod._dispatch_plan(m, _shape_of_nf4(14336, 4096), None, jnp.bfloat16).mgpu.lag
   for m, w in ((2048, gate_up), (4096, gate_up), (4096, down)):  # to 4096 on >= 2^27 elements
-    assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu.lag == 2, (m, w.shape)
+    assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu.lag, (m, w.shape)
   for m, w in ((2049, _shape_of_nf4(8192, 8192)), (2049, _shape_of_nf4(14336, 4096)),
                (4097, gate_up)):      # past 2048 on smaller weights, past 4096: W to HBM
     assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu == nf4_mgpu.DEQUANT_PLAN, (m, w.shape)

@@ -49,7 +49,10 @@ PLANS = [P(tile_n=64, tile_k=256, stages=4, split=0, chunk=64, swap=True),
          P(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True, ws=True, gather=True,
            lut=16),
          P(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True, ws=True, gather=True,
-           lut=32)]
+           lut=32),
+         # session 18: the 256-row mid-M dispatch, each step's wgmma in flight into the next
+         P(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True, ws=True, gather=True,
+           lut=16, lag=True)]
 SHAPES = [(16, 192, 512), (1, 320, 1024), (40, 28672, 8192), (300, 4096, 14336)]
 
 
