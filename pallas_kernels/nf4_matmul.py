@@ -288,7 +288,23 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # 1.175 vs 1.221 in r2, 70B q/o 1.205 vs 1.239, 8B q/o 1.114 vs 1.196) but not on the gate/up
 # weights (8B 1.248 vs 1.188, 70B 1.251 vs 1.207; r2 1.220 vs 1.182 and 1.165 vs 1.327), nor at
 # M=4096 on most (8B gate/up 1.359 vs 1.202, 8B down 1.174 vs 1.116, 70B q/o 1.196 vs 1.141). So
-# the mid range reaches M=2048 on weights with N <= K (MGPU_MID_MAX_M_K_GE_N).
+# the mid range reached M=2048 on weights with N <= K (until session 18).
+#
+# Session 18 (runs s18_r2-r6, H100, medians of 3 or 5 interleaved rounds): the 256-row plan with
+# plan.lag (each step's wgmma left in flight under the next step's decode, the two steps' register
+# operands kept apart by two branches) against the same plan without it, M=2048 (r2): 8B gate/up
+# 1.129 vs 1.212, 70B gate/up 1.103 vs 1.201, 70B q/o 1.174 vs 1.227, 8B down 1.109 vs 1.062.
+# As the dispatch against W decoded to HBM + cuBLAS (DEQUANT_PLAN), M=2048 (r3): 8B gate/up 1.157
+# vs 1.230, 8B down 1.155 vs 1.257, 70B q/o 1.087 vs 1.213, 70B gate/up 1.169 vs 1.340, 70B down
+# 1.067 vs 1.231, 8B q/o 1.095 vs 1.210; so the range now runs to 2048 on every weight. M=4096
+# (r3, r4): 70B gate/up 1.087 / 1.085 vs 1.253 / 1.189, 70B down 1.031 / 1.087 vs 1.115 / 1.166,
+# but 8B gate/up 1.116 vs 1.104 and 70B q/o 1.155 vs 1.136: to 4096 on weights of >= 2^27
+# elements. M=16384 70B down: 1.019 vs 1.021
+# (r6, level), so larger M keeps DEQUANT_PLAN. 8B gate/up at M=1024 (3.39 waves, the rule that
+# kept it on DEQUANT_PLAN until now): 1.233 vs 1.384 (r2), 1.295 vs 1.390 (r4), so no waves rule.
+# The same kernel timed twice in one job differed by up to 0.07 (r1: 8B down M=1024 1.135 as the
+# dispatch, 1.206 as an explicit plan), so single differences under ~0.05 are not read as wins.
+# The 128-row plan stays without lag (8B down M=256: 1.175 vs 1.097, r2).
 MGPU_MID_M = (256, 2048)
 MGPU_MID_MAX_M_LARGE = 4096         # ... and to this M on weights of >= MGPU_MID_LARGE_WEIGHT
 MGPU_MID_LARGE_WEIGHT = 1 << 27     # elements (the 70B MLP weights)

@@ -63,14 +63,27 @@ the bf16 dot over four runs, down 0.387, q/o 0.453 (bench/RESULTS.md, "Session 1
 Session 17, the table decode in the warp-specialized gather kernel (plan.ws + plan.gather +
 plan.lut: the table copied by compute warpgroup 0, the code words row-major so that tile_k 64 and 4
 stages fit beside a 16-copy table): 0.03-0.3 of the bf16 dot faster than without it at M =
-256-2048 (run s17_r2 and r3), now nf4_matmul's dispatch at M = 256-1024 and up to 2048 where N <= K (M=2048: 8B down
-1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM + cuBLAS in the same
-run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
+256-2048 (run s17_r2 and r3), then nf4_matmul's dispatch at M = 256-1024 and up to 2048 where
+N <= K (M=2048: 8B down 1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM
++ cuBLAS in the same run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
 warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without
 their decode already 1.15-1.20: each x tile is read from L2 for half as many W rows, twice the
 traffic) and were removed (bench/RESULTS.md, "Session 17 runs"; the code is in git, commit
 db29f5b). Leaving each step's last wgmma in flight while the next step decodes (the pipeline's
-delay_release) gave NaN on the GPU at M >= 100 and was removed too (commit dfc9e8e).
+delay_release) gave NaN on the GPU at M >= 100.
+
+Session 18, plan.lag: that overlap, right. In one loop body the next step's decode writes the very
+PTX registers the previous step's wgmma may still be reading (the operand of an in-flight
+wgmma.mma_async must not change before its wait_group, and nothing told ptxas). With plan.lag even
+and odd steps decode and issue their wgmma in the two branches of a cond, their scale pairs passed
+through moves tagged apart so LLVM cannot merge the branches: consecutive steps' operands are then
+different registers, and each step ends in wgmma_wait(1). Correct on the GPU (the plans' tests and
+the whole `-m gpu` suite), and as fast as the wrong one-body form. It is nf4_matmul's dispatch with
+256-row x tiles at M = 256-2048 on every weight and to M = 4096 on the 70B MLP weights: M=2048
+1.03-1.16 of the bf16 dot (70B down 1.033 and 1.067, q/o 1.087 twice; 8B gate/up 1.16) against
+1.21-1.34 for W decoded to HBM + cuBLAS in the same run; M=4096 70B gate/up 1.04-1.09 against
+1.19-1.25 (bench/RESULTS.md, "Session 18 runs"). 32-column chunks (half of a code block decoded
+while the other half's wgmma runs) measured no better and were removed (commit 15e3640).
 
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
