@@ -189,6 +189,12 @@ class MgpuPlan:
                            # released a step late (the pipeline's delay_release); even and odd
                            # steps decode in two branches, so that consecutive steps' register
                            # operands are distinct registers (one body: NaN, session 17)
+  persist: bool = False    # swap + ws + gather, split 1, no dq (session 18; not yet run on a
+                           # GPU): one program per SM looping over the tiles of y, the table
+                           # copied once per program, each tile's store left running under the
+                           # next tile's pipeline (with lag, a tile's last step waits for its
+                           # wgmma before its buffers go back, so the next tile's copies can
+                           # reuse them)
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -1046,8 +1052,8 @@ class _SwapGeom:
   def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int, lut=None, idx=None):
     """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
     wgmma issued before the next chunk's decode; all done before the step's buffers go back
-    (plan.lag: all but the last, and idx is the step's index). lut: plan.lut's table in shared
-    memory."""
+    (plan.lag: all but the last, and idx is the step's index; with plan.persist all at the
+    program's last step). lut: plan.lut's table in shared memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tk, ch = self.plan.tile_k, self.plan.chunk
@@ -1069,7 +1075,12 @@ class _SwapGeom:
       lax.cond(idx % 2 == 0, lambda: chunks(0), lambda: chunks(1))
     else:
       chunks()
-    plgpu.wgmma_wait(1 if self.plan.lag else 0)
+    if self.plan.lag and self.plan.persist:
+      # the pipeline's last step releases no buffer late: its slot is refilled by the next
+      # tile's first copies as soon as the step before it is released
+      lax.cond(idx == self.steps - 1, lambda: plgpu.wgmma_wait(0), lambda: plgpu.wgmma_wait(1))
+    else:
+      plgpu.wgmma_wait(1 if self.plan.lag else 0)
 
   def call(self, kernel, x2, codes, scales, n_out: int, raw: bool = False, **kernel_kw):
     """Runs the kernel -> y [M, n_out] in x's dtype. x is padded to m_tiles * mp rows (and
@@ -1087,7 +1098,10 @@ class _SwapGeom:
     reduce = self.plan.reduce and not self.direct
     grid = (self.m_tiles, n_pad // self.plan.tile_n // max(self.plan.stream, 1), self.plan.split)
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-    if reduce:
+    if self.plan.persist:    # one program per SM (at most one per tile), looping over the tiles
+      f = plgpu.kernel(kernel, out_type=out, grid=(min(SMS, grid[0] * grid[1]),),
+                       grid_names=("p",), compiler_params=params, **kernel_kw)
+    elif reduce:
       # y.T [n_pad, m_pad] f32 as a zeroed Ref each program's tiles are added into (aliased in
       # and out; plgpu.kernel's batching wrapper takes no Ref, so pl.kernel on its mesh)
       from jax.experimental import pallas as pl
@@ -1252,7 +1266,11 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
 
   def kernel(x_gmem, c_gmem, *refs):
     s_in, o_gmem = refs[:n_in], refs[n_in]
-    mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    if plan.persist:
+      n_tiles = o_gmem.shape[1] // plan.tile_n
+      mi = ni = si = 0        # (the shapes of any tile's slices, for the allocations)
+    else:
+      mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
     parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
@@ -1267,27 +1285,52 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       bufs = []
       s_dq, dq_scratch, lut_g, lut, lut_bar = g.lut_refs(s_in, scratch)
 
-      def compute_context(eval_pipeline):
-        def acc_scope(acc_ref):
-          if plan.lut:
-            @pl.when(wg == 0)
-            def _():
-              plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
-            plgpu.barrier_wait(lut_bar.at[0])
-          if plan.dq:
-            bufs[:] = g.dq_load(s_dq, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
-          eval_pipeline(acc_ref)
-          plgpu.wgmma_wait(0)
-          g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
-        pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
+      def load_lut():
+        @pl.when(wg == 0)
+        def _():
+          plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
 
-      def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
-        *s_smem, acc_ref = rest
-        sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
-        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut, idx=idx[0])
-        return acc_ref
+      def tile(mi, ni, si, parts=None):
+        if parts is None:
+          parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
 
-      get_pipeline(body, compute_context)(*parts, allocations=allocs)
+        def compute_context(eval_pipeline):
+          def acc_scope(acc_ref):
+            if plan.lut and not plan.persist:
+              load_lut()
+              plgpu.barrier_wait(lut_bar.at[0])
+            if plan.dq:
+              bufs[:] = g.dq_load(s_dq, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
+            eval_pipeline(acc_ref)
+            plgpu.wgmma_wait(0)
+            g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn,
+                    wait=not plan.persist)
+          pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
+
+        def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
+          *s_smem, acc_ref = rest
+          sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
+          g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut, idx=idx[0])
+          return acc_ref
+
+        get_pipeline(body, compute_context)(*parts, allocations=allocs)
+
+      if not plan.persist:
+        tile(mi, ni, si, parts)
+        return
+      if plan.lut:              # the table once per program; the compute warpgroups wait for it
+        load_lut()
+
+        @pl.when(wg < 2)
+        def _():
+          plgpu.barrier_wait(lut_bar.at[0])
+
+      @plgpu.nd_loop((g.m_tiles * n_tiles,), collective_axes="p")
+      def _(info):
+        (lin,) = info.index
+        tile(lax.div(lin, n_tiles), lax.rem(lin, n_tiles), 0)
+
+      plgpu.wait_smem_to_gmem(0)     # the last tile's store
 
     ignore = lambda *_, **__: None
     pl.run_scoped(
@@ -1783,6 +1826,9 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
             f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
+  if plan.persist and (not (plan.swap and plan.ws and plan.gather) or plan.split != 1
+                       or plan.dq):
+    return "persist takes swap, ws and gather, split 1 and no dq"
   if plan.lag and (not (plan.swap and plan.ws and plan.gather) or plan.stages < 2):
     return ("lag takes swap, ws and gather, and stages >= 2 (a step's buffers are released a "
             "step late)")

@@ -102,7 +102,12 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16, lag=True),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
-                           ws=True, gather=True, lut=32, lag=True)]
+                           ws=True, gather=True, lut=32, lag=True),
+         # ... persistent: one program per SM looping over the tiles (not yet run on a GPU)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=True, persist=True),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, persist=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -121,7 +126,7 @@ def _plan_id(p):
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
           f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
-          f"{'A' * p.lag}")
+          f"{'A' * p.lag}{'K' * p.persist}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -494,6 +499,11 @@ def test_unsupported_calls_say_why():
                                   nf4_mgpu.MgpuPlan(gather=True, **ws)) is None
   assert "lag takes" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, swap=True, lag=True))
+  persist = dict(tile_m=256, tile_n=128, tile_k=64, swap=True, ws=True, gather=True, persist=True)
+  assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**persist)) is None
+  for bad in (dict(split=2), dict(dq=True), dict(gather=False)):
+    assert "persist takes" in nf4_mgpu.check_supported(
+        4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**{**persist, **bad})), bad
   assert "lag takes" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=128, tile_k=64, swap=True, ws=True,
                                                 gather=True, stages=1, lag=True))
@@ -531,6 +541,27 @@ def test_lag_decodes_even_and_odd_steps_in_two_branches():
   assert wait1 in lag and wait1 not in plain
   one_step = lambda p: nf4_mgpu._kernel_modules(p, 300, 1024, 64)
   assert one_step(plan) == one_step(dataclasses.replace(plan, lag=False))
+
+
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_persist_loops_over_tiles_and_waits_once_for_its_last_store():
+  """plan.persist: one module whose tile loop holds the pipeline (the same wgmma as without
+  persist), each tile's store not waited for before the next tile (a read-only wait before its
+  shared tile is rewritten), all stores waited for once at the end; with lag, the program's last
+  step also waits for its own wgmma (wait_group 0 in a branch beside wait_group 1)."""
+  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, persist=True)
+  (looped,) = nf4_mgpu._kernel_modules(plan, 600, 1024, 1024)
+  (plain,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, persist=False), 600, 1024, 1024)
+  mma = "wgmma.mma_async"
+  assert looped.count(mma) == plain.count(mma) > 0
+  assert "cp.async.bulk.wait_group 0 {read}" in looped
+  assert "cp.async.bulk.wait_group 0 {read}" not in plain
+  (lagged,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lag=True), 600, 1024, 1024)
+  (lag_only,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lag=True, persist=False),
+                                         600, 1024, 1024)
+  wait0 = "nvvm.wgmma.wait.group.sync.aligned 0"
+  assert lagged.count(wait0) == lag_only.count(wait0) + 1
 
 
 @hopper
