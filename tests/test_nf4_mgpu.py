@@ -587,6 +587,25 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("lag", [False, True])
+def test_persist_matches_the_tiled_kernel_bitwise_over_many_tiles_on_gpu(lag):
+  """plan.persist with more tiles than programs (M=1100, N=4224: 5 x 33 tiles on 132 programs,
+  some programs running two, the last x tile and W tile partial): the same bits as the plan
+  without persist, and within bf16 tolerance of the f32 reference."""
+  m, n, k = 1100, 4224, 512
+  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=lag, persist=True)
+  w = quantize_nf4(jax.random.normal(jax.random.key(3), (n, k), jnp.float32) * 0.02)
+  x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32).astype(jnp.bfloat16)
+  run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
+  y = run(plan)
+  np.testing.assert_array_equal(y, run(dataclasses.replace(plan, persist=False)))
+  ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
+  assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
+
+
+@hopper
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k,ws", [(16, 8192, 8192, False), (5, 4160, 14336, False),
                                       (300, 4096, 4096, True)])
 def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):

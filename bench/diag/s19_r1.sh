@@ -5,7 +5,7 @@
 # without its decode
 export PYTHONPATH=$PWD:$PWD/.whl/site XLA_PYTHON_CLIENT_PREALLOCATE=false
 D=$OUT/r1; mkdir -p $D; { nvidia-smi --query-gpu=name,driver_version --format=csv; date -u; } > $D/info.txt
-timeout 120 python -m pytest -q -n 4 tests/test_nf4_mgpu.py -m gpu -k "AK or L16K" -p no:cacheprovider --tb=line -rf 2>&1 | grep -v Warn | tail -14 > $D/pytest.txt
+timeout 120 python -m pytest -q -n 4 tests/test_nf4_mgpu.py -m gpu -k "AK or L16K or persist" -p no:cacheprovider --tb=line -rf 2>&1 | grep -v Warn | tail -14 > $D/pytest.txt
 tail -4 $D/pytest.txt | cut -c1-300
 W=256,128,64,4,1,64+swap+ws+gather+lut=16
 timeout 300 python bench/nf4_mgpu.py --out $D/persist.jsonl --ms 2048,4096 --rounds 3 --no-triton \
