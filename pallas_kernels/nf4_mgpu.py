@@ -62,15 +62,15 @@ the bf16 dot over four runs, down 0.387, q/o 0.453 (bench/RESULTS.md, "Session 1
 
 Session 17, the table decode in the warp-specialized gather kernel (plan.ws + plan.gather +
 plan.lut: the table copied by compute warpgroup 0, the code words row-major so that tile_k 64 and 4
-stages fit beside a 16-copy table): 0.03-0.3 of the bf16 dot faster than without it at M =
-256-2048 (run s17_r2 and r3), then nf4_matmul's dispatch at M = 256-1024 and up to 2048 where
-N <= K (M=2048: 8B down 1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM
-+ cuBLAS in the same run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
-warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without
-their decode already 1.15-1.20: each x tile is read from L2 for half as many W rows, twice the
-traffic) and were removed (bench/RESULTS.md, "Session 17 runs"; the code is in git, commit
-db29f5b). Leaving each step's last wgmma in flight while the next step decodes (the pipeline's
-delay_release) gave NaN on the GPU at M >= 100.
+stages fit beside a 16-copy table): 0.03-0.3 of the bf16 dot faster than without it at M = 256-2048
+(run s17_r2 and r3), then nf4_matmul's dispatch at M = 256-1024 and up to 2048 where N <= K (M=2048:
+8B down 1.16, 70B q/o 1.13, 70B down 1.17 against 1.20-1.29 for W decoded to HBM + cuBLAS in the
+same run). Two decoding warpgroups feeding the wgmma warpgroups (64 W rows per program, the wgmma
+warpgroups splitting x's rows to fit 128 registers) were slower (1.62-1.73 at M=2048; without their
+decode already 1.15-1.20: each x tile is read from L2 for half as many W rows, twice the traffic)
+and were removed (bench/RESULTS.md, "Session 17 runs"; the code is in git, commit db29f5b). Leaving
+each step's last wgmma in flight while the next step decodes (the pipeline's delay_release) gave NaN
+on the GPU at M >= 100.
 
 Session 18, plan.lag: that overlap, right. In one loop body the next step's decode writes the very
 PTX registers the previous step's wgmma may still be reading (the operand of an in-flight
@@ -84,6 +84,8 @@ the whole `-m gpu` suite), and as fast as the wrong one-body form. It is nf4_mat
 1.21-1.34 for W decoded to HBM + cuBLAS in the same run; M=4096 70B gate/up 1.04-1.09 against
 1.19-1.25 (bench/RESULTS.md, "Session 18 runs"). 32-column chunks (half of a code block decoded
 while the other half's wgmma runs) measured no better and were removed (commit 15e3640).
+plan.persist (one program per SM looping over y's tiles, each tile's store left running under the
+next tile's copies) lowers and is tested on CPU but has not yet run on a GPU; not dispatched.
 
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
@@ -1253,7 +1255,8 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
   warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
   the shared x tile (with plan.dq, each loads its half's absmax); split-K over programs as in
   `_forward_swap`. plan.lut (session 17, with gather): the table in shared memory, copied by
-  compute warpgroup 0 before the pipeline and read by both; the code words row-major."""
+  compute warpgroup 0 before the pipeline and read by both; the code words row-major. plan.lag
+  and plan.persist (session 18): see MgpuPlan."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
