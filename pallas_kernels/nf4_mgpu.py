@@ -150,7 +150,8 @@ class MgpuPlan:
   ws: bool = False         # warp-specialized: a TMA warpgroup feeds two compute warpgroups, each
                            # decoding and multiplying its own half of the tile's W rows
                            # (tile_n / 2) against all tile_m rows of x; tile_m up to 256
-  epi_rows: int = 0        # ws: y written in pieces of this many rows; 0: the whole tile at once
+  epi_rows: int = 0        # ws: y written in pieces of this many rows (swap at split 1: of x's
+                           # rows, session 18, not yet run on a GPU); 0: the whole tile at once
                            # (faster, runs 5 vs 6) unless overlap or a 5th stage needs the shared
                            # memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
@@ -941,11 +942,19 @@ class _SwapGeom:
       plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
     return s_in, scratch, lut, bar
 
+  @property
+  def epi(self) -> int:
+    """x's rows per store of y (swap + ws at split 1: plan.epi_rows, else all mp of them)."""
+    if self.plan.ws and self.plan.epi_rows and self.direct:
+      return min(self.plan.epi_rows, self.mp)
+    return self.mp
+
   def out_scratch(self, rows: int, lead=()):
-    """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
+    """Shared memory for one program's (or warpgroup's, rows of W) output tile (`epi` x rows of
+    it, with plan.epi_rows)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     if self.direct or self.finish:
-      return plgpu.SMEM(lead + (self.mp, rows), jnp.bfloat16,
+      return plgpu.SMEM(lead + (self.epi, rows), jnp.bfloat16,
                         transforms=_transforms(_swizzle(rows * 2), 2))
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
                       transforms=_transforms(_swizzle(self.mp * 4), 4))
@@ -963,6 +972,19 @@ class _SwapGeom:
       return self._store_finish(acc, o_smem, o_gmem, mi, ni, si, row0, rows)
     if not wait:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if direct and self.epi < self.mp:     # y in pieces of epi x rows, through one shared tile
+      e = self.epi
+      for j in range(self.mp // e):
+        if j:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+            acc[:, j * e:(j + 1) * e].astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * self.mp + j * e, e),
+                                                  pl.ds(ni * self.plan.tile_n + row0, rows)])
+      if wait:
+        plgpu.wait_smem_to_gmem(0)
+      return
     if direct:
       plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
           acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)

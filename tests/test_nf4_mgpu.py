@@ -107,7 +107,12 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16, lag=True, persist=True),
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, persist=True)]
+                           ws=True, gather=True, lut=16, persist=True),
+         # ... y stored 64 x rows at a time, so a 5th stage fits beside the table (not yet run)
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=True, epi_rows=64),
+         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=True, epi_rows=64, persist=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -585,21 +590,38 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
   assert err < 2**-7, err
 
 
+@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
+def test_epi_rows_store_y_in_pieces_of_x_rows():
+  """epi_rows in the warp-specialized gather kernel at split 1: y's tile of 256 x rows leaves in
+  4 copies of 64 rows through one 64-row shared tile, each after the previous copy has read it;
+  where x has no more rows than epi_rows (M=40), one copy as without it."""
+  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
+                           ws=True, gather=True, lut=16, lag=True, epi_rows=64)
+  store, read_wait = "cp.async.bulk.tensor.global.shared.cta", "cp.async.bulk.wait_group 0 {read}"
+  (pieces,) = nf4_mgpu._kernel_modules(plan, 300, 1024, 1024)
+  (whole,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0), 300, 1024, 1024)
+  assert (pieces.count(store), whole.count(store)) == (4, 1)
+  assert (pieces.count(read_wait), whole.count(read_wait)) == (3, 0)
+  (small,) = nf4_mgpu._kernel_modules(plan, 40, 1024, 1024)
+  assert small.count(store) == 1
+
+
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("lag", [False, True])
-def test_persist_matches_the_tiled_kernel_bitwise_over_many_tiles_on_gpu(lag):
+@pytest.mark.parametrize("lag,epi", [(False, 0), (True, 0), (True, 64)])
+def test_persist_matches_the_tiled_kernel_bitwise_over_many_tiles_on_gpu(lag, epi):
   """plan.persist with more tiles than programs (M=1100, N=4224: 5 x 33 tiles on 132 programs,
-  some programs running two, the last x tile and W tile partial): the same bits as the plan
-  without persist, and within bf16 tolerance of the f32 reference."""
+  some programs running two, the last x tile and W tile partial; also with y stored 64 x rows at
+  a time): the same bits as the plan without persist (nor epi_rows), and within bf16 tolerance
+  of the f32 reference."""
   m, n, k = 1100, 4224, 512
   plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=lag, persist=True)
+                           ws=True, gather=True, lut=16, lag=lag, persist=True, epi_rows=epi)
   w = quantize_nf4(jax.random.normal(jax.random.key(3), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32).astype(jnp.bfloat16)
   run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
   y = run(plan)
-  np.testing.assert_array_equal(y, run(dataclasses.replace(plan, persist=False)))
+  np.testing.assert_array_equal(y, run(dataclasses.replace(plan, persist=False, epi_rows=0)))
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
 
