@@ -594,16 +594,21 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
 def test_epi_rows_store_y_in_pieces_of_x_rows():
   """epi_rows in the warp-specialized gather kernel at split 1: y's tile of 256 x rows leaves in
   4 copies of 64 rows through one 64-row shared tile, each after the previous copy has read it;
-  where x has no more rows than epi_rows (M=40), one copy as without it."""
+  where x has no more rows than epi_rows (M=40), one copy as without it. Without epi_rows 5
+  stages do not fit beside the table."""
   plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
                            ws=True, gather=True, lut=16, lag=True, epi_rows=64)
   store, read_wait = "cp.async.bulk.tensor.global.shared.cta", "cp.async.bulk.wait_group 0 {read}"
   (pieces,) = nf4_mgpu._kernel_modules(plan, 300, 1024, 1024)
-  (whole,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0), 300, 1024, 1024)
+  # (5 stages and the whole 256-row tile overflow shared memory: 4 stages)
+  (whole,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0, stages=4), 300,
+                                      1024, 1024)
   assert (pieces.count(store), whole.count(store)) == (4, 1)
   assert (pieces.count(read_wait), whole.count(read_wait)) == (3, 0)
   (small,) = nf4_mgpu._kernel_modules(plan, 40, 1024, 1024)
   assert small.count(store) == 1
+  with pytest.raises(Exception, match="shared memory"):
+    nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0), 300, 1024, 1024)
 
 
 @hopper
