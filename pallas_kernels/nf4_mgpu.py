@@ -80,7 +80,7 @@ through moves tagged apart so LLVM cannot merge the branches: consecutive steps'
 different registers, and each step ends in wgmma_wait(1). Correct on the GPU (the plans' tests and
 the whole `-m gpu` suite), and as fast as the wrong one-body form. It is nf4_matmul's dispatch with
 256-row x tiles at M = 256-2048 on every weight and to M = 4096 on the 70B MLP weights: M=2048
-1.03-1.16 of the bf16 dot (70B down 1.033 and 1.067, q/o 1.087 twice; 8B gate/up 1.16) against
+1.03-1.17 of the bf16 dot (70B down 1.033 and 1.067, q/o 1.087 twice; 8B gate/up 1.16) against
 1.21-1.34 for W decoded to HBM + cuBLAS in the same run; M=4096 70B gate/up 1.04-1.09 against
 1.19-1.25 (bench/RESULTS.md, "Session 18 runs"). 32-column chunks (half of a code block decoded
 while the other half's wgmma runs) measured no better and were removed (commit 15e3640).
