@@ -4,7 +4,7 @@
 # with y stored 64 x rows at a time (epi_rows, so the 5th stage fits): their GPU tests, then
 # M=2048 and 4096 against the dispatch (the lag plan, not persistent) and the persistent plan
 # without its decode; the k/v weights at M=2048 (no fused plan dispatched there) against the
-# two mid-M plans
+# two mid-M plans; ptxas' report on the lag kernel
 export PYTHONPATH=$PWD:$PWD/.whl/site XLA_PYTHON_CLIENT_PREALLOCATE=false
 D=$OUT/r1; mkdir -p $D; { nvidia-smi --query-gpu=name,driver_version --format=csv; date -u; } > $D/info.txt
 timeout 120 python -m pytest -q -n 4 tests/test_nf4_mgpu.py -m gpu -k "AK or L16K or e64SGL16A or persist" -p no:cacheprovider --tb=line -rf 2>&1 | grep -v Warn | tail -14 > $D/pytest.txt
@@ -21,4 +21,8 @@ timeout 120 python bench/nf4_mgpu.py --out $D/m4096.jsonl --ms 4096 --rounds 3 -
 timeout 90 python bench/nf4_mgpu.py --out $D/kv.jsonl --ms 2048 --rounds 3 --no-triton \
   --shapes 8b_k_v,70b_k_v --plans $W+lag 128,128,128,3,0,64+swap+ws+gather+lut=32 \
   2>&1 | grep -v Warn | python bench/diag/s16_fmt.py | tee $D/kv.txt
+# ptxas' report on the lag kernel: does it serialize the wgmma (a warning), and its registers
+MOSAIC_GPU_DUMP_PTXAS=1 timeout 90 python bench/diag/mgpu_sass.py --dir $D/dump --plans $W $W+lag \
+  --m 2048 --n 4096 --k 4096 > $D/sass.txt 2>&1
+grep -i "wgmma\|serializ\|registers" $D/sass.txt | cut -c1-200 | head -20
 date -u >> $D/info.txt
