@@ -21,8 +21,9 @@ timeout 120 python bench/nf4_mgpu.py --out $D/m4096.jsonl --ms 4096 --rounds 3 -
 timeout 90 python bench/nf4_mgpu.py --out $D/kv.jsonl --ms 2048 --rounds 3 --no-triton \
   --shapes 8b_k_v,70b_k_v --plans $W+lag 128,128,128,3,0,64+swap+ws+gather+lut=32 \
   2>&1 | grep -v Warn | python bench/diag/s16_fmt.py | tee $D/kv.txt
-# ptxas' report on the lag kernel: does it serialize the wgmma (a warning), and its registers
-MOSAIC_GPU_DUMP_PTXAS=1 timeout 90 python bench/diag/mgpu_sass.py --dir $D/dump --plans $W $W+lag \
+# ptxas' report (kernel_N.ptxas in the dump) on the kernel without and with lag: whether it
+# serializes the wgmma (a warning), its registers and spills
+timeout 90 python bench/diag/mgpu_sass.py --dir $D/dump --plans $W $W+lag \
   --m 2048 --n 4096 --k 4096 > $D/sass.txt 2>&1
-grep -i "wgmma\|serializ\|registers" $D/sass.txt | cut -c1-200 | head -20
+grep -i "wgmma\|serializ\|registers\|spill" $D/dump/*.ptxas | cut -c1-200 | head -20
 date -u >> $D/info.txt
