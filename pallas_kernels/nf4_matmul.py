@@ -27,10 +27,11 @@ Implementations (`implementation=`):
             the plans keep the exact f32 codebook (the measured ones round it to bf16). On Hopper
             with bf16 x the forward goes to `pallas_kernels.nf4_mgpu` (Mosaic GPU, W decoded into
             wgmma's register operand) where it was measured faster (`_mgpu_plan`): M <= 16 on
-            the larger weights, M = 256-1024 (to 2048 where N <= K; the gather kernel with the
-            table decode since session 17); above that, on double-quant weights of >= 2^25
-            elements, W decoded to HBM by `nf4_dequantize_mgpu` for cuBLAS, in the forward and
-            (`MGPU_DEQUANT_BWD`) the backward; other backwards stay here.
+            the larger weights, M = 256-2048 (to 4096 on weights of >= 2^27 elements; the
+            gather kernel with the table decode and, with 256-row x tiles, each step's wgmma
+            under the next step's decode, since session 18); above that, on double-quant
+            weights of >= 2^25 elements, W decoded to HBM by `nf4_dequantize_mgpu` for cuBLAS,
+            in the forward and (`MGPU_DEQUANT_BWD`) the backward; other backwards stay here.
 Requirements: K % blocksize == 0 (checked by NF4 itself), blocksize a power of two >= 32 for the
 Pallas kernels; M and N are free (padded inside to the kernels' tiles).
 
@@ -57,6 +58,9 @@ call that only a fused kernel removes (a Triton-lowered one measured 2.3x). Sess
 gather kernel with the table decode: M=2048 on the N <= K weights 1.11-1.21x against 1.20-1.29x
 for the decode to HBM (runs s17_r3/r4; dispatched there); on the gate/up weights level (1.17-1.25x
 against 1.18-1.33x over three runs), at 4096 mostly behind (1.11-1.36x against 1.10-1.20x).
+Session 18, that kernel with each step's wgmma left running under the next step's decode
+(`plan.lag`): M=2048 1.03-1.17x on every weight against 1.21-1.34x for the decode to HBM (runs
+s18_r3/r5; dispatched there), M=4096 1.03-1.09x on the 70B MLP weights against 1.12-1.25x.
 """
 
 from __future__ import annotations
@@ -347,9 +351,9 @@ def _mgpu_plan(m: int, w, dtype):
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
   MGPU_MID_MIN_N rows and columns, and up to MGPU_MID_MAX_M_LARGE on those of at least
-  MGPU_MID_LARGE_WEIGHT elements;
-  elsewhere above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on
-  double-quant weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
+  MGPU_MID_LARGE_WEIGHT elements; elsewhere above FUSED_MAX_M, W decoded to HBM by
+  nf4_dequantize_mgpu before the dot, on double-quant weights of at least
+  MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
   n, k = w.shape

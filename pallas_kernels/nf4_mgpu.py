@@ -972,30 +972,23 @@ class _SwapGeom:
       return self._store_finish(acc, o_smem, o_gmem, mi, ni, si, row0, rows)
     if not wait:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    if direct and self.epi < self.mp:     # y in pieces of epi x rows, through one shared tile
-      e = self.epi
-      for j in range(self.mp // e):
-        if j:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-            acc[:, j * e:(j + 1) * e].astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * self.mp + j * e, e),
-                                                  pl.ds(ni * self.plan.tile_n + row0, rows)])
-      if wait:
-        plgpu.wait_smem_to_gmem(0)
-      return
-    if direct:
-      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-      dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(ni * self.plan.tile_n + row0, rows)]
-    else:
-      o_smem[...] = acc
-      n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
-      dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
-    plgpu.commit_smem()
     add = self.plan.reduce and not direct     # (split 1 writes y itself, bf16)
-    plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
+    e = self.epi if direct else self.mp      # direct: y in pieces of epi x rows (plan.epi_rows)
+    for j in range(self.mp // e):
+      if j:                                 # the previous piece has left the shared tile
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if direct:
+        piece = acc if e == self.mp else acc[:, j * e:(j + 1) * e]
+        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+            piece.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+        x_rows = pl.ds(mi * self.mp + j * e if j else mi * self.mp, e)
+        dst = o_gmem.at[x_rows, pl.ds(ni * self.plan.tile_n + row0, rows)]
+      else:
+        o_smem[...] = acc
+        n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
+        dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
     if wait:
       plgpu.wait_smem_to_gmem(0)
 
