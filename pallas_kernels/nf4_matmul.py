@@ -309,10 +309,29 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # The same kernel timed twice in one job differed by up to 0.07 (r1: 8B down M=1024 1.135 as the
 # dispatch, 1.206 as an explicit plan), so single differences under ~0.05 are not read as wins.
 # The 128-row plan stays without lag (8B down M=256: 1.175 vs 1.097, r2).
+#
+# Session 19 (runs s19_r1 and s19_r2, H100, medians of 3 interleaved rounds): the k/v weights
+# (N = 1024), which no fused plan took above M=256 (their default is the Pallas dequant kernel +
+# cuBLAS), on the 128-row plan below: 8B k/v at M=2048 57.0 vs 81.8 us (r1), 51.8 vs 70.4 (r2);
+# there its 128 x tiles of 128 rows fill 0.97 of a wave of the 132 SMs. Elsewhere it lost: 8B k/v
+# at M=1024 (64 tiles) 88.3 vs 35.1, at 4096 (256 tiles) 68.7 vs 55.6; 70B k/v (K = 8192) at 2048
+# 60.5 vs 57.8 (r1: 64.6 vs 59.3). M=256 was level within one run's noise (17.7 vs 20.3 us on 8B,
+# 24.2 vs 27.2 on 70B; the fused Triton plan stays). So k/v-sized weights with K <= 4096 take it
+# where their 128-row tiles fill 90-100% of one wave: M = 1793-2048 at N = 1024.
 MGPU_MID_M = (256, 2048)
 MGPU_MID_MAX_M_LARGE = 4096         # ... and to this M on weights of >= MGPU_MID_LARGE_WEIGHT
 MGPU_MID_LARGE_WEIGHT = 1 << 27     # elements (the 70B MLP weights)
 MGPU_MID_MIN_N = 4096
+MGPU_KV_MAX_K = 4096                # narrower weights: the 128-row plan at one full wave, this K
+
+
+def _kv_one_wave(m: int, n: int, k: int) -> bool:
+  """Whether a weight narrower than MGPU_MID_MIN_N with K <= MGPU_KV_MAX_K takes the 128-row
+  gather plan at this M: its tiles of 128 x 128 fill 90-100% of one wave of the SMs."""
+  from pallas_kernels import nf4_mgpu
+  tiles = -(-m // 128) * -(-n // 128)
+  return (n < MGPU_MID_MIN_N and k <= MGPU_KV_MAX_K and m > FUSED_MAX_M
+          and 0.9 * nf4_mgpu.SMS <= tiles <= nf4_mgpu.SMS)
 
 
 def _mgpu_mid_plan(m: int, n: int):
@@ -351,7 +370,8 @@ def _mgpu_plan(m: int, w, dtype):
   GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
   MGPU_MID_MIN_N rows and columns, and up to MGPU_MID_MAX_M_LARGE on those of at least
-  MGPU_MID_LARGE_WEIGHT elements; elsewhere above FUSED_MAX_M, W decoded to HBM by
+  MGPU_MID_LARGE_WEIGHT elements; on narrower weights (k/v) where `_kv_one_wave`; elsewhere
+  above FUSED_MAX_M, W decoded to HBM by
   nf4_dequantize_mgpu before the dot, on double-quant weights of at least
   MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
@@ -375,6 +395,9 @@ def _mgpu_plan(m: int, w, dtype):
   elif min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m and (
       m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_LARGE and n * k >= MGPU_MID_LARGE_WEIGHT)):
     plan = _mgpu_mid_plan(m, n)
+  elif _kv_one_wave(m, n, k):
+    plan = _mgpu_mid_plan(m, n)
+    assert plan.tile_m == 128, plan
   else:
     plan = None
   if (plan is None and m > FUSED_MAX_M and n * k >= MGPU_DEQUANT_MIN_WEIGHT and w.double_quant

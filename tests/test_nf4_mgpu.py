@@ -778,8 +778,9 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
   in flight into the next (plan.lag), where they make >= 100 programs, else 128-row tiles split by
   the wave model, 32 copies, no lag), and to M=4096 on weights of >= 2^27 elements; the
-  backward of the M bucket; not at M = 255, at 2049 on smaller weights, at 4097, on k/v-sized
-  weights, for f32 x, with implementation="xla" or off Hopper."""
+  backward of the M bucket; on k/v-sized weights with K <= 4096 the 128-row plan only where its
+  tiles fill 90-100% of one wave (M = 1793-2048 at N = 1024); not at M = 255, at 2049 on smaller
+  weights, at 4097, for f32 x, with implementation="xla" or off Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -803,8 +804,17 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   for m, w in ((2049, _shape_of_nf4(8192, 8192)), (2049, _shape_of_nf4(14336, 4096)),
                (4097, gate_up)):      # past 2048 on smaller weights, past 4096: W to HBM
     assert mod._dispatch_plan(m, w, None, jnp.bfloat16).mgpu == nf4_mgpu.DEQUANT_PLAN, (m, w.shape)
+  kv = _shape_of_nf4(1024, 4096)
+  for m in (1793, 2048):
+    plan = mod._dispatch_plan(m, kv, None, jnp.bfloat16)
+    assert plan.fwd == "mgpu" and plan.mgpu == mod._mgpu_mid_plan(m, 1024), m
+    assert (plan.mgpu.tile_m, plan.mgpu.lut, plan.mgpu.lag) == (128, 32, False)
+    assert plan.bwd == mod.TUNED[mod._bucket(m)].bwd
   for m, w, impl, dt in ((255, q_o, None, jnp.bfloat16), (2049, q_o, None, jnp.bfloat16),
-                         (512, _shape_of_nf4(1024, 4096), None, jnp.bfloat16),
+                         (512, kv, None, jnp.bfloat16), (1792, kv, None, jnp.bfloat16),
+                         (2049, kv, None, jnp.bfloat16), (4096, kv, None, jnp.bfloat16),
+                         (2048, _shape_of_nf4(1024, 8192), None, jnp.bfloat16),
+                         (2048, kv, None, jnp.float32),
                          (512, q_o, None, jnp.float32), (512, q_o, "xla", jnp.bfloat16)):
     assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
   monkeypatch.setattr(_common, "compute_capability", lambda: (8, 0))
@@ -852,13 +862,15 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (12, 8192, 28672),
-                                   (300, 4096, 14336), (520, 11264, 4096), (1100, 8192, 4096)])
+                                   (300, 4096, 14336), (520, 11264, 4096), (1100, 8192, 4096),
+                                   (1900, 1024, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
   kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
   down at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
   264 programs: two full waves) and dequant + cuBLAS; at M = 1100 W decoded to HBM by the Mosaic
-  dequant kernel, then cuBLAS; against the f32 reference and its vjp."""
+  dequant kernel, then cuBLAS; on an 8B k/v weight at M = 1900 the 128-row gather plan (one
+  wave); against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
