@@ -15,7 +15,8 @@ not checked); a plan whose check fails is not timed, at the small shapes or at t
 kernel without the XLA passes around it. Runs of session 9 wrote the flags positionally:
 "256,128,64,4,1,64,0,1" is now "256,128,64,4,1,64+ws"; session 11's runs r1 and r3 used flags since
 removed (+pingpong, +overlap on swap plans), session 14's r7 +mma_decode (removed), session 15's
-r1-r4 +pair / +pair=2 (removed; last in commit 750054b).
+r1-r4 +pair / +pair=2 (removed; last in commit 750054b), session 19's r1 +persist and +epi_rows on
+swap plans (removed; last in commit 7932aea).
 """
 import argparse
 import dataclasses

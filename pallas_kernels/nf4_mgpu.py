@@ -84,8 +84,10 @@ the whole `-m gpu` suite), and as fast as the wrong one-body form. It is nf4_mat
 1.21-1.34 for W decoded to HBM + cuBLAS in the same run; M=4096 70B gate/up 1.04-1.09 against
 1.19-1.25 (bench/RESULTS.md, "Session 18 runs"). 32-column chunks (half of a code block decoded
 while the other half's wgmma runs) measured no better and were removed (commit 15e3640).
-plan.persist (one program per SM looping over y's tiles, each tile's store left running under the
-next tile's copies) lowers and is tested on CPU but has not yet run on a GPU; not dispatched.
+Session 19 (run s19_r1, M=2048): one program per SM looping over y's tiles (plan.persist) was
+slower, 1.15-1.19 of the bf16 dot without lag and 1.28-1.33 with it against the dispatch's
+1.07-1.11; a 5th stage beside the table, y stored 64 x rows at a time, was level (1.08-1.11). Both
+were removed (bench/RESULTS.md, "Session 19 runs"; the code is in git, commit 7932aea).
 
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
@@ -150,8 +152,7 @@ class MgpuPlan:
   ws: bool = False         # warp-specialized: a TMA warpgroup feeds two compute warpgroups, each
                            # decoding and multiplying its own half of the tile's W rows
                            # (tile_n / 2) against all tile_m rows of x; tile_m up to 256
-  epi_rows: int = 0        # ws: y written in pieces of this many rows (swap at split 1: of x's
-                           # rows, session 18, not yet run on a GPU); 0: the whole tile at once
+  epi_rows: int = 0        # ws, not swap: y written in pieces of this many rows; 0: the whole tile at once
                            # (faster, runs 5 vs 6) unless overlap or a 5th stage needs the shared
                            # memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
@@ -192,12 +193,6 @@ class MgpuPlan:
                            # released a step late (the pipeline's delay_release); even and odd
                            # steps decode in two branches, so that consecutive steps' register
                            # operands are distinct registers (one body: NaN, session 17)
-  persist: bool = False    # swap + ws + gather, split 1, no dq (session 18; not yet run on a
-                           # GPU): one program per SM looping over the tiles of y, the table
-                           # copied once per program, each tile's store left running under the
-                           # next tile's pipeline (with lag, a tile's last step waits for its
-                           # wgmma before its buffers go back, so the next tile's copies can
-                           # reuse them)
   decoder: int = 0         # large M, not swap: three warpgroups, one decoding W's [tile_n,
                            # tile_k] tiles into shared memory, this many K steps per pass (and
                            # issuing the copies), two running wgmma on them (y.T's tile_n / 2
@@ -942,19 +937,11 @@ class _SwapGeom:
       plgpu.copy_gmem_to_smem(lut_g, lut, bar.at[0])
     return s_in, scratch, lut, bar
 
-  @property
-  def epi(self) -> int:
-    """x's rows per store of y (swap + ws at split 1: plan.epi_rows, else all mp of them)."""
-    if self.plan.ws and self.plan.epi_rows and self.direct:
-      return min(self.plan.epi_rows, self.mp)
-    return self.mp
-
   def out_scratch(self, rows: int, lead=()):
-    """Shared memory for one program's (or warpgroup's, rows of W) output tile (`epi` x rows of
-    it, with plan.epi_rows)."""
+    """Shared memory for one program's (or warpgroup's, rows of W) output tile."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     if self.direct or self.finish:
-      return plgpu.SMEM(lead + (self.epi, rows), jnp.bfloat16,
+      return plgpu.SMEM(lead + (self.mp, rows), jnp.bfloat16,
                         transforms=_transforms(_swizzle(rows * 2), 2))
     return plgpu.SMEM(lead + (rows, self.mp), jnp.float32,
                       transforms=_transforms(_swizzle(self.mp * 4), 4))
@@ -972,23 +959,17 @@ class _SwapGeom:
       return self._store_finish(acc, o_smem, o_gmem, mi, ni, si, row0, rows)
     if not wait:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if direct:
+      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+          acc.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
+      dst = o_gmem.at[pl.ds(mi * self.mp, self.mp), pl.ds(ni * self.plan.tile_n + row0, rows)]
+    else:
+      o_smem[...] = acc
+      n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
+      dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
+    plgpu.commit_smem()
     add = self.plan.reduce and not direct     # (split 1 writes y itself, bf16)
-    e = self.epi if direct else self.mp      # direct: y in pieces of epi x rows (plan.epi_rows)
-    for j in range(self.mp // e):
-      if j:                                 # the previous piece has left the shared tile
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      if direct:
-        piece = acc if e == self.mp else acc[:, j * e:(j + 1) * e]
-        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-            piece.astype(jnp.bfloat16), plgpu.Layout.WGMMA_TRANSPOSED)
-        x_rows = pl.ds(mi * self.mp + j * e if j else mi * self.mp, e)
-        dst = o_gmem.at[x_rows, pl.ds(ni * self.plan.tile_n + row0, rows)]
-      else:
-        o_smem[...] = acc
-        n_rows, m_cols = pl.ds(ni * self.plan.tile_n + row0, rows), pl.ds(mi * self.mp, self.mp)
-        dst = o_gmem.at[n_rows, m_cols] if self.plan.reduce else o_gmem.at[si, n_rows, m_cols]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
+    plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if add else None)
     if wait:
       plgpu.wait_smem_to_gmem(0)
 
@@ -1069,8 +1050,8 @@ class _SwapGeom:
   def step(self, acc_ref, x_smem, c_smem, s_smem, tile_n: int, lut=None, idx=None):
     """One K step: decode tile_n rows chunk by chunk into wgmma's register operand, each chunk's
     wgmma issued before the next chunk's decode; all done before the step's buffers go back
-    (plan.lag: all but the last, and idx is the step's index; with plan.persist all at the
-    program's last step). lut: plan.lut's table in shared memory."""
+    (plan.lag: all but the last, and idx is the step's index). lut: plan.lut's table in shared
+    memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     tk, ch = self.plan.tile_k, self.plan.chunk
@@ -1092,12 +1073,7 @@ class _SwapGeom:
       lax.cond(idx % 2 == 0, lambda: chunks(0), lambda: chunks(1))
     else:
       chunks()
-    if self.plan.lag and self.plan.persist:
-      # the pipeline's last step releases no buffer late: its slot is refilled by the next
-      # tile's first copies as soon as the step before it is released
-      lax.cond(idx == self.steps - 1, lambda: plgpu.wgmma_wait(0), lambda: plgpu.wgmma_wait(1))
-    else:
-      plgpu.wgmma_wait(1 if self.plan.lag else 0)
+    plgpu.wgmma_wait(1 if self.plan.lag else 0)
 
   def call(self, kernel, x2, codes, scales, n_out: int, raw: bool = False, **kernel_kw):
     """Runs the kernel -> y [M, n_out] in x's dtype. x is padded to m_tiles * mp rows (and
@@ -1115,10 +1091,7 @@ class _SwapGeom:
     reduce = self.plan.reduce and not self.direct
     grid = (self.m_tiles, n_pad // self.plan.tile_n // max(self.plan.stream, 1), self.plan.split)
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-    if self.plan.persist:    # one program per SM (at most one per tile), looping over the tiles
-      f = plgpu.kernel(kernel, out_type=out, grid=(min(SMS, grid[0] * grid[1]),),
-                       grid_names=("p",), compiler_params=params, **kernel_kw)
-    elif reduce:
+    if reduce:
       # y.T [n_pad, m_pad] f32 as a zeroed Ref each program's tiles are added into (aliased in
       # and out; plgpu.kernel's batching wrapper takes no Ref, so pl.kernel on its mesh)
       from jax.experimental import pallas as pl
@@ -1270,8 +1243,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
   warpgroups, each decoding and multiplying its half of the tile's W rows (tile_n / 2) against
   the shared x tile (with plan.dq, each loads its half's absmax); split-K over programs as in
   `_forward_swap`. plan.lut (session 17, with gather): the table in shared memory, copied by
-  compute warpgroup 0 before the pipeline and read by both; the code words row-major. plan.lag
-  and plan.persist (session 18): see MgpuPlan."""
+  compute warpgroup 0 before the pipeline and read by both; the code words row-major."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -1284,11 +1256,7 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
 
   def kernel(x_gmem, c_gmem, *refs):
     s_in, o_gmem = refs[:n_in], refs[n_in]
-    if plan.persist:
-      n_tiles = o_gmem.shape[1] // plan.tile_n
-      mi = ni = si = 0        # (the shapes of any tile's slices, for the allocations)
-    else:
-      mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
+    mi, ni, si = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
     parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
 
     def get_pipeline(body, compute_context):
@@ -1303,52 +1271,27 @@ def _forward_swap_ws(x2, codes, scales, *, n_out, blocksize, plan: MgpuPlan, raw
       bufs = []
       s_dq, dq_scratch, lut_g, lut, lut_bar = g.lut_refs(s_in, scratch)
 
-      def load_lut():
-        @pl.when(wg == 0)
-        def _():
-          plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
+      def compute_context(eval_pipeline):
+        def acc_scope(acc_ref):
+          if plan.lut:
+            @pl.when(wg == 0)
+            def _():
+              plgpu.copy_gmem_to_smem(lut_g, lut, lut_bar.at[0])
+            plgpu.barrier_wait(lut_bar.at[0])
+          if plan.dq:
+            bufs[:] = g.dq_load(s_dq, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
+          eval_pipeline(acc_ref)
+          plgpu.wgmma_wait(0)
+          g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn)
+        pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
 
-      def tile(mi, ni, si, parts=None):
-        if parts is None:
-          parts = g.parts(x_gmem, c_gmem, None if plan.dq else s_in[0], mi, ni, si, blocksize)
+      def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
+        *s_smem, acc_ref = rest
+        sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
+        g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut, idx=idx[0])
+        return acc_ref
 
-        def compute_context(eval_pipeline):
-          def acc_scope(acc_ref):
-            if plan.lut and not plan.persist:
-              load_lut()
-              plgpu.barrier_wait(lut_bar.at[0])
-            if plan.dq:
-              bufs[:] = g.dq_load(s_dq, dq_scratch, plan.tile_n * ni + wg * hn, si, hn, slot=wg)
-            eval_pipeline(acc_ref)
-            plgpu.wgmma_wait(0)
-            g.store(acc_ref[...], o_smem.at[wg], o_gmem, mi, ni, si, wg * hn, hn,
-                    wait=not plan.persist)
-          pl.run_scoped(acc_scope, plgpu.ACC((hn, g.mp), jnp.float32))
-
-        def body(idx, x_smem, c_smem, *rest):    # rest: [scales,] acc_ref
-          *s_smem, acc_ref = rest
-          sc = g.dq_step(bufs, idx[0], si) if plan.dq else s_smem[0].at[:, rows]
-          g.step(acc_ref, x_smem, c_smem.at[rows], sc, tile_n=hn, lut=lut, idx=idx[0])
-          return acc_ref
-
-        get_pipeline(body, compute_context)(*parts, allocations=allocs)
-
-      if not plan.persist:
-        tile(mi, ni, si, parts)
-        return
-      if plan.lut:              # the table once per program; the compute warpgroups wait for it
-        load_lut()
-
-        @pl.when(wg < 2)
-        def _():
-          plgpu.barrier_wait(lut_bar.at[0])
-
-      @plgpu.nd_loop((g.m_tiles * n_tiles,), collective_axes="p")
-      def _(info):
-        (lin,) = info.index
-        tile(lax.div(lin, n_tiles), lax.rem(lin, n_tiles), 0)
-
-      plgpu.wait_smem_to_gmem(0)     # the last tile's store
+      get_pipeline(body, compute_context)(*parts, allocations=allocs)
 
     ignore = lambda *_, **__: None
     pl.run_scoped(
@@ -1810,6 +1753,8 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
     return f"K={k} must be a multiple of tile_k * split = {plan.tile_k * max(plan.split, 1)}"
   if plan.ws and plan.epi_rows and (plan.epi_rows % 64 or plan.tile_m % plan.epi_rows):
     return f"epi_rows must be a multiple of 64 dividing tile_m (got {plan.epi_rows})"
+  if plan.epi_rows and (plan.swap or not plan.ws):
+    return "epi_rows takes ws without swap (the swap kernels store y's tile whole)"
   if plan.ws and not plan.swap and (plan.split > 1 or plan.tile_n % 128):
     return "ws takes no split, and tile_n a multiple of 128 (chunk is ignored)"
   if plan.dq and not plan.swap:
@@ -1844,9 +1789,6 @@ def check_supported(k: int, blocksize: int, x_dtype, plan: MgpuPlan) -> str | No
             f"{SMEM - 2048}: take fewer stages or copies of the table")
   if plan.decoder and (k // plan.tile_k) % int(plan.decoder):
     return f"decoder={int(plan.decoder)} needs K / tile_k a multiple of it (K={k})"
-  if plan.persist and (not (plan.swap and plan.ws and plan.gather) or plan.split != 1
-                       or plan.dq):
-    return "persist takes swap, ws and gather, split 1 and no dq"
   if plan.lag and (not (plan.swap and plan.ws and plan.gather) or plan.stages < 2):
     return ("lag takes swap, ws and gather, and stages >= 2 (a step's buffers are released a "
             "step late)")

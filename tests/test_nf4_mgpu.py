@@ -102,17 +102,7 @@ PLANS = [nf4_mgpu.MgpuPlan(128, 128, 64, 2), nf4_mgpu.MgpuPlan(64, 128, 128, 4, 
          nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
                            ws=True, gather=True, lut=16, lag=True),
          nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=0, swap=True,
-                           ws=True, gather=True, lut=32, lag=True),
-         # ... persistent: one program per SM looping over the tiles (not yet run on a GPU)
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=True, persist=True),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, persist=True),
-         # ... y stored 64 x rows at a time, so a 5th stage fits beside the table (not yet run)
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=True, epi_rows=64),
-         nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=True, epi_rows=64, persist=True)]
+                           ws=True, gather=True, lut=32, lag=True)]
 
 
 def _shape_of_nf4(n, k):
@@ -131,7 +121,7 @@ def _plan_id(p):
           f"e{p.epi_rows}{'S' * p.swap}{'G' * p.gather}{'Q' * p.dq}"
           f"{f'T{p.stream}' if p.stream else ''}{'R' * p.reduce}{f'L{p.lut}' if p.lut else ''}"
           f"{'D' * p.dequant}{f'P{p.decoder}' if p.decoder else ''}{'F' * p.finish}"
-          f"{'A' * p.lag}{'K' * p.persist}")
+          f"{'A' * p.lag}")
 
 
 def test_pair_asm_text_decodes_and_scales():
@@ -504,11 +494,9 @@ def test_unsupported_calls_say_why():
                                   nf4_mgpu.MgpuPlan(gather=True, **ws)) is None
   assert "lag takes" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, swap=True, lag=True))
-  persist = dict(tile_m=256, tile_n=128, tile_k=64, swap=True, ws=True, gather=True, persist=True)
-  assert nf4_mgpu.check_supported(4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**persist)) is None
-  for bad in (dict(split=2), dict(dq=True), dict(gather=False)):
-    assert "persist takes" in nf4_mgpu.check_supported(
-        4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(**{**persist, **bad})), bad
+  assert "epi_rows takes" in nf4_mgpu.check_supported(
+      4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, swap=True,
+                                                ws=True, gather=True, epi_rows=64))
   assert "lag takes" in nf4_mgpu.check_supported(
       4096, 64, jnp.bfloat16, nf4_mgpu.MgpuPlan(tile_n=128, tile_k=64, swap=True, ws=True,
                                                 gather=True, stages=1, lag=True))
@@ -548,27 +536,6 @@ def test_lag_decodes_even_and_odd_steps_in_two_branches():
   assert one_step(plan) == one_step(dataclasses.replace(plan, lag=False))
 
 
-@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-def test_persist_loops_over_tiles_and_waits_once_for_its_last_store():
-  """plan.persist: one module whose tile loop holds the pipeline (the same wgmma as without
-  persist), each tile's store not waited for before the next tile (a read-only wait before its
-  shared tile is rewritten), all stores waited for once at the end; with lag, the program's last
-  step also waits for its own wgmma (wait_group 0 in a branch beside wait_group 1)."""
-  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, persist=True)
-  (looped,) = nf4_mgpu._kernel_modules(plan, 600, 1024, 1024)
-  (plain,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, persist=False), 600, 1024, 1024)
-  mma = "wgmma.mma_async"
-  assert looped.count(mma) == plain.count(mma) > 0
-  assert "cp.async.bulk.wait_group 0 {read}" in looped
-  assert "cp.async.bulk.wait_group 0 {read}" not in plain
-  (lagged,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lag=True), 600, 1024, 1024)
-  (lag_only,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, lag=True, persist=False),
-                                         600, 1024, 1024)
-  wait0 = "nvvm.wgmma.wait.group.sync.aligned 0"
-  assert lagged.count(wait0) == lag_only.count(wait0) + 1
-
-
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", PLANS, ids=_plan_id)
@@ -588,47 +555,6 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   err = np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max()
   assert err < 2**-7, err
-
-
-@pytest.mark.skipif(not nf4_mgpu.available(), reason="no Pallas Mosaic GPU backend in this JAX")
-def test_epi_rows_store_y_in_pieces_of_x_rows():
-  """epi_rows in the warp-specialized gather kernel at split 1: y's tile of 256 x rows leaves in
-  4 copies of 64 rows through one 64-row shared tile, each after the previous copy has read it;
-  where x has no more rows than epi_rows (M=40), one copy as without it. Without epi_rows 5
-  stages do not fit beside the table."""
-  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=5, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=True, epi_rows=64)
-  store, read_wait = "cp.async.bulk.tensor.global.shared.cta", "cp.async.bulk.wait_group 0 {read}"
-  (pieces,) = nf4_mgpu._kernel_modules(plan, 300, 1024, 1024)
-  # (5 stages and the whole 256-row tile overflow shared memory: 4 stages)
-  (whole,) = nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0, stages=4), 300,
-                                      1024, 1024)
-  assert (pieces.count(store), whole.count(store)) == (4, 1)
-  assert (pieces.count(read_wait), whole.count(read_wait)) == (3, 0)
-  (small,) = nf4_mgpu._kernel_modules(plan, 40, 1024, 1024)
-  assert small.count(store) == 1
-  with pytest.raises(Exception, match="shared memory"):
-    nf4_mgpu._kernel_modules(dataclasses.replace(plan, epi_rows=0), 300, 1024, 1024)
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("lag,epi", [(False, 0), (True, 0), (True, 64)])
-def test_persist_matches_the_tiled_kernel_bitwise_over_many_tiles_on_gpu(lag, epi):
-  """plan.persist with more tiles than programs (M=1100, N=4224: 5 x 33 tiles on 132 programs,
-  some programs running two, the last x tile and W tile partial; also with y stored 64 x rows at
-  a time): the same bits as the plan without persist (nor epi_rows), and within bf16 tolerance
-  of the f32 reference."""
-  m, n, k = 1100, 4224, 512
-  plan = nf4_mgpu.MgpuPlan(tile_m=256, tile_n=128, tile_k=64, stages=4, split=1, swap=True,
-                           ws=True, gather=True, lut=16, lag=lag, persist=True, epi_rows=epi)
-  w = quantize_nf4(jax.random.normal(jax.random.key(3), (n, k), jnp.float32) * 0.02)
-  x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32).astype(jnp.bfloat16)
-  run = lambda p: np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, p))(x, w))
-  y = run(plan)
-  np.testing.assert_array_equal(y, run(dataclasses.replace(plan, persist=False, epi_rows=0)))
-  ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
-  assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
 
 
 @hopper
