@@ -152,9 +152,9 @@ class MgpuPlan:
   ws: bool = False         # warp-specialized: a TMA warpgroup feeds two compute warpgroups, each
                            # decoding and multiplying its own half of the tile's W rows
                            # (tile_n / 2) against all tile_m rows of x; tile_m up to 256
-  epi_rows: int = 0        # ws, not swap: y written in pieces of this many rows; 0: the whole tile at once
-                           # (faster, runs 5 vs 6) unless overlap or a 5th stage needs the shared
-                           # memory, then 64
+  epi_rows: int = 0        # ws, not swap: y written in pieces of this many rows; 0: the whole
+                           # tile at once (faster, runs 5 vs 6) unless overlap or a 5th stage
+                           # needs the shared memory, then 64
   skip_decode: bool = False  # bench only (wrong results): wgmma on an undecoded tile, to time the
                              # pipeline and wgmma without the decode
   skip_mma: bool = False   # bench only (wrong results): the decode without the wgmma, to time it
