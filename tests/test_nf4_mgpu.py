@@ -421,6 +421,23 @@ def test_dq_scales_without_a_padded_nested_absmax(n, k, tn):
   assert not np.array_equal(bad, want)
 
 
+@pytest.mark.parametrize("tile_k,split", [(512, 7), (256, 7), (256, 14)])
+def test_dq_scales_at_a_split_that_is_not_a_power_of_two(tile_k, split):
+  """K = 14336 (8B down: 224 blocks of 64) split in 7 or 14: K / 64 / split (32, 16) stays a
+  multiple of 16, so dq's absmax copies line up; the emulated in-kernel scales equal the
+  pre-pass's bit for bit, and a base off by 8 blocks does not."""
+  n, k = 256, 14336
+  w = quantize_nf4(jax.random.normal(jax.random.key(1), (n, k), jnp.float32)
+                   * jnp.exp(jax.random.normal(jax.random.key(2), (n, 1))))
+  plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=tile_k, stages=2, split=split, swap=True, dq=True,
+                           gather=True, lut=32, reduce=True)
+  assert nf4_mgpu._dq_problem(k, plan) is None
+  assert nf4_mgpu._dq_problem(k, dataclasses.replace(plan, split=4)) is not None   # 56 blocks
+  want = np.asarray(nf4_mgpu._scales_bf16(w, n).astype(jnp.float32))[:, :n]
+  np.testing.assert_array_equal(_dq_scales(w, n, 64, tile_k, split)[:, :n], want)
+  assert not np.array_equal(_dq_scales(w, n, 64, tile_k, split, shift_base=-8)[:, :n], want)
+
+
 def test_auto_split_reaches_the_program_target():
   """split=0: K is split (powers of two dividing the steps) until ~PROGRAMS programs, not beyond."""
   plan = nf4_mgpu.MgpuPlan(64, 128, 128, split=0)
@@ -570,6 +587,18 @@ def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):
                             ws=True, gather=True) if ws else
           nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=2, swap=True))
   _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), m, n, k)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_k,split", [(512, 7), (256, 14)])
+def test_dq_at_a_split_that_is_not_a_power_of_two_on_gpu(tile_k, split):
+  """8B down's shape at M=16 (K = 14336, 4096 rows of W) with K split in 7 or 14 (split 4 is
+  refused by dq): the same bits with and without dq, and within bf16 tolerance of the f32
+  reference (`_assert_bitwise_equal`)."""
+  plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=tile_k, stages=2, split=split, swap=True,
+                           gather=True, lut=32, reduce=True)
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), 16, 4096, 14336)
 
 
 def _assert_bitwise_equal(plan, other, m, n, k):
