@@ -316,21 +316,22 @@ def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
 # there its 128 x tiles of 128 rows fill 0.97 of a wave of the 132 SMs. Elsewhere it lost: 8B k/v
 # at M=1024 (64 tiles) 88.3 vs 35.1, at 4096 (256 tiles) 68.7 vs 55.6; 70B k/v (K = 8192) at 2048
 # 60.5 vs 57.8 (r1: 64.6 vs 59.3). M=256 was level within one run's noise (17.7 vs 20.3 us on 8B,
-# 24.2 vs 27.2 on 70B; the fused Triton plan stays). So k/v-sized weights with K <= 4096 take it
-# where their 128-row tiles fill 90-100% of one wave: M = 1793-2048 at N = 1024.
+# 24.2 vs 27.2 on 70B; the fused Triton plan stays). So k/v-sized weights with K = 4096 (the one
+# K where it won; smaller K, as in Llama 3.2, was not measured) take it where their 128-row tiles
+# fill 90-100% of one wave: M = 1793-2048 at N = 1024.
 MGPU_MID_M = (256, 2048)
 MGPU_MID_MAX_M_LARGE = 4096         # ... and to this M on weights of >= MGPU_MID_LARGE_WEIGHT
 MGPU_MID_LARGE_WEIGHT = 1 << 27     # elements (the 70B MLP weights)
 MGPU_MID_MIN_N = 4096
-MGPU_KV_MAX_K = 4096                # narrower weights: the 128-row plan at one full wave, this K
+MGPU_KV_K = 4096                    # narrower weights: the 128-row plan at one full wave, this K
 
 
 def _kv_one_wave(m: int, n: int, k: int) -> bool:
-  """Whether a weight narrower than MGPU_MID_MIN_N with K <= MGPU_KV_MAX_K takes the 128-row
-  gather plan at this M: its tiles of 128 x 128 fill 90-100% of one wave of the SMs."""
+  """Whether a weight narrower than MGPU_MID_MIN_N with K = MGPU_KV_K takes the 128-row gather
+  plan at this M: its tiles of 128 x 128 fill 90-100% of one wave of the SMs."""
   from pallas_kernels import nf4_mgpu
   tiles = -(-m // 128) * -(-n // 128)
-  return (n < MGPU_MID_MIN_N and k <= MGPU_KV_MAX_K and m > FUSED_MAX_M
+  return (n < MGPU_MID_MIN_N and k == MGPU_KV_K and m > FUSED_MAX_M
           and 0.9 * nf4_mgpu.SMS <= tiles <= nf4_mgpu.SMS)
 
 

@@ -733,9 +733,10 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
   forward with the table (256-row x tiles unsplit, tile_k 64, 16 copies, each step's wgmma left
   in flight into the next (plan.lag), where they make >= 100 programs, else 128-row tiles split by
   the wave model, 32 copies, no lag), and to M=4096 on weights of >= 2^27 elements; the
-  backward of the M bucket; on k/v-sized weights with K <= 4096 the 128-row plan only where its
-  tiles fill 90-100% of one wave (M = 1793-2048 at N = 1024); not at M = 255, at 2049 on smaller
-  weights, at 4097, for f32 x, with implementation="xla" or off Hopper."""
+  backward of the M bucket; on k/v-sized weights with K = 4096 the 128-row plan only where its
+  tiles fill 90-100% of one wave (M = 1793-2048 at N = 1024; not at K = 2048 or 8192); not at
+  M = 255, at 2049 on smaller weights, at 4097, for f32 x, with implementation="xla" or off
+  Hopper."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
@@ -769,6 +770,7 @@ def test_dispatch_takes_the_gather_kernel_at_mid_m(monkeypatch):
                          (512, kv, None, jnp.bfloat16), (1792, kv, None, jnp.bfloat16),
                          (2049, kv, None, jnp.bfloat16), (4096, kv, None, jnp.bfloat16),
                          (2048, _shape_of_nf4(1024, 8192), None, jnp.bfloat16),
+                         (2048, _shape_of_nf4(1024, 2048), None, jnp.bfloat16),
                          (2048, kv, None, jnp.float32),
                          (512, q_o, None, jnp.float32), (512, q_o, "xla", jnp.bfloat16)):
     assert mod._dispatch_plan(m, w, impl, dt).fwd != "mgpu", (m, w.shape, impl, dt)
