@@ -372,9 +372,8 @@ def _mgpu_plan(m: int, w, dtype):
   MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
   MGPU_MID_MIN_N rows and columns, and up to MGPU_MID_MAX_M_LARGE on those of at least
   MGPU_MID_LARGE_WEIGHT elements; on narrower weights (k/v) where `_kv_one_wave`; elsewhere
-  above FUSED_MAX_M, W decoded to HBM by
-  nf4_dequantize_mgpu before the dot, on double-quant weights of at least
-  MGPU_DEQUANT_MIN_WEIGHT elements."""
+  above FUSED_MAX_M, W decoded to HBM by nf4_dequantize_mgpu before the dot, on double-quant
+  weights of at least MGPU_DEQUANT_MIN_WEIGHT elements."""
   if jnp.dtype(dtype) != jnp.bfloat16 or _common.compute_capability() != (9, 0):
     return None
   n, k = w.shape
@@ -393,12 +392,10 @@ def _mgpu_plan(m: int, w, dtype):
       if n * k < MGPU_MIN_WEIGHT:
         return None
       plan = _mgpu_small_plan(dq=False, n=n, k=k)
-  elif min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m and (
-      m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_LARGE and n * k >= MGPU_MID_LARGE_WEIGHT)):
+  elif (min(n, k) >= MGPU_MID_MIN_N and MGPU_MID_M[0] <= m and (
+      m <= MGPU_MID_M[1] or (m <= MGPU_MID_MAX_M_LARGE and n * k >= MGPU_MID_LARGE_WEIGHT))
+        or _kv_one_wave(m, n, k)):
     plan = _mgpu_mid_plan(m, n)
-  elif _kv_one_wave(m, n, k):
-    plan = _mgpu_mid_plan(m, n)
-    assert plan.tile_m == 128, plan
   else:
     plan = None
   if (plan is None and m > FUSED_MAX_M and n * k >= MGPU_DEQUANT_MIN_WEIGHT and w.double_quant

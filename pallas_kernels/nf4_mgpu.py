@@ -1010,6 +1010,13 @@ class _SwapGeom:
     plan.dequant, which has no x)."""
     return not (self.plan.stream or self.plan.dequant)
 
+  @property
+  def lut_swizzled(self) -> bool:
+    """Whether the gather kernel's code words come swizzled for the table decode
+    (`_gather_code_transforms`, rows of >= 128 bytes); with ws, and without the table, they are
+    row-major."""
+    return bool(self.plan.lut) and not self.plan.ws
+
   def in_specs(self, blocksize: int):
     """x's [mp, tile_k] tile (if `x_piped`), the codes' [tile_n, tile_k / 2] bytes ([tile_n,
     tile_k / 8] words, untransformed, with gather), the scales' [tile_k / 64, tile_n]."""
@@ -1019,7 +1026,7 @@ class _SwapGeom:
       c_map, s_map = (lambda t, s: (t, s)), (lambda t, s: (s, t))
     else:
       c_map, s_map = (lambda s: (0, s)), (lambda s: (s, 0))
-    gather_t = _gather_code_transforms() if self.plan.lut and not self.plan.ws else ()
+    gather_t = _gather_code_transforms() if self.lut_swizzled else ()
     codes = (plgpu.BlockSpec((tn, tk // 8), c_map, transforms=gather_t) if self.plan.gather else
              plgpu.BlockSpec((tn, tk // 2), c_map, transforms=lay.codes))
     specs = [codes]
@@ -1057,8 +1064,8 @@ class _SwapGeom:
     tk, ch = self.plan.tile_k, self.plan.chunk
     decode = _decode_gather if self.plan.gather else _decode_regs
     kw = {} if lut is None else dict(lut=lut)
-    if lut is not None and self.plan.gather and self.plan.ws:
-      kw["swizzled"] = False          # ws: the code words row-major (`in_specs`)
+    if lut is not None and self.plan.gather:
+      kw["swizzled"] = self.lut_swizzled
 
     def chunks(tag=None):
       for j in range(tk // ch):

@@ -825,9 +825,9 @@ def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
   kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
   down at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
-  264 programs: two full waves) and dequant + cuBLAS; at M = 1100 W decoded to HBM by the Mosaic
-  dequant kernel, then cuBLAS; on an 8B k/v weight at M = 1900 the 128-row gather plan (one
-  wave); against the f32 reference and its vjp."""
+  264 programs: two full waves) and dequant + cuBLAS; at M = 1100 on 8192 x 4096 the 256-row
+  gather plan with lag (before session 18: W decoded to HBM, then cuBLAS); on an 8B k/v weight at
+  M = 1900 the 128-row gather plan (one wave); against the f32 reference and its vjp."""
   from pallas_kernels import nf4_matmul as mod
   w = quantize_nf4(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
   assert mod._dispatch_plan(m, w, None, jnp.bfloat16).fwd == "mgpu"
