@@ -33,7 +33,10 @@ from bench.nf4_matmul import JaxBench  # noqa: E402
 
 SHAPES = {"8b_gate_up": (14336, 4096), "8b_down": (4096, 14336), "8b_q_o": (4096, 4096),
           "70b_gate_up": (28672, 8192), "70b_down": (8192, 28672), "70b_q_o": (8192, 8192),
-          "8b_k_v": (1024, 4096), "70b_k_v": (1024, 8192)}
+          "8b_k_v": (1024, 4096), "70b_k_v": (1024, 8192),
+          # Llama 3.2 3B and 1B MLP weights (session 20: the small-M dispatch's splits there)
+          "3b_gate_up": (8192, 3072), "3b_down": (3072, 8192), "1b_gate_up": (8192, 2048),
+          "1b_down": (2048, 8192)}
 
 
 def rel_err(jnp, y, ref):

@@ -251,15 +251,23 @@ MGPU_GATHER_MIN_M = 9
 # split 4 it lost on 70B gate/up (71.2 / 71.4 vs 68.7 / 69.6) and was level on 70B down and 8B q/o.
 # So from MGPU_GATHER_MIN_M the plan takes finish at split 2 and reduce above.
 MGPU_FINISH_MAX_SPLIT = 2
+# Session 20 (run s20_r1, H100, medians of 5 interleaved rounds, ratio to the bf16 dot): on 8B down
+# (4096 x 14336) tile_k 256 with K split in 7 or 14 (3.4-6.8 programs per SM) beat tile_k 512
+# split 2 (one program per SM): M=16 0.564 / 0.565 vs 0.597, M=12 0.609 / 0.605 vs 0.673, M=4
+# 0.616 (split 14) vs 0.638; tile_k 512 split 7 was level (0.590). 70B down (8192 x 28672, 2-4
+# programs per SM already at tile_k 512) is at 0.39-0.40 and keeps tile_k 512 (session 10).
+MGPU_SWAP_TK512_MIN_WEIGHT = 1 << 27   # N * K, K > N: tile_k 512 from here (70B down), else 256
 
 
 def _mgpu_small_plan(dq: bool = True, n: int = 0, k: int = 0, m: int = 1):
   """The swap kernel's plan at small M: 64 W rows per program, 2 stages of tile_k 512 where K > N
-  (the down projections) else 256, K split by the wave model, the table decode (plan.lut); from
-  MGPU_GATHER_MIN_M rows of x with dq, x unpermuted and the partials added in the kernel."""
+  on weights of at least MGPU_SWAP_TK512_MIN_WEIGHT (70B down) else 256, K split by the wave model,
+  the table decode (plan.lut); from MGPU_GATHER_MIN_M rows of x with dq, x unpermuted and the
+  partials added in the kernel."""
   from pallas_kernels import nf4_mgpu
   fold = dq and m >= MGPU_GATHER_MIN_M
-  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512 if k > n else 256, stages=2, split=0, chunk=64,
+  tk = 512 if k > n and n * k >= MGPU_SWAP_TK512_MIN_WEIGHT else 256
+  return nf4_mgpu.MgpuPlan(tile_n=64, tile_k=tk, stages=2, split=0, chunk=64,
                            swap=True, dq=dq, lut=32, gather=fold, reduce=fold)
 
 
