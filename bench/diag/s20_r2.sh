@@ -6,13 +6,13 @@
 # (3B gate/up split 1 -> 3, 3B down tile_k 512 -> 256 and split 4 -> 8, 1B down tile_k 512 -> 256).
 export PYTHONPATH=$PWD:$PWD/.whl/site XLA_PYTHON_CLIENT_PREALLOCATE=false
 D=$OUT/r2; mkdir -p $D; { nvidia-smi --query-gpu=name,driver_version --format=csv; date -u; } > $D/info.txt
-timeout 100 python -m pytest -q -n 2 tests/test_nf4_mgpu.py -m gpu \
+timeout 90 python -m pytest -q -n 2 tests/test_nf4_mgpu.py -m gpu \
   -k "not_a_power or (dispatch_with_the_swap and 14336)" -p no:cacheprovider --tb=short -rf 2>&1 \
   | grep -v Warn > $D/pytest.txt; tail -3 $D/pytest.txt | cut -c1-300
 old() {  # shape, plan at M <= 8, plan at M >= 9
-  timeout 75 python bench/nf4_mgpu.py --out $D/small.jsonl --ms 1,4,8 --rounds 5 --no-triton \
+  timeout 55 python bench/nf4_mgpu.py --out $D/small.jsonl --ms 1,4,8 --rounds 5 --no-triton \
     --shapes $1 --plans $2 2>&1 | grep -v Warn | python bench/diag/s16_fmt.py | tee -a $D/small.txt
-  timeout 60 python bench/nf4_mgpu.py --out $D/small.jsonl --ms 12,16 --rounds 5 --no-triton \
+  timeout 45 python bench/nf4_mgpu.py --out $D/small.jsonl --ms 12,16 --rounds 5 --no-triton \
     --shapes $1 --plans $3 2>&1 | grep -v Warn | python bench/diag/s16_fmt.py | tee -a $D/small.txt
 }
 S=64+swap+dq+lut=32
