@@ -230,9 +230,12 @@ TUNED: dict[str, Plan] = {
 # tile_k 256): 70B gate/up 0.412 vs the GEMV's 0.503, q/o 0.512 vs 0.563, down 0.423 vs 0.538
 # (the bf16-scale swap kernel), 8B down 0.705 vs 0.773; the GEMV kept 8B gate/up (0.538 vs 0.567),
 # q/o (0.607 vs 0.700) and k/v. So M=1 takes it on weights of at least MGPU_MIN_WEIGHT, and on
-# those of at least MGPU_DQ_MIN_WEIGHT with K > N.
+# those of at least MGPU_DQ_MIN_WEIGHT with K > N. Session 20 (run s20_r2): the Llama 3.2 down
+# projections at M=1, the swap kernel (tile_k 512) against the GEMV: 3B down (3072 x 8192) 0.729
+# vs 0.788, 1B down (2048 x 8192) 0.695 vs 0.753; so K > N takes it from 2048 x 8192 (s20_r3
+# times the dispatched plan, tile_k 256, there).
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
-MGPU_DQ_MIN_WEIGHT = 1 << 25  # 14336 x 4096 (8B gate/up, down) and up
+MGPU_DQ_MIN_WEIGHT = 1 << 24  # with K > N: 2048 x 8192 (1B down) and up (the swap kernel at M=1)
 MGPU_LUT_MIN_WEIGHT = 1 << 24  # 4096 x 4096 (8B q/o) and up: 2 <= M <= 16 with plan.lut
 
 

@@ -742,10 +742,12 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
                                                double_quant=False))
   plan = mod._dispatch_plan(8, single, None, jnp.bfloat16)
   assert plan.fwd == "mgpu" and not plan.mgpu.dq and plan.mgpu.lut
-  for n, k in ((8192, 28672), (28672, 8192), (8192, 8192), (4096, 14336)):   # M=1
+  for n, k in ((8192, 28672), (28672, 8192), (8192, 8192), (4096, 14336), (3072, 8192),
+               (2048, 8192)):   # M=1 (the last two: Llama 3.2's down, session 20)
     one = mod._dispatch_plan(1, _shape_of_nf4(n, k), None, jnp.bfloat16)
     assert one.fwd == "mgpu" and one.mgpu.dq and one.bwd == mod.TUNED["m1"].bwd, (n, k)
   for m, w, impl, dt in ((1, _shape_of_nf4(14336, 4096), None, jnp.bfloat16),   # 8B gate/up
+                         (1, _shape_of_nf4(8192, 3072), None, jnp.bfloat16),   # 3B gate/up
                          (1, small, None, jnp.bfloat16), (17, big, None, jnp.bfloat16),
                          (16, _shape_of_nf4(1024, 8192), None, jnp.bfloat16),  # 70B k/v
                          (16, big, None, jnp.float32), (16, big, "xla", jnp.bfloat16),
@@ -846,12 +848,14 @@ def test_dispatch_decodes_w_to_hbm_at_large_m(monkeypatch):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(5, 8192, 8192), (1, 8192, 28672), (12, 8192, 28672),
-                                   (1, 4096, 14336), (13, 4096, 14336), (300, 4096, 14336), (520, 11264, 4096), (1100, 8192, 4096),
+                                   (1, 4096, 14336), (13, 4096, 14336), (1, 2048, 8192),
+                                   (300, 4096, 14336), (520, 11264, 4096), (1100, 8192, 4096),
                                    (1900, 1024, 4096)])
 def test_dispatch_with_the_swap_kernel_matches_reference_on_gpu(m, n, k):
   """The default nf4_matmul on 70B q/o and down weights at M = 5, 1 and 12 (x [1, M, K]): the swap
   kernel's forward (dq, table decode; at 12 with gather and reduce) and the Triton backward; on 8B
-  down at M = 1 and 13 the swap kernel with K split in 14 (session 20); at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
+  down at M = 1 and 13 the swap kernel with K split in 14, and on 1B down at M = 1 (session 20);
+  at M = 300 and 11264 x 4096 at 520, the gather kernel's (128-row x tiles, split; 256-row,
   264 programs: two full waves) and dequant + cuBLAS; at M = 1100 on 8192 x 4096 the 256-row
   gather plan with lag (before session 18: W decoded to HBM, then cuBLAS); on an 8B k/v weight at
   M = 1900 the 128-row gather plan (one wave); against the f32 reference and its vjp."""
