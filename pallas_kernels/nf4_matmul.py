@@ -61,6 +61,10 @@ against 1.18-1.33x over three runs), at 4096 mostly behind (1.11-1.36x against 1
 Session 18, that kernel with each step's wgmma left running under the next step's decode
 (`plan.lag`): M=2048 1.03-1.17x on every weight against 1.21-1.34x for the decode to HBM (runs
 s18_r3/r5; dispatched there), M=4096 1.03-1.09x on the 70B MLP weights against 1.12-1.25x.
+Session 20, M <= 16 (run s20_r3, one run over every 8B and 70B shape at M = 1 and 16): 70B down
+0.386 / 0.394, gate/up 0.397 / 0.404, q/o 0.465 / 0.437, 8B gate/up 0.555 / 0.476, down 0.574 /
+0.570 (K split in 14 at tile_k 256: 0.623 / 0.600 before), q/o 0.605 / 0.656; the k/v weights stay
+on this module's kernels (8B 1.34 / 1.47, 70B 0.80 / 1.03).
 """
 
 from __future__ import annotations

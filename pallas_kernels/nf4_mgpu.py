@@ -88,6 +88,10 @@ Session 19 (run s19_r1, M=2048): one program per SM looping over y's tiles (plan
 slower, 1.15-1.19 of the bf16 dot without lag and 1.28-1.33 with it against the dispatch's
 1.07-1.11; a 5th stage beside the table, y stored 64 x rows at a time, was level (1.08-1.11). Both
 were removed (bench/RESULTS.md, "Session 19 runs"; the code is in git, commit 7932aea).
+Session 20: the small-M split (`_swap_split`) tries every divisor of the K steps, not only powers
+of two: 8B down (tile_k 256) splits in 14, 3 programs per SM instead of one, M=1-16 0.57-0.61 of
+the bf16 dot against 0.60-0.68 (runs s20_r1/r2). Without their decode the M=16 kernels run at
+0.34-0.46 (70B gate/up to 8B q/o, run s20_r1): the stream itself is near the 0.40 target.
 
 Large M, the shared-memory kernels (bench/RESULTS.md, "Session 9 runs"): correct, but slower than
 nf4_matmul's dispatch at every size. With one warpgroup the decode and the wgmma add up (~1.96x the
