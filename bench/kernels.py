@@ -659,7 +659,7 @@ def report(out):
     lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in part["env"].items()))
   copy = [r for p in parts.values() for r in p["rows"] if r.get("op") == "copy"]
   copy_gbs = max((r["gbs"] for r in copy), default=float("nan"))
-  lines.append(f"- copy bandwidth: " + ", ".join(f"{r['impl']} {r['gbs']:.0f} GB/s" for r in copy))
+  lines.append("- copy bandwidth: " + ", ".join(f"{r['impl']} {r['gbs']:.0f} GB/s" for r in copy))
 
   def fmt(v, spec=".3f"):
     return "-" if v is None else (format(v, spec) if isinstance(v, float) else str(v))

@@ -2,12 +2,10 @@
 NF4 kernels) against the XLA reference path on the same weights. Skipped without a GPU."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxsloth
-from jaxsloth.data import BatchStream
 from jaxsloth.train import accumulated_loss_and_grads
 
 pytestmark = pytest.mark.gpu
