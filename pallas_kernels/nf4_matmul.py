@@ -218,11 +218,11 @@ TUNED: dict[str, Plan] = {
 # pre-pass writing bf16 scales) the swap kernel at M=16 took 70B gate/up 0.517 (0.541 without),
 # down 0.548 (0.558), q/o 0.620 (0.719), and beat the Triton plan on 8B gate/up (0.631 vs 0.720)
 # and down (0.775 vs 0.800) but not q/o (0.875 vs 0.864); at M=4 70B gate/up 0.511 (dispatch
-# 0.586), 8B gate/up 0.706 (0.739), 8B down 0.753 (0.788). So 2 <= M <= 16 takes it on weights of
-# at least MGPU_DQ_MIN_WEIGHT elements (the 8B gate/up and down too); a weight without double quant,
-# or whose K and split leave the absmax copies unaligned, falls back to the bf16-scale kernel on
-# weights of at least MGPU_MIN_WEIGHT. M=1 (70B down) keeps the bf16-scale kernel it was measured
-# with.
+# 0.586), 8B gate/up 0.706 (0.739), 8B down 0.753 (0.788). So 2 <= M <= 16 took it on weights of
+# at least 2^25 elements (the 8B gate/up and down too; MGPU_LUT_MIN_WEIGHT since session 12); a
+# weight without double quant, or whose K and split leave the absmax copies unaligned, falls back
+# to the bf16-scale kernel on weights of at least MGPU_MIN_WEIGHT. M=1 (70B down) keeps the
+# bf16-scale kernel it was measured with.
 # Session 12 (runs s12_r5, r6): plan.lut (each code byte's bf16 pair loaded from a per-lane
 # shared-memory table, 4 instructions per 2 weights where the byte permutes took ~9; Nsight Compute
 # on 70B gate/up at M=16: 30.0M warp-instructions against 45.7M) cut the swap kernel's time by
@@ -234,12 +234,12 @@ TUNED: dict[str, Plan] = {
 # tile_k 256): 70B gate/up 0.412 vs the GEMV's 0.503, q/o 0.512 vs 0.563, down 0.423 vs 0.538
 # (the bf16-scale swap kernel), 8B down 0.705 vs 0.773; the GEMV kept 8B gate/up (0.538 vs 0.567),
 # q/o (0.607 vs 0.700) and k/v. So M=1 takes it on weights of at least MGPU_MIN_WEIGHT, and on
-# those of at least MGPU_DQ_MIN_WEIGHT with K > N. Session 20 (run s20_r2): the Llama 3.2 down
-# projections at M=1, the swap kernel (tile_k 512) against the GEMV: 3B down (3072 x 8192) 0.729
-# vs 0.788, 1B down (2048 x 8192) 0.695 vs 0.753; so K > N takes it from 2048 x 8192 (s20_r3
+# those of at least MGPU_M1_DOWN_MIN_WEIGHT with K > N. Session 20 (run s20_r2): the Llama 3.2
+# down projections at M=1, the swap kernel (tile_k 512) against the GEMV: 3B down (3072 x 8192)
+# 0.729 vs 0.788, 1B down (2048 x 8192) 0.695 vs 0.753; so K > N takes it from 2048 x 8192 (s20_r3
 # times the dispatched plan, tile_k 256, there).
 MGPU_MIN_WEIGHT = 1 << 26     # N * K: 8192 x 8192 (70B q/o) and up
-MGPU_DQ_MIN_WEIGHT = 1 << 24  # with K > N: 2048 x 8192 (1B down) and up (the swap kernel at M=1)
+MGPU_M1_DOWN_MIN_WEIGHT = 1 << 24  # K > N, M=1: the swap kernel from 2048 x 8192 (1B down) up
 MGPU_LUT_MIN_WEIGHT = 1 << 24  # 4096 x 4096 (8B q/o) and up: 2 <= M <= 16 with plan.lut
 
 
@@ -382,8 +382,8 @@ def _mgpu_plan(m: int, w, dtype):
   (plan.dq and plan.lut; from MGPU_GATHER_MIN_M rows also plan.gather, and plan.reduce, or
   plan.finish where K is split in at most MGPU_FINISH_MAX_SPLIT) at
   2 <= M <= 16 on weights of at least MGPU_LUT_MIN_WEIGHT elements, at
-  M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_DQ_MIN_WEIGHT with K > N (where the
-  GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
+  M == 1 on those of at least MGPU_MIN_WEIGHT, or of MGPU_M1_DOWN_MIN_WEIGHT with K > N (where
+  the GEMV is weakest); the bf16-scale swap kernel where dq cannot run, on weights of at least
   MGPU_MIN_WEIGHT; the gather kernel (with the table) at MGPU_MID_M on weights of at least
   MGPU_MID_MIN_N rows and columns, and up to MGPU_MID_MAX_M_LARGE on those of at least
   MGPU_MID_LARGE_WEIGHT elements; on narrower weights (k/v) where `_kv_one_wave`; elsewhere
@@ -394,7 +394,8 @@ def _mgpu_plan(m: int, w, dtype):
   n, k = w.shape
   from pallas_kernels import nf4_mgpu
   if 1 <= m <= 16:
-    if m == 1 and n * k < MGPU_MIN_WEIGHT and not (k > n and n * k >= MGPU_DQ_MIN_WEIGHT):
+    if m == 1 and n * k < MGPU_MIN_WEIGHT and not (k > n and
+                                                   n * k >= MGPU_M1_DOWN_MIN_WEIGHT):
       return None
     if n * k < MGPU_LUT_MIN_WEIGHT:
       return None

@@ -254,9 +254,9 @@ def _swap_split(m: int, n: int, k: int, plan: MgpuPlan) -> int:
   allows (at most 8); ties go to the smaller split. Each program streams tile_n rows over
   K / split; SWAP_FILL steps stand for its pipeline fill and epilogue (run s10_swap2: split 4
   beat 1 at 70B gate/up, M=16: 94 vs 105 us). Every divisor, not only powers of two, since
-  session 20: 8B down (K = 14336, 56 steps of 256) splits in 14, 7 programs per SM in 3-4 waves,
-  where powers of two stop at 2 (dq needs K / 64 / split a multiple of 16), one program per SM
-  (run s20_r1, M=16: 0.565 of the bf16 dot vs 0.597)."""
+  session 20: 8B down (K = 14336, 56 steps of 256) splits in 14, 896 programs with 3 resident per
+  SM, where powers of two stop at 2 (dq needs K / 64 / split a multiple of 16): 128 programs, one
+  per SM (run s20_r1, M=16: 0.565 of the bf16 dot vs 0.597)."""
   tiles = -(-n // (plan.tile_n * max(plan.stream, 1))) * -(-m // _swap_mp(m, plan))
   steps = k // plan.tile_k
   best, best_cost = 1, None

@@ -569,13 +569,10 @@ def test_kernel_matches_reference_on_gpu(plan, mnk):
       or (plan.dq and (k % 1024 or (plan.split and nf4_mgpu._dq_problem(k, plan))))
       or _too_big(plan, m, k)):
     pytest.skip("shape not taken by this plan")
-  w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
-  x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-  y = jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))(x, w)
+  x, w = _operands(m, n, k)
+  y = _run(plan, x, w)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-  ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
-  err = np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max()
-  assert err < 2**-7, err
+  _assert_close(y, x, w)
 
 
 @hopper
@@ -590,7 +587,7 @@ def test_dq_equals_the_prepass_bitwise_on_gpu(m, n, k, ws):
   plan = (nf4_mgpu.MgpuPlan(tile_m=128, tile_n=128, tile_k=128, stages=3, split=2, swap=True,
                             ws=True, gather=True) if ws else
           nf4_mgpu.MgpuPlan(tile_n=64, tile_k=512, stages=2, split=2, swap=True))
-  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), m, n, k)
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), *_operands(m, n, k))
 
 
 @hopper
@@ -603,11 +600,13 @@ def test_dq_at_a_split_that_is_not_a_power_of_two_on_gpu(tile_k, split):
   programs finish, so not bitwise repeatable), within bf16 tolerance of the f32 reference."""
   plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=tile_k, stages=2, split=split, swap=True,
                            gather=True, lut=32)
-  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), 16, 4096, 14336)
-  _assert_close(dataclasses.replace(plan, dq=True, reduce=True), 16, 4096, 14336)
+  x, w = _operands(16, 4096, 14336)
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, dq=True), x, w)
+  _assert_close(_run(dataclasses.replace(plan, dq=True, reduce=True), x, w), x, w)
 
 
 def _operands(m, n, k):
+  """Random x [m, k] (bf16) and NF4 W [n, k], keyed by m and n."""
   w = quantize_nf4(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) * 0.02)
   x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
   return x, w
@@ -617,22 +616,18 @@ def _run(plan, x, w):
   return np.asarray(jax.jit(lambda x, w: nf4_mgpu.nf4_matmul_mgpu(x, w, plan))(x, w))
 
 
-def _assert_close(plan, m, n, k, y=None):
-  """plan's output (or y) on `_operands(m, n, k)` is within the kernel tolerance of the f32
-  reference."""
-  x, w = _operands(m, n, k)
-  y = _run(plan, x, w) if y is None else y
+def _assert_close(y, x, w):
+  """y is within the kernel tolerance (2^-7 of max |ref|) of the f32 product x @ W.T."""
   ref = np.asarray(x, np.float32) @ np.asarray(dequantize_nf4(w, jnp.float32)).T
   assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 2**-7
 
 
-def _assert_bitwise_equal(plan, other, m, n, k):
-  """Two plans' outputs on the same random x [m, k] and NF4 W [n, k] are bit-identical, and
-  within the kernel tolerance of the f32 reference."""
-  x, w = _operands(m, n, k)
+def _assert_bitwise_equal(plan, other, x, w):
+  """Two plans' outputs on x and W are bit-identical, and within the kernel tolerance of the
+  f32 reference."""
   a, b = _run(plan, x, w), _run(other, x, w)
   assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
-  _assert_close(other, m, n, k, y=b)
+  _assert_close(b, x, w)
 
 
 @hopper
@@ -645,7 +640,7 @@ def test_lut_equals_the_byte_permutes_bitwise_on_gpu(m, n, k, lut, flags):
   """plan.lut (each byte's bf16 pair from the shared-memory table) gives exactly the outputs of
   the same plan decoding with `pair_asm`'s byte permutes."""
   plan = nf4_mgpu.MgpuPlan(tile_n=64, tile_k=256, stages=2, split=2, swap=True, **flags)
-  _assert_bitwise_equal(plan, dataclasses.replace(plan, lut=lut), m, n, k)
+  _assert_bitwise_equal(plan, dataclasses.replace(plan, lut=lut), *_operands(m, n, k))
 
 
 @hopper
@@ -709,8 +704,8 @@ def test_dispatch_takes_the_swap_kernel_on_hopper_for_large_weights(monkeypatch)
   with x unpermuted (gather) and the split-K partials added in the kernel (reduce; finish at
   split 2), for
   weights of >= MGPU_LUT_MIN_WEIGHT elements at 2 <= M <= 16, and at M = 1 on >= MGPU_MIN_WEIGHT
-  or >= MGPU_DQ_MIN_WEIGHT with K > N; the bf16-scale one for weights without double quant of >=
-  MGPU_MIN_WEIGHT; the Triton plans otherwise (measured faster there)."""
+  or >= MGPU_M1_DOWN_MIN_WEIGHT with K > N; the bf16-scale one for weights without double quant
+  of >= MGPU_MIN_WEIGHT; the Triton plans otherwise (measured faster there)."""
   from pallas_kernels import nf4_matmul as mod
   monkeypatch.setattr(_common, "on_gpu", lambda: True)
   monkeypatch.setattr(_common, "compute_capability", lambda: (9, 0))
